@@ -1,0 +1,56 @@
+"""The `skindistil` entry point: parse, call, print. Each subcommand lives in skindistil.commands.<module>."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from skindistil import __version__
+from skindistil.errors import SkinDistilError
+
+# name -> (module under skindistil.commands, one-line help). Command modules import only argparse at
+# the top and the heavy libraries inside run(), so building the parser stays fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("prepare", "decode, border-crop, resize and cache a dataset; write manifest and splits"),
+    "bench-data": ("bench_data", "measure prepare and training-loader throughput"),
+    "demo": ("demo", "run the main job on the built-in synthetic dataset"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skindistil",
+        description="Train, distil, measure, explain, export and serve ViT skin-lesion classifiers.",
+    )
+    parser.add_argument("--version", action="version", version=f"skindistil {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        _command_module(module).add_arguments(p)
+    return parser
+
+
+def _command_module(module: str):
+    return importlib.import_module(f"skindistil.commands.{module}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(_command_module(args._module).run(args) or 0)
+    except SkinDistilError as exc:
+        print(f"skindistil {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"skindistil {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Configuration shared by every layer: the preprocessing a model needs, and YAML helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from skindistil.errors import ConfigError
+
+# The paper trains on a shorter side of 450 and random 400 px crops resized to 224: the crop keeps
+# 400/450 of the shorter side. Evaluation uses the same scale with a centre crop.
+PAPER_CROP_FRACTION = 400 / 450
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything needed to turn a decoded RGB image into the model's input tensor."""
+
+    image_size: int = 224
+    crop_fraction: float = PAPER_CROP_FRACTION
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    border_crop: bool = True
+    border_threshold: int = 20
+    interpolation: str = "bilinear"
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side an image is resized to before the centre crop (eval) or random crop (train)."""
+        return int(round(self.image_size / self.crop_fraction))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["mean"] = list(self.mean)
+        data["std"] = list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
+        return from_dict(cls, data)
+
+
+def from_dict(cls, data: dict[str, Any]):
+    """Build dataclass `cls` from a dict, rejecting unknown keys by name; nested dataclasses recurse."""
+    if data is None:
+        return cls()
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        ftype = known[name].type
+        target = _resolve_dataclass(cls, ftype)
+        if target is not None and isinstance(value, dict):
+            value = from_dict(target, value)
+        elif isinstance(value, list) and str(ftype).startswith("tuple"):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _resolve_dataclass(owner, ftype):
+    if isinstance(ftype, str):
+        import sys
+
+        module = sys.modules[owner.__module__]
+        ftype = getattr(module, ftype, None)
+    return ftype if dataclasses.is_dataclass(ftype) else None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def dump_yaml(data: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, returning a new dict."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. optim.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+
+@dataclass
+class DataConfig:
+    dir: str | None = None
+    batch_size: int = 64
+    eval_batch_size: int | None = None
+    num_workers: int | None = None  # None: all cores (capped at 8)
+    augment_on: str = "cpu"  # cpu: torchvision v2 per sample in workers; device: batched on the GPU
+    imbalance: str = "none"  # none | weighted-loss | balanced-sampler
+    fold: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_base_patch16_224"
+    pretrained: str | None = None
+    kwargs: dict = dataclasses.field(default_factory=dict)  # timm architecture kwargs (depth, embed_dim, ...)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "linear"  # linear | cosine | constant
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0
+    layer_decay: float | None = None  # layer-wise lr decay factor, e.g. 0.75
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 57
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32 on CPU
+    accelerator: str = "auto"
+    devices: str | int = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    early_stopping_patience: int | None = None
+    seed: int = 42
+    log_every_n_steps: int = 10
+    limit_train_batches: float | int | None = None
+    limit_val_batches: float | int | None = None
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """A teacher (or any single classifier) training run. YAML in, YAML out."""
+
+    name: str = "teacher"
+    out_dir: str = "runs"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return from_dict(cls, data)
+
+
+def _plain(value):
+    """Tuples -> lists so the YAML stays readable and round-trips."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass
+class LossConfig:
+    """Distillation loss weights (SPEC.md; defaults are the authors' code)."""
+
+    a_task: float = 1.0
+    a_kd: float = 0.5
+    temperature: float = 2.0
+    a_mse: float = 0.25
+    a_cos: float = 0.0
+    cos_tokens: str = "all"  # all | cls
+    a_chain: float = 50.0  # fcvit-probs: weight of the chained per-depth KL
+    chain_warmup_steps: int = 100  # fcvit-probs: steps with only the last depth
+    chain_every_steps: int = 50  # fcvit-probs: one more depth enabled every this many steps
+
+
+@dataclass
+class DistillConfig:
+    """A distillation run: a teacher artifact -> student(s) by one method."""
+
+    name: str = "student"
+    out_dir: str = "runs"
+    teacher: str | None = None  # teacher model/ or run directory
+    method: str = "distilvit"  # distilvit | fcvit | fcvit-probs | cascade | full
+    keep: int | list = 6
+    strategy: str = "first"  # first | uniform (when keep is a number)
+    min_depth: int = 1  # cascade: last member's depth
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    trainer: TrainerConfig = dataclasses.field(default_factory=lambda: TrainerConfig(max_epochs=20))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
+        return from_dict(cls, data)

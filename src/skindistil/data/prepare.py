@@ -1,0 +1,592 @@
+"""Prepare a dataset once: decode, border-crop, resize and cache every image; split; write the manifest.
+
+Layout of a prepared DATA_DIR (format 1):
+
+    dataset.json          source, classes, preprocessing, split settings, per-split class counts
+    manifest.csv          one row per image (MANIFEST_COLUMNS); `cache_file` is relative to DATA_DIR
+    cache/<hh>/<id>.npy   uint8 HWC RGB, shorter side = short_side (<hh>: 2 hex chars of sha1(id))
+    cache/journal.jsonl   one JSON line per cached image (its source hash and geometry)
+    prepare_report.json   skipped items, counts, timings
+
+Nothing is half-written: each .npy is written to a temporary name and renamed into place, the
+journal line follows only once the file is complete, and manifest.csv / dataset.json are written
+atomically at the very end (dataset.json last: it marks DATA_DIR as prepared). A rerun, after an
+interruption or with more images, reuses every cache file whose journal entry matches the source
+content (sha256) and settings, so only missing or changed images are decoded again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from skindistil.data.imageio import DEFAULT_MAX_PIXELS, border_crop_box, resize_shorter
+from skindistil.data.records import Problem, Record
+from skindistil.data.sources import ON_ERROR_CHOICES, Source
+from skindistil.data.splits import (
+    DEFAULT_FRACTIONS,
+    SPLIT_NAMES,
+    check_fractions,
+    kfold_assign,
+    split_train_val_test,
+    stratified_subset,
+)
+from skindistil.data.vocab import ClassVocab
+from skindistil.errors import ConfigError, DataError, ImageError
+
+FORMAT = 1
+DATASET_JSON = "dataset.json"
+MANIFEST_CSV = "manifest.csv"
+REPORT_JSON = "prepare_report.json"
+CACHE_DIR = "cache"
+JOURNAL = "journal.jsonl"
+MANIFEST_COLUMNS = [
+    "image_id", "label", "class_name", "group", "split", "fold", "source",
+    "orig_width", "orig_height", "crop_x0", "crop_y0", "crop_x1", "crop_y1",
+    "width", "height", "sha256", "cache_file",
+]  # fmt: skip
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass
+class PrepareResult:
+    """What a prepare run produced. `images_per_second` = images handled / decode-phase seconds."""
+
+    data_dir: Path
+    num_images: int
+    num_decoded: int
+    num_reused: int
+    counts: dict[str, dict[str, int]]
+    problems: list[Problem] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    images_per_second: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """Everything a worker needs besides the record; fixed for one run."""
+
+    data_dir: Path
+    short_side: int
+    border_crop: bool
+    max_pixels: int
+
+
+def cache_file_for(image_id: str) -> str:
+    """Cache path of an image, relative to DATA_DIR: cache/<hh>/<name>.npy.
+
+    <hh> spreads files over 256 folders. Ids that are not plain file names (slashes, spaces, ...)
+    are sanitised and suffixed with a hash of the id so that two ids never share a file.
+    """
+    digest = hashlib.sha1(image_id.encode("utf-8")).hexdigest()
+    name = image_id if _SAFE_NAME.fullmatch(image_id) else f"{re.sub(r'[^A-Za-z0-9._-]', '_', image_id)}-{digest[:12]}"
+    return f"{CACHE_DIR}/{digest[:2]}/{name}.npy"
+
+
+def default_workers() -> int:
+    """All cores this process may use."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def prepare_dataset(
+    source: Source,
+    out_dir: str | Path,
+    *,
+    short_side: int = 256,
+    border_crop: bool = True,
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
+    folds: int | None = None,
+    seed: int = 42,
+    on_error: str = "fail",
+    workers: int | None = None,
+    limit: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> PrepareResult:
+    """Decode, crop, resize and cache `source` into `out_dir`; split it; write manifest and dataset.json.
+
+    `on_error` and `max_pixels` here govern both parsing and decoding (they override the source's
+    own). With ``on_error="fail"`` the first bad row or image raises its DataError/ImageError, after
+    the work done so far is journaled (a rerun resumes); with ``"skip"`` bad items are left out and
+    listed in prepare_report.json. Splits: the source's predefined ones if it has them (DermaMNIST),
+    else grouped-stratified train/val/test by `fractions`; `folds` adds k-fold ids over train+val
+    (the test split stays held out). `limit` keeps a class-stratified subset of that many images.
+    `workers` None = all cores; 0 or 1 = in this process. Worker processes are started, not forked,
+    so a script calling this with workers > 1 needs the usual ``if __name__ == "__main__":`` guard.
+    """
+    started = time.perf_counter()
+    fractions = check_fractions(fractions)
+    if len(fractions) != len(SPLIT_NAMES):
+        raise ConfigError(f"need {len(SPLIT_NAMES)} split fractions ({'/'.join(SPLIT_NAMES)}), got {list(fractions)}")
+    if short_side < 1:
+        raise ConfigError(f"short_side must be at least 1, got {short_side}")
+    if folds is not None and folds < 2:
+        raise ConfigError(f"folds must be at least 2, got {folds}")
+    if on_error not in ON_ERROR_CHOICES:
+        raise ConfigError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be at least 1, got {limit}")
+    workers = default_workers() if workers is None else int(workers)
+    if workers < 0:
+        raise ConfigError(f"workers must be >= 0, got {workers}")
+
+    # A private copy, so the caller's source keeps its own settings and problem list.
+    source = copy.copy(source)
+    source.on_error, source.max_pixels, source.problems = on_error, int(max_pixels), []
+    records = source.records()
+    vocab = source.vocab
+    problems = list(source.problems)
+    records = _drop_invalid(records, vocab, on_error, problems)
+    if limit is not None:
+        records = [records[i] for i in stratified_subset([r.label for r in records], limit, seed)]
+    if not records:
+        raise DataError(source.fingerprint(), "no usable images")
+    timings = {"parse": time.perf_counter() - started}
+
+    data_dir = Path(out_dir)
+    settings = _Settings(data_dir, int(short_side), bool(border_crop), int(max_pixels))
+    _retire_previous(data_dir)
+    journal = _read_journal(data_dir)
+    tasks = []
+    for record in records:
+        cache_file = cache_file_for(record.image_id)
+        known = journal.get(record.image_id)
+        if known is not None and not _same_settings(known, settings, cache_file):
+            known = None
+        tasks.append((record, cache_file, known))
+
+    decode_started = time.perf_counter()
+    entries = _process_all(source, tasks, settings, workers, on_error, problems, progress)
+    timings["decode"] = time.perf_counter() - decode_started
+
+    split_started = time.perf_counter()
+    kept = [(record, entries[record.image_id]) for record in records if record.image_id in entries]
+    if not kept:
+        raise DataError(source.fingerprint(), "no image could be prepared (see the skipped items)")
+    labels = np.array([r.label for r, _ in kept], dtype=np.int64)
+    groups = [r.group for r, _ in kept]
+    split, predefined = _assign_splits(source, [r for r, _ in kept], labels, groups, fractions, seed)
+    fold = np.full(len(kept), -1, dtype=np.int64)
+    if folds:
+        pool = np.flatnonzero(split != "test")
+        fold[pool] = kfold_assign(labels[pool], [groups[i] for i in pool], folds, seed)
+    timings["split"] = time.perf_counter() - split_started
+
+    write_started = time.perf_counter()
+    manifest = _manifest_frame(kept, vocab, split, fold)
+    counts = {name: vocab.counts(labels[split == name].tolist()) for name in SPLIT_NAMES}
+    reused = sum(1 for _, entry in kept if entry.get("reused"))
+    _write_csv_atomic(data_dir / MANIFEST_CSV, manifest)
+    _finish_cache(data_dir, [entry for _, entry in kept])
+    timings["write"] = time.perf_counter() - write_started
+    timings["total"] = time.perf_counter() - started
+    images_per_second = len(tasks) / max(timings["decode"], 1e-9)
+
+    report = {
+        "num_images": len(kept),
+        "num_decoded": len(kept) - reused,
+        "num_reused": reused,
+        "num_skipped": len(problems),
+        "problems": [p.to_dict() for p in problems],
+        "counts": counts,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "images_per_second": round(images_per_second, 1),
+        "workers": workers,
+    }
+    _write_json_atomic(data_dir / REPORT_JSON, report)
+    dataset = {
+        "format": FORMAT,
+        "source": source.name,
+        "root": str(source.root) if source.root is not None else None,
+        "fingerprint": source.fingerprint(),
+        "classes": vocab.to_list(),
+        "short_side": settings.short_side,
+        "border_crop": settings.border_crop,
+        "max_pixels": settings.max_pixels,
+        "limit": limit,
+        "splits": {
+            "seed": seed,
+            "fractions": None if predefined else list(fractions),
+            "folds": folds,
+            "predefined": predefined,
+        },
+        "counts": counts,
+        "num_images": len(kept),
+    }
+    _write_json_atomic(data_dir / DATASET_JSON, dataset)
+    return PrepareResult(
+        data_dir=data_dir,
+        num_images=len(kept),
+        num_decoded=len(kept) - reused,
+        num_reused=reused,
+        counts=counts,
+        problems=problems,
+        timings=timings,
+        images_per_second=images_per_second,
+    )
+
+
+def load_manifest(data_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read a prepared DATA_DIR: (manifest as a DataFrame, dataset.json as a dict).
+
+    Column types: label/width/height/... int, fold nullable Int64 (<NA> without k-fold), group str or
+    None. Raises DataError naming the path when DATA_DIR is not a complete prepared dataset.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(data_dir, "prepared dataset folder not found")
+    info_path = data_dir / DATASET_JSON
+    if not info_path.is_file():
+        raise DataError(data_dir, f"not a prepared dataset (no {DATASET_JSON}); run `skindistil prepare --out {data_dir}`")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(info_path, f"unreadable dataset description: {exc}") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        found = info.get("format") if isinstance(info, dict) else None
+        raise DataError(info_path, f"unsupported prepared-dataset format {found!r} (expected {FORMAT})")
+    manifest_path = data_dir / MANIFEST_CSV
+    if not manifest_path.is_file():
+        raise DataError(data_dir, f"prepared dataset without {MANIFEST_CSV}; prepare it again")
+    text_columns = ["image_id", "class_name", "group", "split", "source", "sha256", "cache_file", "fold"]
+    frame = pd.read_csv(manifest_path, dtype=dict.fromkeys(text_columns, str), keep_default_na=False)
+    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(manifest_path, f"missing column(s) {', '.join(missing)}")
+    if len(frame) != info.get("num_images"):
+        raise DataError(manifest_path, f"{len(frame)} rows but dataset.json says {info.get('num_images')} images")
+    frame["fold"] = pd.to_numeric(frame["fold"].mask(frame["fold"] == "")).astype("Int64")
+    frame["group"] = frame["group"].where(frame["group"] != "", None)
+    return frame, info
+
+
+# --------------------------------------------------------------------------- records and splits
+
+
+def _drop_invalid(records: list[Record], vocab: ClassVocab, on_error: str, problems: list[Problem]) -> list[Record]:
+    """Checks every source gets for free: unique image ids and labels inside the vocabulary."""
+    kept = []
+    seen: set[str] = set()
+    for record in records:
+        if record.image_id in seen:
+            reason = f"duplicate image id {record.image_id!r}"
+        elif not 0 <= record.label < len(vocab):
+            reason = f"label {record.label} outside the {len(vocab)} classes"
+        else:
+            seen.add(record.image_id)
+            kept.append(record)
+            continue
+        if on_error == "fail":
+            raise DataError(record.source, reason)
+        problems.append(Problem(record.source, reason))
+    return kept
+
+
+def _assign_splits(source, records, labels, groups, fractions, seed) -> tuple[np.ndarray, bool]:
+    """(split name per record, whether the source's predefined splits were kept)."""
+    given = [r.split for r in records]
+    if all(s is None for s in given):
+        return split_train_val_test(labels, groups, fractions, seed), False
+    if any(s is None for s in given):
+        raise DataError(source.fingerprint(), "some records carry a predefined split and others do not")
+    unknown = sorted(set(given) - set(SPLIT_NAMES))
+    if unknown:
+        raise DataError(source.fingerprint(), f"unknown predefined split(s) {unknown}; expected {', '.join(SPLIT_NAMES)}")
+    return np.asarray(given, dtype=object), True
+
+
+def _manifest_frame(kept: list[tuple[Record, dict]], vocab: ClassVocab, split: np.ndarray, fold: np.ndarray) -> pd.DataFrame:
+    rows = []
+    for (record, entry), split_name, fold_id in zip(kept, split, fold, strict=True):
+        x0, y0, x1, y1 = entry["crop"]
+        rows.append(
+            {
+                "image_id": record.image_id,
+                "label": record.label,
+                "class_name": vocab.names[record.label],
+                "group": record.group or "",
+                "split": split_name,
+                "fold": int(fold_id) if fold_id >= 0 else None,
+                "source": record.source,
+                "orig_width": entry["orig_width"],
+                "orig_height": entry["orig_height"],
+                "crop_x0": x0,
+                "crop_y0": y0,
+                "crop_x1": x1,
+                "crop_y1": y1,
+                "width": entry["width"],
+                "height": entry["height"],
+                "sha256": entry["sha256"],
+                "cache_file": entry["cache_file"],
+            }
+        )
+    frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    frame["fold"] = frame["fold"].astype("Int64")
+    return frame
+
+
+# --------------------------------------------------------------------------- decoding (workers)
+
+
+def _process_all(source, tasks, settings, workers, on_error, problems, progress) -> dict[str, dict]:
+    """Run every task (inline or in a process pool); journal each finished image as it arrives.
+
+    Returns image_id -> journal entry for the images that are cached now.
+    """
+    entries: dict[str, dict] = {}
+    journal_path = settings.data_dir / CACHE_DIR / JOURNAL
+    journal_path.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        open(journal_path, "a", encoding="utf-8") as journal,
+        _outcomes(source, tasks, settings, workers) as outcomes,
+        Progress(
+            TextColumn("[bold]prepare[/] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            disable=not progress,
+        ) as bar,
+    ):
+        job = bar.add_task(source.name or type(source).__name__, total=len(tasks), rate="")
+        started = time.perf_counter()
+        for done, ((record, _, _), outcome) in enumerate(zip(tasks, outcomes, strict=True), start=1):
+            if outcome[0] == "error":
+                _, error_type, where, reason = outcome
+                if on_error == "fail":
+                    raise error_type(where, reason)
+                problems.append(Problem(where, reason))
+            else:
+                entry = outcome[1]
+                if not entry.get("reused"):
+                    journal.write(json.dumps(entry) + "\n")
+                    journal.flush()
+                entries[record.image_id] = entry
+            elapsed = time.perf_counter() - started
+            bar.update(job, advance=1, rate=f"{done / elapsed:.0f} img/s" if elapsed > 0 else "")
+    return entries
+
+
+@contextlib.contextmanager
+def _outcomes(source, tasks, settings, workers) -> Iterator[Iterator[tuple]]:
+    """Iterator of task outcomes in task order; a pool is shut down (pending work cancelled) on exit."""
+    if workers <= 1 or len(tasks) < 2:
+        yield (_process_record(source, settings, *task) for task in tasks)
+        return
+    workers = min(workers, len(tasks))
+    executor = ProcessPoolExecutor(
+        workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(source, settings, os.getpid())
+    )
+    try:
+        chunksize = max(1, min(32, len(tasks) // (workers * 8)))
+        yield executor.map(_worker_task, tasks, chunksize=chunksize)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """Workers started from a fork server (spawn where there is none), not forked from this process.
+
+    Forking this process would copy whatever threads it runs (the progress bar, torch) in an
+    undefined state; the fork server is a clean single-threaded process. The preload makes each
+    worker start in milliseconds.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, "scipy.ndimage"])
+    return context
+
+
+_worker_state: tuple[Source, _Settings] | None = None
+
+
+def _init_worker(source: Source, settings: _Settings, parent_pid: int) -> None:
+    global _worker_state
+    # Ctrl-C goes to the parent, which cancels pending work and shuts the pool down cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    _worker_state = (source, settings)
+
+
+def _exit_when_orphaned(parent_pid: int, interval: float = 1.0) -> None:
+    """End this worker once the parent is gone.
+
+    A pool worker holds both ends of its task queue's pipe, so if the parent dies without shutting
+    the pool down (SIGKILL, OOM killer) the worker would wait for tasks forever.
+    """
+    while True:
+        time.sleep(interval)
+        try:
+            os.kill(parent_pid, 0)
+        except (ProcessLookupError, PermissionError):
+            os._exit(1)
+
+
+def _worker_task(task: tuple) -> tuple:
+    source, settings = _worker_state
+    return _process_record(source, settings, *task)
+
+
+def _process_record(source: Source, settings: _Settings, record: Record, cache_file: str, known: dict | None) -> tuple:
+    """Cache one image. Returns ("ok", journal entry) or ("error", DataError subclass, where, reason).
+
+    The error is returned, not raised, so the parent decides between failing and skipping (and
+    exceptions with custom constructors need not cross the process boundary).
+    """
+    try:
+        return ("ok", _cache_image(source, settings, record, cache_file, known))
+    except DataError as exc:
+        return ("error", type(exc), exc.where, exc.reason)
+
+
+def _cache_image(source: Source, settings: _Settings, record: Record, cache_file: str, known: dict | None) -> dict:
+    file_hash = _file_sha256(record.source) if os.path.isfile(record.source) else None
+    if known is not None and file_hash == known["sha256"] and _cache_intact(settings.data_dir, known):
+        return {**known, "reused": True}
+    image = source.open(record)
+    width, height = image.size
+    if width * height > settings.max_pixels:
+        raise ImageError(record.source, f"image is {width}x{height}, over the limit of {settings.max_pixels:,} pixels")
+    pixels = np.asarray(image)
+    # Sources without a file (npz rows, generated images) are identified by their decoded pixels.
+    content_hash = file_hash or _pixels_sha256(pixels)
+    if known is not None and content_hash == known["sha256"] and _cache_intact(settings.data_dir, known):
+        return {**known, "reused": True}
+    box = border_crop_box(pixels) if settings.border_crop else (0, 0, width, height)
+    cached = np.asarray(resize_shorter(image.crop(box), settings.short_side), dtype=np.uint8)
+    _save_npy_atomic(settings.data_dir / cache_file, cached)
+    return {
+        "image_id": record.image_id,
+        "sha256": content_hash,
+        "short_side": settings.short_side,
+        "border_crop": settings.border_crop,
+        "cache_file": cache_file,
+        "orig_width": width,
+        "orig_height": height,
+        "crop": [int(v) for v in box],
+        "width": int(cached.shape[1]),
+        "height": int(cached.shape[0]),
+    }
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pixels_sha256(pixels: np.ndarray) -> str:
+    digest = hashlib.sha256(f"{pixels.shape}|{pixels.dtype}|".encode())
+    digest.update(np.ascontiguousarray(pixels).data)
+    return digest.hexdigest()
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def _cache_intact(data_dir: Path, entry: dict) -> bool:
+    """The cache file exists and its .npy header has the recorded shape (reads the header only)."""
+    try:
+        cached = np.load(data_dir / entry["cache_file"], mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return cached.shape == (entry["height"], entry["width"], 3) and cached.dtype == np.uint8
+
+
+# --------------------------------------------------------------------------- DATA_DIR bookkeeping
+
+
+def _same_settings(entry: dict, settings: _Settings, cache_file: str) -> bool:
+    return (
+        entry.get("short_side") == settings.short_side
+        and entry.get("border_crop") == settings.border_crop
+        and entry.get("cache_file") == cache_file
+        and isinstance(entry.get("sha256"), str)
+    )
+
+
+def _retire_previous(data_dir: Path) -> None:
+    """Before the cache changes: unmark DATA_DIR as prepared and drop temporaries of killed runs."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name in (DATASET_JSON, MANIFEST_CSV, REPORT_JSON):
+        (data_dir / name).unlink(missing_ok=True)
+    for pattern in ("*.tmp", f"{CACHE_DIR}/*.tmp", f"{CACHE_DIR}/*/*.tmp"):
+        for tmp in data_dir.glob(pattern):
+            tmp.unlink(missing_ok=True)
+
+
+def _read_journal(data_dir: Path) -> dict[str, dict]:
+    """image_id -> latest journal entry. A line cut short by an interruption is ignored."""
+    path = data_dir / CACHE_DIR / JOURNAL
+    entries: dict[str, dict] = {}
+    if not path.is_file():
+        return entries
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("image_id"), str):
+                entries[entry["image_id"]] = entry
+    return entries
+
+
+def _finish_cache(data_dir: Path, entries: list[dict]) -> None:
+    """Rewrite the journal with exactly the kept images and delete cache files nothing refers to."""
+    journal = [{k: v for k, v in entry.items() if k != "reused"} for entry in entries]
+    _write_text_atomic(data_dir / CACHE_DIR / JOURNAL, "".join(json.dumps(e) + "\n" for e in journal))
+    wanted = {e["cache_file"] for e in journal}
+    for path in (data_dir / CACHE_DIR).glob("*/*.npy"):
+        if path.relative_to(data_dir).as_posix() not in wanted:
+            path.unlink()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    _write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def _write_csv_atomic(path: Path, frame: pd.DataFrame) -> None:
+    _write_text_atomic(path, frame.to_csv(index=False))

@@ -1,0 +1,686 @@
+"""Dataset sources: each parses one on-disk layout into Records with an explicit class vocabulary.
+
+A source is a small picklable object (prepare calls `open` in worker processes):
+
+- `records()` parses the layout once and returns every usable Record. With ``on_error="fail"`` the
+  first bad row/file raises CSVError/DataError naming it; with ``on_error="skip"`` the item is left
+  out and a Problem is appended to `problems`.
+- `open(record)` decodes the record's pixels to an RGB PIL image (ImageError naming the file).
+- `fingerprint()` is a stable one-line description written into dataset.json.
+
+New layouts subclass `Source` and register with ``@register_source("name")``; `build_source`
+constructs one by name.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import inspect
+import os
+import warnings
+import zipfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from skindistil.data.imageio import DEFAULT_MAX_PIXELS, read_image
+from skindistil.data.records import Problem, Record
+from skindistil.data.vocab import HAM10000, ISIC2019, ClassVocab
+from skindistil.errors import CSVError, DataError, ImageError
+
+ON_ERROR_CHOICES = ("fail", "skip")
+
+_REGISTRY: dict[str, type[Source]] = {}
+# Sources defined outside this module, imported on first use so this module never imports upward.
+_LAZY_SOURCES = {"synthetic": "skindistil.data.synthetic"}
+
+
+def register_source(name: str):
+    """Class decorator: register a Source subclass under `name` (also sets its `name`)."""
+
+    def decorate(cls: type[Source]) -> type[Source]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"source {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_sources() -> list[str]:
+    """Names accepted by `build_source` (registered now or importable on demand)."""
+    return sorted(set(_REGISTRY) | set(_LAZY_SOURCES))
+
+
+def source_class(kind: str) -> type[Source]:
+    """The Source subclass registered as `kind` (imports lazily registered ones on first use)."""
+    if kind not in _REGISTRY and kind in _LAZY_SOURCES:
+        importlib.import_module(_LAZY_SOURCES[kind])
+    if kind not in _REGISTRY:
+        raise DataError("--source", f"unknown source {kind!r}; choose one of {', '.join(available_sources())}")
+    return _REGISTRY[kind]
+
+
+def source_options(kind: str) -> list[str] | None:
+    """Options the constructor of source `kind` takes by keyword besides root (None: any, via **kwargs)."""
+    params = list(inspect.signature(source_class(kind).__init__).parameters.values())[2:]  # skip self, root
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in keyword]
+
+
+def build_source(kind: str, root: str | Path | None, **options) -> Source:
+    """Construct the source registered as `kind` reading from `root`; `options` go to its constructor."""
+    cls = source_class(kind)
+    accepted = source_options(kind)
+    unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
+    if unknown:
+        raise DataError(
+            f"--source {kind}", f"option(s) {', '.join(unknown)} do not apply; it accepts {', '.join(accepted)}"
+        )
+    return cls(root, **options)
+
+
+class Source(abc.ABC):
+    """Base class of every dataset source.
+
+    Subclasses set `vocab` in `__init__` and implement `records()`; file-backed sources inherit
+    `open`, which reads ``record.source`` as a path with the `max_pixels` decompression-bomb limit.
+    Report bad rows/files through `_problem`, which raises or records according to `on_error`.
+    (`prepare_dataset` sets `on_error`, `max_pixels` and `problems` on its own copy of the source.)
+    """
+
+    name: ClassVar[str] = ""
+    vocab: ClassVocab
+
+    def __init__(
+        self,
+        root: str | Path | None,
+        *,
+        on_error: str = "fail",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        if on_error not in ON_ERROR_CHOICES:
+            raise DataError("on_error", f"must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
+        self.root = Path(root) if root is not None else None
+        self.on_error = on_error
+        self.max_pixels = int(max_pixels)
+        self.problems: list[Problem] = []
+
+    @abc.abstractmethod
+    def records(self) -> list[Record]:
+        """Every usable record, in a stable order (bad items raise or go to `problems`)."""
+
+    def open(self, record: Record) -> Image.Image:
+        return read_image(record.source, max_pixels=self.max_pixels)
+
+    def fingerprint(self) -> str:
+        return f"{self.name}:{self.root}"
+
+    def _problem(self, where: str, reason: str, error: type[DataError] = CSVError) -> None:
+        """Raise `error(where, reason)` when failing fast, else remember the skipped item."""
+        if self.on_error == "fail":
+            raise error(where, reason)
+        self.problems.append(Problem(str(where), reason))
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+# Extensions ISIC and HAM10000 images come in; an ImageFolder tree may also hold these others.
+ISIC_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+FOLDER_IMAGE_SUFFIXES = ISIC_IMAGE_SUFFIXES | {".bmp", ".tif", ".tiff", ".webp"}
+
+
+def row_where(path: Path, row: int) -> str:
+    """How errors name a CSV row. Rows count the header as row 1, as spreadsheets and editors do."""
+    return f"{path} row {row}"
+
+
+def read_csv_table(path: Path, required: Sequence[str], what: str) -> pd.DataFrame:
+    """Read a CSV as strings (values stripped), check `required` columns, drop blank lines.
+
+    The index of the returned frame is the row number (header = row 1). Missing file, unreadable
+    CSV and missing columns raise at once whatever `on_error` says: nothing in such a file is usable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, f"{what} not found")
+    try:
+        with warnings.catch_warnings():
+            # Rows longer than the header make pandas drop data with only a warning: make it an error.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            # skip_blank_lines=False keeps row numbers equal to line numbers; blank rows are dropped below.
+            table = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False, index_col=False)
+    except pd.errors.EmptyDataError:
+        raise CSVError(path, f"empty {what} (no header line)") from None
+    except (pd.errors.ParserError, pd.errors.ParserWarning, UnicodeDecodeError) as exc:
+        raise CSVError(path, f"unreadable {what}: {exc}") from None
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise CSVError(
+            path,
+            f"missing column(s) {', '.join(map(repr, missing))} in {what}; "
+            f"expected {', '.join(required)}, found {', '.join(table.columns)}",
+        )
+    table = table.apply(lambda col: col.str.strip())
+    table.index = table.index + 2
+    return table[(table != "").any(axis=1)]
+
+
+def index_images(folders: Iterable[Path], suffixes: frozenset[str]) -> dict[str, Path]:
+    """Map file stem -> path for the image files directly inside `folders` (earlier folders win)."""
+    index: dict[str, Path] = {}
+    for folder in folders:
+        with os.scandir(folder) as entries:
+            files = sorted((e.name, e.path) for e in entries if e.is_file() and not e.name.startswith("."))
+        for name, path in files:
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() in suffixes and stem not in index:
+                index[stem] = Path(path)
+    return index
+
+
+def image_folders(root: Path, candidates: Iterable[str], extra: Sequence[Path] | None) -> list[Path]:
+    """Existing folders among `extra` (given by the user) and `candidates` under `root`, deduplicated."""
+    if not root.is_dir():
+        raise DataError(root, "dataset folder not found")
+    folders: list[Path] = []
+    for folder in [*(extra or []), *(root / c for c in candidates)]:
+        folder = Path(folder)
+        if folder.is_dir() and folder.resolve() not in {f.resolve() for f in folders}:
+            folders.append(folder)
+    return folders
+
+
+def _image_index(root: Path, candidates: Iterable[str], extra: Sequence[Path] | None) -> dict[str, Path]:
+    candidates = list(candidates)
+    folders = image_folders(root, candidates, extra)
+    index = index_images(folders, ISIC_IMAGE_SUFFIXES)
+    if not index:
+        looked = [str(f) for f in (extra or [])] + [str(root / c) for c in candidates]
+        raise DataError(root, f"no .jpg/.jpeg/.png images found; looked in {', '.join(looked)}")
+    return index
+
+
+def find_isic_image(index: dict[str, Path], image: str) -> Path | None:
+    """The file of ISIC image `image`: exact name, or with/without ISIC 2019's `_downsampled` suffix."""
+    for stem in (image, f"{image}_downsampled", image.removesuffix("_downsampled")):
+        if stem in index:
+            return index[stem]
+    return None
+
+
+def read_isic2019_ground_truth(path: Path, report) -> list[tuple[int, str, int]]:
+    """Parse an ISIC 2019 ground-truth CSV (image, MEL..SCC one-hot, optional UNK).
+
+    Returns (row, image, label index in the ISIC 2019 vocabulary) per valid row. A row is invalid
+    when a class value is not 0/1, UNK is 1 (UNK is never a class), no class or several classes are
+    1, the image name is empty or repeats an earlier row; `report(where, reason)` is called for it.
+    """
+    names = ISIC2019.names
+    table = read_csv_table(path, ["image", *names], "ISIC 2019 ground truth")
+    onehot_columns = [*names, "UNK"] if "UNK" in table.columns else list(names)
+    values = table[onehot_columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    valid_value = (values == 0) | (values == 1)
+    rows: list[tuple[int, str, int]] = []
+    first_row: dict[str, int] = {}
+    for i, (row, image) in enumerate(zip(table.index, table["image"], strict=True)):
+        where = row_where(path, row)
+        if not image:
+            report(where, "empty 'image' value")
+            continue
+        if image in first_row:
+            report(where, f"duplicate image id {image!r} (first at row {first_row[image]})")
+            continue
+        first_row[image] = row
+        if not valid_value[i].all():
+            column = onehot_columns[int(np.argmin(valid_value[i]))]
+            report(where, f"image {image}: column {column!r} holds {table.at[row, column]!r}, expected 0 or 1")
+            continue
+        if len(onehot_columns) > len(names) and values[i, -1] == 1:
+            report(where, f"image {image} is labelled UNK, which is not a class")
+            continue
+        ones = np.flatnonzero(values[i, : len(names)] == 1)
+        if len(ones) != 1:
+            set_to = ", ".join(names[j] for j in ones) or "none"
+            report(where, f"image {image} must have exactly one class set to 1 (set: {set_to})")
+            continue
+        rows.append((row, image, int(ones[0])))
+    return rows
+
+
+def _require_root(root: Path | None, kind: str) -> Path:
+    if root is None:
+        raise DataError(f"--source {kind}", "needs --root (the dataset folder or file)")
+    return root
+
+
+# --------------------------------------------------------------------------- ISIC 2019
+
+
+@register_source("isic2019")
+class ISIC2019Source(Source):
+    """ISIC 2019 training data: ground-truth CSV (one-hot MEL..SCC, UNK) and the image folder.
+
+    Images are found in `image_dirs` (if given), then root/, root/images/,
+    root/ISIC_2019_Training_Input/ (and the doubly nested copy some downloads unpack to), as
+    .jpg/.jpeg/.png, accepting ISIC's `<id>_downsampled` names. The optional metadata CSV
+    (default root/ISIC_2019_Training_Metadata.csv if present) gives lesion_id -> group.
+    """
+
+    GROUND_TRUTH = "ISIC_2019_Training_GroundTruth.csv"
+    METADATA = "ISIC_2019_Training_Metadata.csv"
+    IMAGE_FOLDERS = (".", "images", "ISIC_2019_Training_Input", "ISIC_2019_Training_Input/ISIC_2019_Training_Input")
+
+    def __init__(
+        self,
+        root: str | Path | None,
+        *,
+        ground_truth: str | Path | None = None,
+        metadata: str | Path | None = None,
+        image_dirs: Sequence[str | Path] | None = None,
+        on_error: str = "fail",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        super().__init__(root, on_error=on_error, max_pixels=max_pixels)
+        root = _require_root(self.root, self.name)
+        self.vocab = ISIC2019
+        self.ground_truth = Path(ground_truth) if ground_truth else root / self.GROUND_TRUTH
+        self.metadata = Path(metadata) if metadata else None
+        self.image_dirs = [Path(d) for d in image_dirs] if image_dirs else None
+
+    def records(self) -> list[Record]:
+        labelled = read_isic2019_ground_truth(self.ground_truth, self._problem)
+        metadata = self._read_metadata()
+        index = _image_index(self.root, self.IMAGE_FOLDERS, self.image_dirs)
+        records = []
+        for row, image, label in labelled:
+            path = find_isic_image(index, image)
+            if path is None:
+                self._problem(row_where(self.ground_truth, row), f"image {image!r} not found under {self.root}", DataError)
+                continue
+            meta = dict(metadata.get(image, {}))
+            group = meta.pop("lesion_id", "") or None
+            records.append(Record(image, str(path), label, group=group, meta=meta))
+        return records
+
+    def _read_metadata(self) -> dict[str, dict[str, str]]:
+        """image -> its metadata columns (lesion_id among them); empty without a metadata file."""
+        path = self.metadata or self.root / self.METADATA
+        if self.metadata is None and not path.is_file():
+            return {}
+        table = read_csv_table(path, ["image", "lesion_id"], "ISIC 2019 metadata")
+        out: dict[str, dict[str, str]] = {}
+        first_row: dict[str, int] = {}
+        for row, fields in zip(table.index, table.to_dict("records"), strict=True):
+            image = fields.pop("image")
+            if image in first_row:
+                self._problem(row_where(path, row), f"duplicate image id {image!r} (first at row {first_row[image]})")
+                continue
+            first_row[image] = row
+            out[image] = fields
+        return out
+
+    def fingerprint(self) -> str:
+        return f"isic2019:{self.ground_truth}"
+
+
+# --------------------------------------------------------------------------- HAM10000
+
+
+@register_source("ham10000")
+class HAM10000Source(Source):
+    """HAM10000: HAM10000_metadata.csv (image_id, dx, lesion_id -> group) and its image folders.
+
+    Images are found in `image_dirs` (if given), then root/, root/images/ and every
+    root/HAM10000_images* folder (the official release ships _part_1 and _part_2).
+    ``labels="dx"`` uses the 7 HAM10000 classes; ``labels="isic2019"`` takes the 8-class label of
+    each image from an ISIC 2019 ground-truth CSV (default root/ISIC_2019_Training_GroundTruth.csv).
+    """
+
+    METADATA = "HAM10000_metadata.csv"
+    IMAGE_FOLDERS = (".", "images")
+    LABEL_SETS = ("dx", "isic2019")
+
+    def __init__(
+        self,
+        root: str | Path | None,
+        *,
+        labels: str = "dx",
+        metadata: str | Path | None = None,
+        ground_truth: str | Path | None = None,
+        image_dirs: Sequence[str | Path] | None = None,
+        on_error: str = "fail",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        super().__init__(root, on_error=on_error, max_pixels=max_pixels)
+        root = _require_root(self.root, self.name)
+        if labels not in self.LABEL_SETS:
+            raise DataError("labels", f"must be one of {', '.join(self.LABEL_SETS)}, got {labels!r}")
+        self.labels = labels
+        self.vocab = HAM10000 if labels == "dx" else ISIC2019
+        self.metadata = Path(metadata) if metadata else root / self.METADATA
+        self.ground_truth = Path(ground_truth) if ground_truth else root / ISIC2019Source.GROUND_TRUTH
+        self.image_dirs = [Path(d) for d in image_dirs] if image_dirs else None
+
+    def records(self) -> list[Record]:
+        table = read_csv_table(self.metadata, ["lesion_id", "image_id", "dx"], "HAM10000 metadata")
+        isic_label = {}
+        if self.labels == "isic2019":
+            isic_label = {image: label for _, image, label in read_isic2019_ground_truth(self.ground_truth, self._problem)}
+        index = _image_index(self.root, self._image_folder_names(), self.image_dirs)
+        records = []
+        first_row: dict[str, int] = {}
+        for row, fields in zip(table.index, table.to_dict("records"), strict=True):
+            where = row_where(self.metadata, row)
+            image, dx, lesion = fields.pop("image_id"), fields["dx"], fields.pop("lesion_id")
+            if not image:
+                self._problem(where, "empty 'image_id' value")
+                continue
+            if image in first_row:
+                self._problem(where, f"duplicate image_id {image!r} (first at row {first_row[image]})")
+                continue
+            first_row[image] = row
+            if dx not in HAM10000:
+                self._problem(where, f"image {image}: unknown dx {dx!r}; known: {', '.join(HAM10000.names)}")
+                continue
+            if self.labels == "isic2019":
+                if image not in isic_label:
+                    self._problem(where, f"image {image} has no valid row in {self.ground_truth}")
+                    continue
+                label = isic_label[image]
+            else:
+                label = HAM10000.index(dx)
+            path = find_isic_image(index, image)
+            if path is None:
+                self._problem(where, f"image {image!r} not found under {self.root}", DataError)
+                continue
+            records.append(Record(image, str(path), label, group=lesion or None, meta=fields))
+        return records
+
+    def _image_folder_names(self) -> list[str]:
+        parts = sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and p.name.lower().startswith("ham10000_images")
+        ) if self.root.is_dir() else []
+        return [*self.IMAGE_FOLDERS, *parts]
+
+    def fingerprint(self) -> str:
+        return f"ham10000:{self.metadata}:labels={self.labels}"
+
+
+# --------------------------------------------------------------------------- DermaMNIST
+
+
+@register_source("dermamnist")
+class DermaMNISTSource(Source):
+    """DermaMNIST (MedMNIST) .npz: {train,val,test}_{images,labels}; the official split is kept.
+
+    `root` is the .npz file or a folder holding exactly one dermamnist*.npz. Labels 0..6 are the
+    HAM10000 classes in MedMNIST's documented order (actinic keratoses, basal cell carcinoma,
+    benign keratosis-like lesions, dermatofibroma, melanoma, melanocytic nevi, vascular lesions),
+    which is the HAM10000 vocabulary akiec, bcc, bkl, df, mel, nv, vasc. Records point at
+    ``<file>.npz#<split>/<index>``.
+    """
+
+    SPLITS = ("train", "val", "test")
+    DOWNLOAD_HINT = (
+        "download dermamnist.npz (28 px) or dermamnist_64/_128/_224.npz by hand from "
+        "https://zenodo.org/records/10519652 (MedMNIST v3) and pass the file as --root"
+    )
+
+    def __init__(self, root: str | Path | None, *, on_error: str = "fail", max_pixels: int = DEFAULT_MAX_PIXELS):
+        super().__init__(root, on_error=on_error, max_pixels=max_pixels)
+        _require_root(self.root, self.name)
+        self.vocab = HAM10000
+        self._images: dict[str, np.ndarray] = {}  # per-process cache of decompressed image arrays
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers reload arrays from the file rather than receive them through a pipe.
+        state = self.__dict__.copy()
+        state["_images"] = {}
+        return state
+
+    @property
+    def npz_path(self) -> Path:
+        root = self.root
+        if root.is_dir():
+            found = sorted(root.glob("dermamnist*.npz"))
+            if len(found) != 1:
+                which = f"found {', '.join(p.name for p in found)}" if found else "found none"
+                raise DataError(root, f"expected exactly one dermamnist*.npz in this folder ({which}); {self.DOWNLOAD_HINT}")
+            return found[0]
+        if not root.is_file():
+            raise DataError(root, f"DermaMNIST file not found; {self.DOWNLOAD_HINT}")
+        return root
+
+    def records(self) -> list[Record]:
+        path = self.npz_path
+        shapes = _npz_array_headers(path)
+        missing = [f"{split}_{kind}" for split in self.SPLITS for kind in ("images", "labels") if f"{split}_{kind}" not in shapes]
+        if missing:
+            found = ", ".join(sorted(shapes)) or "none"
+            raise DataError(path, f"missing array(s) {', '.join(map(repr, missing))} (found {found})")
+        records = []
+        for split in self.SPLITS:
+            shape, dtype = shapes[f"{split}_images"]
+            if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3)):
+                raise DataError(path, f"{split}_images must be uint8 (N, H, W[, 1|3]), got {dtype} {shape}")
+            labels = _load_npz_array(path, f"{split}_labels").reshape(-1)
+            if labels.dtype.kind == "f" and np.array_equal(labels, np.round(labels)):
+                labels = labels.astype(np.int64)  # integral labels stored as floats
+            if labels.dtype.kind not in "iu":
+                raise DataError(path, f"{split}_labels must hold integer class indices, got {labels.dtype}")
+            if len(labels) != shape[0]:
+                raise DataError(path, f"{split}_labels has {len(labels)} entries for {shape[0]} images")
+            for i, label in enumerate(labels.tolist()):
+                if not (isinstance(label, int) and 0 <= label < len(self.vocab)):
+                    self._problem(f"{path}#{split}_labels[{i}]", f"label {label!r} outside 0..{len(self.vocab) - 1}")
+                    continue
+                records.append(
+                    Record(f"dermamnist_{split}_{i:05d}", f"{path}#{split}/{i}", label, split=split, meta={"index": i})
+                )
+        return records
+
+    def open(self, record: Record) -> Image.Image:
+        path, _, ref = record.source.rpartition("#")
+        split, _, index = ref.partition("/")
+        if split not in self.SPLITS or not index.isdigit():
+            raise ImageError(record.source, "not a DermaMNIST reference (<file>.npz#<split>/<index>)")
+        if split not in self._images:
+            self._images[split] = _load_npz_array(Path(path), f"{split}_images")
+        images = self._images[split]
+        if int(index) >= len(images):
+            raise ImageError(record.source, f"index {index} outside the {len(images)} {split} images")
+        pixels = images[int(index)]
+        height, width = pixels.shape[:2]
+        if width * height > self.max_pixels:
+            raise ImageError(record.source, f"image is {width}x{height}, over the limit of {self.max_pixels:,} pixels")
+        if pixels.ndim == 3 and pixels.shape[2] == 1:
+            pixels = pixels[..., 0]
+        return Image.fromarray(pixels).convert("RGB")
+
+    def fingerprint(self) -> str:
+        return f"dermamnist:{self.npz_path}"
+
+
+def _npz_array_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """name -> (shape, dtype) of every array in an .npz, read from the .npy headers only."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            headers = {}
+            for member in archive.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                with archive.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read_header(f)
+                headers[member.removesuffix(".npy")] = (shape, dtype)
+            return headers
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise DataError(path, f"not a readable .npz file ({exc})") from None
+
+
+def _load_npz_array(path: Path, key: str) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return archive[key]
+    except (zipfile.BadZipFile, ValueError, OSError, KeyError) as exc:
+        raise DataError(path, f"cannot read array {key!r}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- generic CSV / ImageFolder
+
+
+def _relative_image_id(path_value: str) -> str:
+    """Image id of a listed path: the path without its extension, '/'-separated, no leading '/' or './'."""
+    parts = [p for p in path_value.replace("\\", "/").split("/") if p not in ("", ".")]
+    parts[-1] = os.path.splitext(parts[-1])[0]
+    return "/".join(parts)
+
+
+@register_source("csv")
+class CSVSource(Source):
+    """A CSV with columns path,label[,group][,image_id]; `root` is the CSV file.
+
+    Paths are relative to the CSV's folder (absolute paths are kept). The vocabulary is the sorted
+    set of label names unless `class_names` fixes it (then other labels are errors). The image id
+    is the `image_id` column if present, else the path without its extension.
+    """
+
+    def __init__(
+        self,
+        root: str | Path | None,
+        *,
+        class_names: Sequence[str] | None = None,
+        on_error: str = "fail",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        super().__init__(root, on_error=on_error, max_pixels=max_pixels)
+        _require_root(self.root, self.name)
+        self._vocab = ClassVocab(class_names) if class_names else None
+
+    @property
+    def vocab(self) -> ClassVocab:
+        if self._vocab is None:
+            labels = self._table()["label"]
+            self._vocab = ClassVocab(sorted(set(labels) - {""}))
+        return self._vocab
+
+    def _table(self) -> pd.DataFrame:
+        if self.root.is_dir():
+            raise DataError(self.root, "--source csv needs the CSV file as --root, not a folder")
+        return read_csv_table(self.root, ["path", "label"], "image list")
+
+    def records(self) -> list[Record]:
+        table = self._table()
+        vocab = self.vocab
+        folder = self.root.parent
+        records = []
+        first_row: dict[str, int] = {}
+        for row, fields in zip(table.index, table.to_dict("records"), strict=True):
+            where = row_where(self.root, row)
+            path_value, label = fields["path"], fields["label"]
+            if not path_value or not label:
+                self._problem(where, f"empty {'path' if not path_value else 'label'!r} value")
+                continue
+            if label not in vocab:
+                self._problem(where, f"unknown label {label!r}; known classes: {', '.join(vocab.names)}")
+                continue
+            image_id = fields.get("image_id") or _relative_image_id(path_value)
+            if image_id in first_row:
+                self._problem(where, f"duplicate image id {image_id!r} (first at row {first_row[image_id]})")
+                continue
+            first_row[image_id] = row
+            path = folder / path_value
+            if not path.is_file():
+                self._problem(where, f"image file {str(path)!r} not found", DataError)
+                continue
+            group = fields.get("group") or None
+            records.append(Record(image_id, str(path), vocab.index(label), group=group, meta={"row": row}))
+        return records
+
+    def fingerprint(self) -> str:
+        return f"csv:{self.root}"
+
+
+@register_source("folder")
+class ImageFolderSource(Source):
+    """An ImageFolder tree: root/<class name>/<images> (sub-folders of a class are searched too).
+
+    The vocabulary is the sorted names of class folders holding images, unless `class_names` fixes
+    it. Hidden files and files without an image extension are ignored; an image id is the file's
+    path relative to root, without extension.
+    """
+
+    def __init__(
+        self,
+        root: str | Path | None,
+        *,
+        class_names: Sequence[str] | None = None,
+        on_error: str = "fail",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        super().__init__(root, on_error=on_error, max_pixels=max_pixels)
+        _require_root(self.root, self.name)
+        self._vocab = ClassVocab(class_names) if class_names else None
+
+    @property
+    def vocab(self) -> ClassVocab:
+        if self._vocab is None:
+            found = [d.name for d in self._class_folders() if self._images_in(d)]
+            if not found:
+                raise DataError(self.root, "no class folder with images (expected root/<class>/<images>)")
+            self._vocab = ClassVocab(found)
+        return self._vocab
+
+    def _class_folders(self) -> list[Path]:
+        if not self.root.is_dir():
+            raise DataError(self.root, "image folder not found")
+        return sorted(d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+    @staticmethod
+    def _images_in(folder: Path) -> list[Path]:
+        return sorted(
+            p
+            for p in folder.rglob("*")
+            if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        )
+
+    def records(self) -> list[Record]:
+        vocab = self.vocab
+        folders = {d.name: d for d in self._class_folders()}
+        for name in sorted(set(folders) - set(vocab.names)):
+            if self._images_in(folders[name]):
+                reason = f"folder is not one of the given classes {', '.join(vocab.names)}"
+            else:
+                reason = "class folder has no images"
+            self._problem(str(folders[name]), reason, DataError)
+        records = []
+        first_path: dict[str, Path] = {}
+        for label, name in enumerate(vocab.names):
+            if name not in folders:
+                self._problem(str(self.root / name), "class folder not found", DataError)
+                continue
+            images = self._images_in(folders[name])
+            if not images:
+                self._problem(str(folders[name]), "class folder has no images", DataError)
+            for path in images:
+                image_id = path.relative_to(self.root).with_suffix("").as_posix()
+                if image_id in first_path:
+                    self._problem(str(path), f"duplicate image id {image_id!r} (also {first_path[image_id].name})", DataError)
+                    continue
+                first_path[image_id] = path
+                records.append(Record(image_id, str(path), label))
+        return records
+
+    def fingerprint(self) -> str:
+        return f"folder:{self.root}"

@@ -1,0 +1,36 @@
+"""Exceptions that name the file, row or field at fault."""
+
+from __future__ import annotations
+
+
+class SkinDistilError(Exception):
+    """Base class: every error skindistil raises on purpose."""
+
+
+class DataError(SkinDistilError):
+    """Bad input data. `where` names the file, row or field; `reason` says what is wrong."""
+
+    def __init__(self, where: str, reason: str):
+        self.where = str(where)
+        self.reason = reason
+        super().__init__(f"{self.where}: {reason}")
+
+    def __reduce__(self):
+        # picklable across processes (prepare workers, DataLoader workers)
+        return (type(self), (self.where, self.reason))
+
+
+class ImageError(DataError):
+    """An image that cannot be used: missing, empty, corrupt, truncated, not an image, too large."""
+
+
+class CSVError(DataError):
+    """A CSV with missing columns, bad rows, unknown labels or duplicate ids."""
+
+
+class ModelError(SkinDistilError):
+    """A model, artifact or weight file that cannot be built or loaded."""
+
+
+class ConfigError(SkinDistilError):
+    """An invalid configuration value or override."""
