@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "decode, border-crop, resize and cache a dataset; write manifest and splits"),
     "bench-data": ("bench_data", "measure prepare and training-loader throughput"),
     "demo": ("demo", "run the main job on the built-in synthetic dataset"),
+    "evaluate": ("evaluate", "score a model on a split, or an ISIC-format predictions CSV against ground truth"),
 }
 
 

@@ -1,0 +1,95 @@
+"""`skindistil evaluate`: score a model artifact on a prepared split, or an ISIC-format predictions CSV."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--predictions",
+        type=Path,
+        metavar="PRED.csv",
+        help="ISIC-format predictions: image column + one probability column per class",
+    )
+    parser.add_argument(
+        "--truth",
+        type=Path,
+        metavar="GT.csv",
+        help="ISIC-format one-hot ground truth; its class columns (UNK excluded) set the order",
+    )
+    parser.add_argument("--model", type=Path, metavar="DIR", help="model artifact (model/ or run directory)")
+    parser.add_argument("--data", type=Path, metavar="DATA_DIR", help="prepared dataset (with --model)")
+    parser.add_argument("--split", default="test", help="split to score with --model (default test)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="fit a softmax temperature on the validation split and store it in the artifact")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, help="data loader processes (default: all cores)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR",
+        help="output directory (default: RUN/eval/SPLIT with --model, <PRED dir>/<PRED name>_eval with --predictions)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from skindistil.errors import ConfigError
+
+    if args.predictions is not None:
+        metrics = _evaluate_predictions_csv(args.predictions, args.truth, args.out)
+    elif args.model is not None:
+        if args.data is None:
+            raise ConfigError("evaluate: --model needs --data DATA_DIR (a dataset from `skindistil prepare`)")
+        from skindistil.inference.evaluate import evaluate_model
+
+        metrics = evaluate_model(args.model, args.data, args.split, args.out, calibrate=args.calibrate,
+                                 batch_size=args.batch_size, num_workers=args.workers, device=args.device)
+    else:
+        raise ConfigError("evaluate: give --model DIR --data DATA_DIR, or --predictions PRED.csv --truth GT.csv")
+    _print_summary(metrics)
+    return 0
+
+
+def _evaluate_predictions_csv(predictions: Path, truth: Path | None, out: Path | None) -> dict:
+    import warnings
+
+    from skindistil.errors import ConfigError
+    from skindistil.evaluation.metrics import AbsentClassWarning
+    from skindistil.evaluation.report import evaluate_arrays, read_predictions_csv, read_truth_csv
+
+    if truth is None:
+        raise ConfigError("evaluate: --predictions needs --truth GT.csv")
+    image_ids, labels, class_names = read_truth_csv(truth)
+    image_ids, probs, ignored = read_predictions_csv(predictions, class_names, image_ids)
+    notes = [f"ignored prediction column(s): {', '.join(ignored)}"] if ignored else []
+    out = out if out is not None else predictions.parent / f"{predictions.stem}_eval"
+    # Absent classes are listed in the printed notes; the warning would only repeat them.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AbsentClassWarning)
+        return evaluate_arrays(
+            probs,
+            labels,
+            class_names,
+            out,
+            image_ids=image_ids,
+            title=f"Evaluation of {predictions.name} against {truth.name}",
+            notes=notes,
+            inputs={"predictions": str(predictions), "truth": str(truth)},
+        )
+
+
+def _print_summary(metrics: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=metrics["title"])
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics["headline"].items():
+        table.add_row(key, "n/a" if value != value else f"{value:.4f}")
+    console.print(table)
+    for note in metrics["notes"]:
+        console.print(f"note: {note}")
+    console.print(f"wrote {Path(metrics['files']['metrics']).parent}")
