@@ -1,0 +1,156 @@
+"""Distillation losses as plain functions over logits and hidden states, and the SkinDistilViT loss.
+
+Notation: B = batch, C = classes, D = number of depths (exits), N = tokens, E = width.
+Every "mean over the batch" is a plain mean over its B samples unless a class weight says otherwise.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+COSINE_TOKENS = ("all", "cls")
+
+
+def task_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy with optional class weights and label smoothing (PyTorch's definition: with
+    weights, the mean divides by the summed weights of the targets)."""
+    return F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing)
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 2.0) -> Tensor:
+    """T^2 * mean over the batch of KL(softmax(teacher / T) || softmax(student / T)).
+
+    The T^2 factor keeps the gradient scale independent of T (Hinton et al., 2015).
+    """
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def logit_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """sum((student - teacher)^2) / B: squared error summed over classes, averaged over the batch."""
+    return (student_logits - teacher_logits).pow(2).sum() / student_logits.shape[0]
+
+
+def hidden_cosine_loss(pairs: Sequence[tuple[Tensor, Tensor]], tokens: str = "all") -> Tensor:
+    """Mean over (student, teacher) hidden-state pairs [B, N, E] of 1 - cosine similarity.
+
+    tokens="all": cosine per token over E, averaged over tokens and batch; "cls": class token only.
+    Several pairs express an explicit student -> teacher layer map; their losses are averaged.
+    """
+    if tokens not in COSINE_TOKENS:
+        raise ValueError(f"tokens={tokens!r}: expected one of {COSINE_TOKENS}")
+    if not pairs:
+        raise ValueError("hidden_cosine_loss needs at least one (student, teacher) pair")
+    losses = []
+    for student, teacher in pairs:
+        if tokens == "cls":
+            student, teacher = student[:, 0], teacher[:, 0]
+        losses.append(1.0 - F.cosine_similarity(student, teacher, dim=-1).mean())
+    return torch.stack(losses).mean()
+
+
+def per_depth_ce(
+    all_logits: Tensor, target: Tensor, weight: Tensor | None = None, label_smoothing: float = 0.0
+) -> Tensor:
+    """FCViT: sum over depths of the cross-entropy of that depth's logits. all_logits: [D, B, C]."""
+    return sum(task_loss(z, target, weight, label_smoothing) for z in all_logits)
+
+
+def chained_depth_kl(all_logits: Tensor, depths: Sequence[int], weight: float = 1.0) -> Tensor:
+    """FCViTProbs: weight * sum over j in `depths` of KL(softmax(z_{j+1}).detach() || softmax(z_j)).
+
+    all_logits: [D, B, C]; `depths` are 0-based indices into its first dimension (as returned by
+    `enabled_depths`). Each depth learns from the one above it, which receives no gradient from this
+    term; the last depth has no successor and contributes nothing (it is trained by the task loss).
+    KL is averaged over the batch.
+    """
+    last = all_logits.shape[0] - 1
+    terms = [
+        F.kl_div(
+            F.log_softmax(all_logits[j], dim=-1),
+            F.log_softmax(all_logits[j + 1], dim=-1).detach(),
+            log_target=True,
+            reduction="batchmean",
+        )
+        for j in depths
+        if j < last
+    ]
+    if not terms:
+        return all_logits.new_zeros(())
+    return weight * torch.stack(terms).sum()
+
+
+def enabled_depths(step: int, num_depths: int, warmup_steps: int, every_steps: int) -> list[int]:
+    """FCViTProbs schedule: the 0-based depths trained at optimiser step `step`, top-down.
+
+    Steps 0 .. warmup_steps-1 train the last depth only; at step warmup_steps the depth below it is
+    enabled, and one more every `every_steps` steps after that, until all are. E.g. num_depths=4,
+    warmup=10, every=5: steps 0-9 -> [3]; 10-14 -> [2, 3]; 15-19 -> [1, 2, 3]; >= 20 -> [0, 1, 2, 3].
+    Steps are integers (the reference implementation compared a float step and never fired).
+    """
+    step = operator.index(step)
+    if num_depths < 1 or warmup_steps < 0 or every_steps < 1:
+        raise ValueError(
+            f"enabled_depths: need num_depths >= 1, warmup_steps >= 0, every_steps >= 1 "
+            f"(got {num_depths}, {warmup_steps}, {every_steps})"
+        )
+    count = 1 if step < warmup_steps else min(num_depths, 2 + (step - warmup_steps) // every_steps)
+    return list(range(num_depths - count, num_depths))
+
+
+class DistillationLoss(nn.Module):
+    """SkinDistilViT loss:
+
+        a_task * CE(student, label) + a_kd * T^2 * KL(p_teacher^T || p_student^T)
+        + a_mse * sum((student - teacher)^2) / B + a_cos * (1 - cos(student hidden, teacher hidden))
+
+    forward(...) returns (total, parts) where parts holds each term before weighting, detached, for
+    the terms whose weight is non-zero. Defaults are the authors' code.
+    """
+
+    def __init__(
+        self,
+        a_task: float = 1.0,
+        a_kd: float = 0.5,
+        temperature: float = 2.0,
+        a_mse: float = 0.25,
+        a_cos: float = 0.0,
+        class_weights: Tensor | None = None,
+        cos_tokens: str = "all",
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__()
+        if cos_tokens not in COSINE_TOKENS:
+            raise ValueError(f"cos_tokens={cos_tokens!r}: expected one of {COSINE_TOKENS}")
+        self.a_task, self.a_kd, self.a_mse, self.a_cos = a_task, a_kd, a_mse, a_cos
+        self.temperature = temperature
+        self.cos_tokens = cos_tokens
+        self.label_smoothing = label_smoothing
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        target: Tensor,
+        hidden_pairs: Sequence[tuple[Tensor, Tensor]] | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        terms: dict[str, tuple[float, Tensor]] = {}
+        if self.a_task:
+            terms["task"] = self.a_task, task_loss(student_logits, target, self.class_weights, self.label_smoothing)
+        if self.a_kd:
+            terms["kd"] = self.a_kd, kd_loss(student_logits, teacher_logits, self.temperature)
+        if self.a_mse:
+            terms["mse"] = self.a_mse, logit_mse(student_logits, teacher_logits)
+        if self.a_cos:
+            if not hidden_pairs:
+                raise ValueError("a_cos > 0 needs hidden_pairs=[(student_hidden, teacher_hidden), ...]")
+            terms["cos"] = self.a_cos, hidden_cosine_loss(hidden_pairs, self.cos_tokens)
+        total = sum((w * loss for w, loss in terms.values()), student_logits.new_zeros(()))
+        return total, {name: loss.detach() for name, (_, loss) in terms.items()}

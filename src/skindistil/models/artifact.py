@@ -1,0 +1,407 @@
+"""The model artifact: a directory that rebuilds the exact model and its preprocessing anywhere.
+
+    model/
+      config.json        format, kind ("vit" | "depth_vit"), timm architecture, exits, class names,
+                         preprocessing, provenance
+      model.safetensors  the weights (no pickle)
+      metrics.json       whatever metrics the producer recorded
+      model_card.md      a short human summary generated from the two JSON files
+
+`load_model` rebuilds the network from config.json alone (no download) and returns a `LoadedModel`
+that predicts class probabilities from image files, PIL images or uint8 arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from skindistil import __version__
+from skindistil.config import PreprocessConfig
+from skindistil.errors import ModelError
+from skindistil.models.depth import DepthViT
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+METRICS_FILE = "metrics.json"
+CARD_FILE = "model_card.md"
+KINDS = ("vit", "depth_vit")
+
+
+def vit_architecture(vit: nn.Module) -> dict[str, Any]:
+    """timm constructor arguments that fix the shapes of a VisionTransformer, read from the model.
+
+    Covers the options of the ViTs skindistil builds (patch grid, width, depth, heads, MLP ratio,
+    qkv bias, class/register tokens, layer scale, qk-norm, pre-norm, pooling); `load_model` checks
+    every tensor name and shape, so anything not covered fails loudly rather than silently.
+    """
+    blocks = getattr(vit, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+        raise ModelError(f"{type(vit).__name__}: not a timm VisionTransformer; pass arch=... explicitly")
+    first = blocks[0]
+    kwargs: dict[str, Any] = {
+        "img_size": list(vit.patch_embed.img_size),
+        "patch_size": list(vit.patch_embed.patch_size),
+        "in_chans": vit.patch_embed.proj.in_channels,
+        "num_classes": vit.num_classes,
+        "global_pool": vit.global_pool,
+        "embed_dim": vit.embed_dim,
+        "depth": len(blocks),
+        "num_heads": first.attn.num_heads,
+        "mlp_ratio": first.mlp.fc1.out_features / vit.embed_dim,
+        "qkv_bias": first.attn.qkv.bias is not None,
+        "qk_norm": not isinstance(first.attn.q_norm, nn.Identity),
+        "class_token": vit.has_class_token,
+        "reg_tokens": vit.num_reg_tokens,
+        "no_embed_class": vit.no_embed_class,
+        "pre_norm": not isinstance(vit.norm_pre, nn.Identity),
+        "fc_norm": not isinstance(vit.fc_norm, nn.Identity),
+    }
+    if not isinstance(first.ls1, nn.Identity):
+        # any positive value creates the layer-scale parameters; the loaded weights set them
+        kwargs["init_values"] = 1e-5
+    return kwargs
+
+
+def model_architecture(model: nn.Module, arch: dict | None = None) -> dict[str, Any]:
+    """{'name': timm model name, 'kwargs': {...}} for `model` (a timm ViT or a DepthViT).
+
+    The structural kwargs are read from the model itself (so a student's depth is always its own);
+    other kwargs given in `arch` (e.g. drop_path_rate) are kept.
+    """
+    vit = model.vit if isinstance(model, DepthViT) else model
+    name = (arch or {}).get("name") or getattr(vit, "pretrained_cfg", {}).get("architecture")
+    if not name:
+        raise ModelError(f"{type(vit).__name__}: no timm architecture name; pass arch={{'name': ..., 'kwargs': ...}}")
+    kwargs = dict((arch or {}).get("kwargs", {}))
+    if isinstance(getattr(vit, "blocks", None), nn.Sequential):
+        kwargs.update(vit_architecture(vit))
+    return {"name": str(name).split(".", 1)[0], "kwargs": kwargs}
+
+
+def save_artifact(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    arch: dict | None = None,
+    classes: Sequence[str],
+    preprocess: PreprocessConfig,
+    metrics: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write the artifact directory `out_dir` (conventionally runs/<name>/model) and return it.
+
+    model: a timm model or a DepthViT. arch: {'name': timm name, 'kwargs': {...}}; optional for timm
+    models (their structure is read from the model, see `model_architecture`). extra: provenance
+    recorded under config["provenance"] (e.g. role, kept_blocks, teacher, method, data).
+    """
+    classes = [str(c) for c in classes]
+    num_classes = model.num_classes if isinstance(model, DepthViT) else getattr(model, "num_classes", None)
+    if num_classes is not None and num_classes != len(classes):
+        raise ModelError(f"model has {num_classes} outputs but {len(classes)} class names were given")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "skindistil_version": __version__,
+        "kind": "depth_vit" if isinstance(model, DepthViT) else "vit",
+        "architecture": model_architecture(model, arch),
+        "classes": classes,
+        "preprocess": preprocess.to_dict(),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "provenance": _jsonable(extra or {}),
+    }
+    if isinstance(model, DepthViT):
+        config["exits"] = list(model.exits)
+        config["shared_head"] = model.shared_head
+    _write_json(out_dir / CONFIG_FILE, config)
+    _save_weights(model, out_dir / WEIGHTS_FILE)
+    _write_json(out_dir / METRICS_FILE, _jsonable(metrics or {}))
+    (out_dir / CARD_FILE).write_text(model_card(config, metrics or {}))
+    return out_dir
+
+
+def update_metrics(model_dir: str | Path, metrics: dict) -> dict:
+    """Merge `metrics` into model_dir/metrics.json (top-level keys replaced) and refresh the card."""
+    model_dir = resolve_model_dir(model_dir)
+    path = model_dir / METRICS_FILE
+    merged = {**(_read_json(path) if path.is_file() else {}), **_jsonable(metrics)}
+    _write_json(model_dir / METRICS_FILE, merged)
+    (model_dir / CARD_FILE).write_text(model_card(_read_json(model_dir / CONFIG_FILE), merged))
+    return merged
+
+
+def set_calibration(model_dir: str | Path, temperature: float, fitted_on: str) -> None:
+    """Record a fitted softmax temperature in config.json; `LoadedModel` applies it from then on."""
+    model_dir = resolve_model_dir(model_dir)
+    config = _read_json(model_dir / CONFIG_FILE)
+    config["calibration"] = {"temperature": float(temperature), "fitted_on": fitted_on}
+    _write_json(model_dir / CONFIG_FILE, config)
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)  # a crash never leaves a half-written model.safetensors behind
+
+
+def _write_json(path: Path, data: dict) -> None:
+    # default=str: an exotic provenance value must not lose a finished training run's artifact
+    path.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return data
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types: tuples -> lists, numpy/torch scalars -> numbers, Paths -> strings, and
+    NaN/inf -> null (strict JSON, readable by browsers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        return _jsonable(value.tolist())
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------- card
+
+
+def model_card(config: dict, metrics: dict) -> str:
+    """A short Markdown model card generated from config.json and metrics.json."""
+    arch = config["architecture"]
+    kw = arch["kwargs"]
+    pre = PreprocessConfig.from_dict(config["preprocess"])
+    prov = config.get("provenance", {})
+    lines = [
+        f"# skindistil model: {prov.get('role', config['kind'])}",
+        "",
+        f"- Architecture: timm `{arch['name']}`, {kw.get('depth', '?')} blocks, width {kw.get('embed_dim', '?')}, "
+        f"{kw.get('num_heads', '?')} heads, patch {_size(kw.get('patch_size'))}, input {_size(kw.get('img_size'))}",
+        f"- Parameters: {config.get('num_parameters', 0):,}",
+    ]
+    if config["kind"] == "depth_vit":
+        head = "one shared head" if config.get("shared_head") else "one head per exit"
+        lines.append(f"- Exits after blocks {', '.join(map(str, config['exits']))} ({head})")
+    if "kept_blocks" in prov:
+        lines.append(f"- Kept teacher blocks: {', '.join(map(str, prov['kept_blocks']))}")
+    lines += [
+        f"- Classes ({len(config['classes'])}): {', '.join(config['classes'])}",
+        f"- Preprocessing: {'black-border crop, ' if pre.border_crop else ''}shorter side to {pre.resize_size}, "
+        f"centre crop {pre.image_size}, scale to [0, 1], normalise mean {list(pre.mean)} std {list(pre.std)}",
+        "",
+        "## Intended use",
+        "",
+        "Research and teaching on dermoscopic image classification (ISIC 2019 classes). This is not a "
+        "medical device and must not be used to diagnose, triage or reassure patients: it was not "
+        "clinically validated, and its errors on under-represented classes and skin types are unknown.",
+        "",
+        "## Data",
+        "",
+    ]
+    data = prov.get("data")
+    lines.append(f"{data}" if data else "See `provenance` in config.json for the training data and settings.")
+    lines += ["", "## Metrics", ""]
+    rows = list(_metric_rows(metrics))
+    if rows:
+        lines += ["| metric | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
+    else:
+        lines.append("No metrics recorded.")
+    return "\n".join(lines) + "\n"
+
+
+def _metric_rows(metrics: dict, prefix: str = "") -> Iterable[tuple[str, str]]:
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _metric_rows(value, f"{name}.")
+        elif isinstance(value, bool) or value is None:
+            continue
+        elif isinstance(value, int):
+            yield name, str(value)
+        elif isinstance(value, float) and math.isfinite(value):
+            yield name, f"{value:.4f}"
+
+
+def _size(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "x".join(map(str, value)) if len(set(value)) > 1 else str(value[0])
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------- load
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The artifact directory for a model/ dir, a run dir holding model/, or a config.json path."""
+    path = Path(path)
+    if path.is_file() and path.name in (CONFIG_FILE, WEIGHTS_FILE):
+        return path.parent
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / "model" / CONFIG_FILE).is_file():
+        return path / "model"
+    if not path.exists():
+        raise ModelError(f"{path}: no such model directory")
+    raise ModelError(f"{path}: no {CONFIG_FILE} here or in {path / 'model'} (expected a model/ or run directory)")
+
+
+def build_model(config: dict, where: str = CONFIG_FILE) -> nn.Module:
+    """The network described by an artifact config, randomly initialised (no download)."""
+    import timm
+
+    kind = config.get("kind")
+    if config.get("format") != FORMAT_VERSION:
+        raise ModelError(f"{where}: unsupported artifact format {config.get('format')!r} (expected {FORMAT_VERSION})")
+    if kind not in KINDS:
+        raise ModelError(f"{where}: unknown model kind {kind!r}; expected one of {', '.join(KINDS)}")
+    try:
+        arch = config["architecture"]
+        vit = timm.create_model(arch["name"], pretrained=False, **arch.get("kwargs", {}))
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise ModelError(f"{where}: cannot build the architecture ({type(exc).__name__}: {exc})") from None
+    if kind == "depth_vit":
+        return DepthViT(vit, exits=config.get("exits", "all"), shared_head=bool(config.get("shared_head", False)))
+    return vit
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ModelError(f"{path}: weight file not found")
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read weights (truncated or corrupt safetensors file): {exc}") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        raise ModelError(
+            f"{path}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatch {mismatched[:5]})"
+        )
+    model.load_state_dict(state)
+
+
+@dataclass
+class LoadedModel:
+    """A rebuilt artifact: the network in eval mode plus everything needed to use it."""
+
+    model: nn.Module
+    config: dict
+    classes: list[str]
+    preprocess: PreprocessConfig
+    metrics: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> LoadedModel:
+        self.model.to(device)
+        return self
+
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature fitted on validation data (`evaluate --calibrate`); 1.0 when uncalibrated."""
+        return float(self.config.get("calibration", {}).get("temperature", 1.0))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] for preprocessed images [B, 3, S, S] (moved to the model's device)."""
+        with torch.inference_mode():
+            return self.model(x.to(self.device))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated class probabilities from logits: softmax(logits / temperature)."""
+        return (logits.float() / self.temperature).softmax(dim=-1)
+
+    def preprocess_images(self, images: Sequence) -> torch.Tensor:
+        """Raw images (paths, PIL images, HWC uint8 arrays) -> the model's input batch [N, 3, S, S].
+
+        Applies the artifact's eval policy: black-border crop (when the model was trained with it),
+        shorter side to preprocess.resize_size, centre crop preprocess.image_size, scale, normalise.
+        """
+        from skindistil.data.transforms import build_eval_transform
+
+        transform = build_eval_transform(self.preprocess)
+        return torch.stack([transform(self._crop(_as_array(img))) for img in images])
+
+    def _crop(self, rgb: np.ndarray) -> torch.Tensor:
+        from skindistil.data.imageio import border_crop_box
+
+        if self.preprocess.border_crop:
+            x0, y0, x1, y1 = border_crop_box(rgb, self.preprocess.border_threshold)
+            rgb = rgb[y0:y1, x0:x1]
+        return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy
+
+    def predict(self, images: Sequence, batch_size: int = 32) -> np.ndarray:
+        """Class probabilities [N, C] (float32, columns in `classes` order) for raw images."""
+        images = list(images)
+        out = [
+            self.probabilities(self.logits(self.preprocess_images(images[i : i + batch_size]))).cpu().numpy()
+            for i in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+
+
+def _as_array(image) -> np.ndarray:
+    from PIL import Image
+
+    from skindistil.data.imageio import read_image
+
+    if isinstance(image, (str, Path, bytes)):
+        image = read_image(image)
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+        raise ModelError(f"cannot predict on {type(image).__name__}: expected a path, PIL image or HxWx3 uint8 array")
+    return image
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild an artifact (model/ dir, run dir or config.json) in eval mode on `device`."""
+    model_dir = resolve_model_dir(path)
+    config_path = model_dir / CONFIG_FILE
+    config = _read_json(config_path)
+    for key in ("architecture", "classes", "preprocess"):
+        if key not in config:
+            raise ModelError(f"{config_path}: missing field {key!r}")
+    model = build_model(config, str(config_path))
+    _load_weights(model, model_dir / WEIGHTS_FILE)
+    metrics = _read_json(model_dir / METRICS_FILE) if (model_dir / METRICS_FILE).is_file() else {}
+    try:
+        preprocess = PreprocessConfig.from_dict(config["preprocess"])
+    except Exception as exc:  # ConfigError or a TypeError from a malformed field
+        raise ModelError(f"{config_path}: bad 'preprocess' section ({exc})") from None
+    return LoadedModel(model.eval().to(device), config, list(config["classes"]), preprocess, metrics, model_dir)

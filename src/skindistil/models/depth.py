@@ -1,0 +1,166 @@
+"""Per-depth classifiers on one ViT (FCViT, FCViTProbs) and early exit.
+
+Depths are counted in blocks, 1..N: "depth d" is the class token after block d (0-based index d - 1).
+An exit at depth d maps that token through a norm and a linear head to logits:
+
+- `shared_head=False` (FCViT): every exit below the last has a LayerNorm and a Linear head of its own,
+  initialised as copies of the model's final norm and head; the last exit is the model's own norm and
+  head, so `forward` is the wrapped ViT's forward.
+- `shared_head=True` (FCViTProbs): the model's final norm and head serve every exit; no parameters
+  are added, and each depth is read by the same classifier.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from skindistil.errors import ModelError
+from skindistil.models.student import extract_student
+
+
+def vit_stem(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, H, W] -> the token sequence entering a timm ViT's first block."""
+    return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+
+
+def vit_logits_and_hidden(vit: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the last block's output tokens [B, N, D] (before the final norm) of a timm ViT."""
+    hidden = vit.blocks(vit_stem(vit, x))
+    return vit.forward_head(vit.norm(hidden)), hidden
+
+
+class DepthViT(nn.Module):
+    """A timm VisionTransformer with a classifier after each block listed in `exits` (depths, 1-based).
+
+    `exits="all"` puts one after every block; a list must be ascending, unique, within 1..N and end
+    with N (the model's own output).
+    """
+
+    def __init__(self, vit: nn.Module, exits: str | Sequence[int] = "all", shared_head: bool = False):
+        super().__init__()
+        _check_token_vit(vit)
+        self.vit = vit
+        self.depth = len(vit.blocks)
+        self.exits = _resolve_exits(exits, self.depth)
+        self.shared_head = bool(shared_head)
+        own = 0 if self.shared_head else len(self.exits) - 1
+        self.exit_norms = nn.ModuleList(copy.deepcopy(vit.norm) for _ in range(own))
+        self.exit_heads = nn.ModuleList(copy.deepcopy(vit.head) for _ in range(own))
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exits)
+
+    @property
+    def num_classes(self) -> int:
+        return self.vit.num_classes
+
+    def exit_logits(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of exit number `index` (position in `exits`) from the token sequence [B, N, D]."""
+        if self.shared_head or index == len(self.exits) - 1:
+            norm, head = self.vit.norm, self.vit.head
+        else:
+            norm, head = self.exit_norms[index], self.exit_heads[index]
+        return head(self.vit.head_drop(norm(tokens[:, 0])))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] -> the token sequence entering the first block (timm's stem)."""
+        return vit_stem(self.vit, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the last exit: the wrapped model's prediction."""
+        return self.forward_until(x, self.depth)
+
+    def forward_all(self, x: torch.Tensor, return_hidden: bool = False):
+        """Logits at every exit, stacked: [num_exits, B, num_classes]; with `return_hidden`, also the
+        last block's output tokens [B, N, D] (for hidden-state distillation)."""
+        tokens = self.embed(x)
+        out = []
+        for depth, block in enumerate(self.vit.blocks, start=1):
+            tokens = block(tokens)
+            if depth in self.exits:
+                out.append(self.exit_logits(self.exits.index(depth), tokens))
+        return (torch.stack(out), tokens) if return_hidden else torch.stack(out)
+
+    def forward_until(self, x: torch.Tensor, depth: int) -> torch.Tensor:
+        """Logits of the exit at `depth`, running only the first `depth` blocks."""
+        index = self._exit_index(depth)
+        tokens = self.embed(x)
+        for block in self.vit.blocks[:depth]:
+            tokens = block(tokens)
+        return self.exit_logits(index, tokens)
+
+    def early_exit(self, x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample early exit: stop at the first exit whose top softmax probability >= `threshold`.
+
+        Blocks run only on the samples still in flight; the last exit takes whatever remains.
+        Returns (logits [B, C], depth used per sample [B], int64).
+        """
+        tokens = self.embed(x)
+        batch = tokens.shape[0]
+        pending = torch.arange(batch, device=tokens.device)
+        logits: torch.Tensor | None = None
+        depth_used = torch.zeros(batch, dtype=torch.long, device=tokens.device)
+        for depth, block in enumerate(self.vit.blocks, start=1):
+            tokens = block(tokens)
+            if depth not in self.exits:
+                continue
+            z = self.exit_logits(self.exits.index(depth), tokens)
+            if logits is None:
+                logits = z.new_zeros(batch, z.shape[-1])
+            if depth == self.depth:
+                done = torch.ones(len(pending), dtype=torch.bool, device=z.device)
+            else:
+                done = z.softmax(dim=-1).amax(dim=-1) >= threshold
+            logits[pending[done]] = z[done]
+            depth_used[pending[done]] = depth
+            pending, tokens = pending[~done], tokens[~done]
+            if len(pending) == 0:
+                break
+        return logits, depth_used
+
+    def truncate(self, depth: int) -> nn.Module:
+        """A plain timm ViT of `depth` blocks whose norm and head are this exit's (a model per depth)."""
+        index = self._exit_index(depth)
+        student = extract_student(self.vit, depth, "first").model
+        if not self.shared_head and index < len(self.exits) - 1:
+            student.norm = copy.deepcopy(self.exit_norms[index])
+            student.head = copy.deepcopy(self.exit_heads[index])
+        return student
+
+    def _exit_index(self, depth: int) -> int:
+        if depth not in self.exits:
+            raise ModelError(f"depth {depth} has no exit; exits are at {self.exits}")
+        return self.exits.index(depth)
+
+
+def _check_token_vit(vit: nn.Module) -> None:
+    ok = (
+        isinstance(getattr(vit, "blocks", None), nn.Sequential)
+        and getattr(vit, "global_pool", None) == "token"
+        and getattr(vit, "has_class_token", False)
+        and getattr(vit, "attn_pool", None) is None
+        and isinstance(getattr(vit, "fc_norm", None), nn.Identity)
+    )
+    if not ok:
+        raise ModelError(
+            f"{type(vit).__name__}: per-depth exits need a timm VisionTransformer that classifies its class "
+            "token (global_pool='token')"
+        )
+
+
+def _resolve_exits(exits: str | Sequence[int], depth: int) -> list[int]:
+    if isinstance(exits, str):
+        if exits != "all":
+            raise ModelError(f"exits={exits!r}: expected 'all' or a list of depths 1..{depth}")
+        return list(range(1, depth + 1))
+    resolved = [int(d) for d in exits]
+    if not resolved or any(b <= a for a, b in zip(resolved, resolved[1:], strict=False)):
+        raise ModelError(f"exits={resolved}: expected ascending, unique depths")
+    if resolved[0] < 1 or resolved[-1] != depth:
+        raise ModelError(f"exits={resolved}: depths must lie in 1..{depth} and end with the last block ({depth})")
+    return resolved

@@ -1,0 +1,72 @@
+"""Student extraction: a shallower ViT built from a subset of the teacher's blocks (SkinDistilViT)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from torch import nn
+
+from skindistil.errors import ModelError
+
+STRATEGIES = ("first", "uniform")
+
+
+class ExtractedStudent(NamedTuple):
+    """The student and the teacher block indices (0-based, ascending) it was built from."""
+
+    model: nn.Module
+    kept_blocks: list[int]
+
+
+def select_blocks(num_blocks: int, keep_blocks: int | Sequence[int], strategy: str = "first") -> list[int]:
+    """Indices of the teacher blocks to keep.
+
+    An int k with strategy "first" keeps blocks 0..k-1; with "uniform" it keeps
+    floor(i * (num_blocks - 1) / (k - 1) + 1/2) for i = 0..k-1 (first and last block always kept),
+    which for 12 -> 6 gives DistilBERT's 0, 2, 4, 7, 9, 11; k = 1 keeps block 0. A sequence is an
+    explicit choice and must be ascending, unique and within range.
+    """
+    if isinstance(keep_blocks, bool):
+        raise ModelError(f"keep_blocks must be an int or a list of block indices, not {keep_blocks!r}")
+    if strategy not in STRATEGIES:
+        raise ModelError(f"unknown block strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    if isinstance(keep_blocks, int):
+        if not 1 <= keep_blocks <= num_blocks:
+            raise ModelError(f"keep_blocks={keep_blocks}: must be between 1 and the teacher's {num_blocks} blocks")
+        if strategy == "first" or keep_blocks == 1:
+            return list(range(keep_blocks))
+        span, steps = num_blocks - 1, keep_blocks - 1
+        # integer form of floor(i * span / steps + 1/2): exact, no float rounding
+        return [(2 * i * span + steps) // (2 * steps) for i in range(keep_blocks)]
+    indices = list(keep_blocks)
+    if not indices or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise ModelError(f"keep_blocks={indices}: expected a non-empty list of block indices")
+    if any(b <= a for a, b in zip(indices, indices[1:], strict=False)):
+        raise ModelError(f"keep_blocks={indices}: indices must be ascending and unique (blocks run in order)")
+    if indices[0] < 0 or indices[-1] >= num_blocks:
+        raise ModelError(f"keep_blocks={indices}: indices must lie in 0..{num_blocks - 1}")
+    return indices
+
+
+def extract_student(
+    teacher: nn.Module, keep_blocks: int | Sequence[int] = 6, strategy: str = "first"
+) -> ExtractedStudent:
+    """A deep copy of timm ViT `teacher` keeping only the chosen blocks, in order.
+
+    Patch embedding, class token, position embedding, final norm and head are copied with the kept
+    blocks; the teacher is left untouched. Keeping every block reproduces the teacher exactly.
+    Returns `ExtractedStudent(model, kept_blocks)`.
+    """
+    blocks = getattr(teacher, "blocks", None)
+    if not isinstance(blocks, nn.Sequential):
+        raise ModelError(f"{type(teacher).__name__}: student extraction needs a timm VisionTransformer (with .blocks)")
+    kept = select_blocks(len(blocks), keep_blocks, strategy)
+    student = copy.deepcopy(teacher)
+    student.blocks = nn.Sequential(*[student.blocks[i] for i in kept])
+    if hasattr(student, "feature_info"):
+        # timm's feature_info lists one entry per block, named by position
+        template = teacher.feature_info[0] if teacher.feature_info else {}
+        student.feature_info = [dict(template, module=f"blocks.{i}") for i in range(len(kept))]
+    return ExtractedStudent(student, kept)

@@ -1,0 +1,87 @@
+"""The teacher factory: a timm model with a head for the dataset's classes and optional pretrained weights."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch import nn
+
+from skindistil.errors import ModelError
+from skindistil.models.weights import load_weights, looks_like_weight_path
+
+log = logging.getLogger(__name__)
+
+# The paper's teacher: ViT-B/16 at 224 px.
+DEFAULT_TEACHER = "vit_base_patch16_224"
+
+OFFLINE_HINT = (
+    "download the weights on a connected machine and pass the local file instead: "
+    "--pretrained /path/to/model.safetensors (timm weights, or a Hugging Face transformers ViT "
+    "checkpoint file or directory such as google/vit-base-patch16-224-in21k)"
+)
+
+
+def create_teacher(
+    name: str = DEFAULT_TEACHER,
+    num_classes: int = 8,
+    pretrained: str | Path | bool | None = None,
+    img_size: int | None = None,
+    *,
+    keep_head: bool = False,
+    **timm_kwargs,
+) -> nn.Module:
+    """Build timm model `name` with a `num_classes` head, optionally initialised from `pretrained`.
+
+    pretrained:
+      None/False   random initialisation.
+      True         timm's default pretrained tag for `name` (downloaded from the Hugging Face Hub).
+      "arch.tag"   a timm hub tag such as "vit_base_patch16_224.augreg_in21k" (arch must match `name`).
+      a path       a local timm or transformers ViT checkpoint (see models.weights.load_weights).
+    The head is always new (`num_classes` outputs); with `keep_head=True` a local checkpoint's head of
+    the same class count is kept. `img_size` and `timm_kwargs` (depth, embed_dim, num_heads,
+    patch_size, drop_path_rate, ...) go to `timm.create_model`; position embeddings of pretrained
+    weights are resampled to the model's patch grid.
+    """
+    import timm
+
+    arch = name.split(".", 1)[0]
+    if not timm.is_model(arch):
+        raise ModelError(f"unknown timm model {name!r} (see timm.list_models('vit_*'))")
+    kwargs = dict(timm_kwargs, num_classes=num_classes)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+
+    if pretrained is None or pretrained is False:
+        return _build(name, False, kwargs)
+    if isinstance(pretrained, Path) or (isinstance(pretrained, str) and looks_like_weight_path(pretrained)):
+        model = _build(name, False, kwargs)
+        report = load_weights(model, pretrained, keep_head=keep_head)
+        log.info("%s", report)
+        return model
+    tag = name if pretrained is True else str(pretrained)
+    return _build_from_hub(arch, tag, kwargs)
+
+
+def _build(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as exc:
+        raise ModelError(f"timm model {name!r}: invalid argument(s): {exc}") from None
+
+
+def _build_from_hub(arch: str, tag: str, kwargs: dict) -> nn.Module:
+    import timm
+
+    tag_arch = tag.split(".", 1)[0]
+    if tag_arch != arch:
+        raise ModelError(f"pretrained tag {tag!r} is for architecture {tag_arch!r}, but the model is {arch!r}")
+    if "." in tag and tag not in timm.list_pretrained(f"{arch}.*"):
+        known = ", ".join(timm.list_pretrained(f"{arch}.*")) or "none"
+        raise ModelError(f"unknown pretrained tag {tag!r}; timm knows: {known}")
+    try:
+        return _build(tag, True, kwargs)
+    except OSError as exc:  # huggingface_hub's offline, connection and HTTP errors are all OSErrors
+        raise ModelError(f"cannot fetch pretrained weights {tag!r} ({type(exc).__name__}: offline?); {OFFLINE_HINT}") from None
