@@ -14,6 +14,8 @@ from skindistil.errors import SkinDistilError
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "decode, border-crop, resize and cache a dataset; write manifest and splits"),
     "bench-data": ("bench_data", "measure prepare and training-loader throughput"),
+    "train": ("train", "train a ViT teacher (or any timm classifier) with Lightning"),
+    "distill": ("distill", "distil a teacher: distilvit, fcvit, fcvit-probs, cascade or full"),
     "demo": ("demo", "run the main job on the built-in synthetic dataset"),
     "evaluate": ("evaluate", "score a model on a split, or an ISIC-format predictions CSV against ground truth"),
 }

@@ -1,0 +1,80 @@
+"""`skindistil distill`: distil a teacher artifact into SkinDistilViT or a family of lighter models."""
+
+from __future__ import annotations
+
+import argparse
+
+FLAG_KEYS = {
+    "teacher": "teacher",
+    "data": "data.dir",
+    "method": "method",
+    "keep": "keep",
+    "strategy": "strategy",
+    "min_depth": "min_depth",
+    "name": "name",
+    "out_dir": "out_dir",
+    "epochs": "trainer.max_epochs",
+    "batch_size": "data.batch_size",
+    "lr": "optim.lr",
+    "a_task": "loss.a_task",
+    "a_kd": "loss.a_kd",
+    "temperature": "loss.temperature",
+    "a_mse": "loss.a_mse",
+    "a_cos": "loss.a_cos",
+    "a_chain": "loss.a_chain",
+    "imbalance": "data.imbalance",
+    "devices": "trainer.devices",
+    "num_nodes": "trainer.num_nodes",
+    "strategy_": "trainer.strategy",
+    "accelerator": "trainer.accelerator",
+    "precision": "trainer.precision",
+    "workers": "data.num_workers",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", help="teacher model/ or run directory")
+    p.add_argument("--data", help="prepared dataset directory")
+    p.add_argument("--config", help="YAML recipe; flags and overrides apply on top")
+    p.add_argument("--method", choices=["distilvit", "fcvit", "fcvit-probs", "cascade", "full"])
+    p.add_argument("--keep", type=_keep, help="blocks to keep: a number (default 6) or a list like 0,2,4,7,9,11")
+    p.add_argument("--strategy", choices=["first", "uniform"], help="which blocks when --keep is a number")
+    p.add_argument("--min-depth", type=int, help="cascade: depth of the last member (default 1)")
+    p.add_argument("--name", help="run name: the run directory is OUT_DIR/NAME")
+    p.add_argument("--out-dir", help="parent of run directories (default runs)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    for term in ("a-task", "a-kd", "temperature", "a-mse", "a-cos", "a-chain"):
+        p.add_argument(f"--{term}", type=float, help=f"loss.{term.replace('-', '_')}")
+    p.add_argument("--imbalance", choices=["none", "weighted-loss", "balanced-sampler"])
+    p.add_argument("--devices")
+    p.add_argument("--num-nodes", type=int)
+    p.add_argument("--ddp-strategy", dest="strategy_", help="trainer.strategy (auto, ddp, ...)")
+    p.add_argument("--accelerator")
+    p.add_argument("--precision")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. loss.cos_tokens=cls")
+
+
+def _keep(text: str):
+    parts = [p for p in text.split(",") if p.strip()]
+    return int(parts[0]) if len(parts) == 1 else "[" + ",".join(str(int(p)) for p in parts) + "]"
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from skindistil.commands.common import resolve_config
+    from skindistil.config import DistillConfig
+    from skindistil.training.distill_run import distill
+
+    cfg = resolve_config(args, DistillConfig, FLAG_KEYS)
+    console = Console()
+    for result in distill(cfg, resume=args.resume):
+        if result.model_dir is not None:
+            bma = "n/a" if result.best_val_bma is None else f"{result.best_val_bma:.4f}"
+            console.print(f"[bold]model[/bold] {result.model_dir}  best val BMA {bma}")
+    return 0

@@ -1,0 +1,87 @@
+"""Distillation runs: SkinDistilViT, FCViT, FCViTProbs, `full`, and the cascade family."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning as L
+
+from skindistil.config import DistillConfig, dump_yaml
+from skindistil.errors import ConfigError
+from skindistil.models import DepthViT, extract_student, load_model
+from skindistil.models.artifact import resolve_model_dir
+from skindistil.training.distiller import METHODS, DistillerModule
+from skindistil.training.teacher import TrainResult, build_datamodule, finish_run, loss_class_weights
+from skindistil.training.trainer import build_trainer, fit
+
+ALL_METHODS = (*METHODS, "cascade")
+
+
+def distill(cfg: DistillConfig, *, resume: bool = False) -> list[TrainResult]:
+    """Run `cfg.method` from the teacher artifact `cfg.teacher`; returns one result per trained model."""
+    if cfg.method not in ALL_METHODS:
+        raise ConfigError(f"method: {cfg.method!r} is not one of {', '.join(ALL_METHODS)}")
+    if not cfg.teacher:
+        raise ConfigError("teacher: give the teacher's model/ or run directory (--teacher DIR)")
+    teacher = load_model(cfg.teacher)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg.to_dict(), run_dir / "config.yaml")
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg, teacher.preprocess)
+    datamodule.setup("fit")
+    if datamodule.vocab.to_list() != teacher.classes:
+        raise ConfigError(
+            f"data.dir: the dataset's classes {datamodule.vocab.to_list()} differ from the teacher's {teacher.classes}"
+        )
+    provenance = {"teacher": str(resolve_model_dir(cfg.teacher)), "method": cfg.method,
+                  "loss": cfg.to_dict()["loss"], "data": str(cfg.data.dir)}
+    if cfg.method == "cascade":
+        return _cascade(cfg, teacher, datamodule, provenance, resume)
+    student, extra = _initial_student(cfg, teacher.model)
+    result = _train_one(cfg, student, teacher.model, cfg.method, datamodule, run_dir, teacher,
+                        {**provenance, **extra}, resume)
+    return [result]
+
+
+def _initial_student(cfg: DistillConfig, teacher_vit):
+    """The student the method starts from, initialised from the teacher (which stays untouched)."""
+    if cfg.method == "distilvit":
+        student, kept = extract_student(teacher_vit, cfg.keep, cfg.strategy)
+        return student, {"kept_blocks": list(kept)}
+    depth_model = DepthViT(copy.deepcopy(teacher_vit), exits="all", shared_head=cfg.method == "fcvit-probs")
+    return depth_model, {"kept_blocks": list(range(len(teacher_vit.blocks)))}
+
+
+def _train_one(cfg, student, teacher_vit, method, datamodule, run_dir: Path, teacher, provenance, resume):
+    module = DistillerModule(student, teacher_vit, method, teacher.classes, cfg.optim, cfg.loss,
+                             class_weights=loss_class_weights(cfg, datamodule))
+    trainer = build_trainer(cfg.trainer, run_dir)
+    fit(trainer, module, datamodule, run_dir, resume=resume)
+    arch = {"name": teacher.config["architecture"]["name"]} if "architecture" in teacher.config else None
+    return finish_run(trainer, module, run_dir, arch=arch, classes=teacher.classes, preprocess=teacher.preprocess,
+                      extra={"role": "student", **provenance}, net_attr="student")
+
+
+def _cascade(cfg: DistillConfig, teacher, datamodule, provenance, resume) -> list[TrainResult]:
+    """Depth N-1 from the teacher, then each depth k from the trained depth k+1, down to min_depth.
+
+    Members already written (their model/ exists) are loaded and skipped, so an interrupted cascade
+    continues where it stopped.
+    """
+    depth = len(teacher.model.blocks)
+    if not 1 <= cfg.min_depth < depth:
+        raise ConfigError(f"min_depth: {cfg.min_depth} must be in 1..{depth - 1} for a {depth}-block teacher")
+    results = []
+    previous = teacher.model
+    for k in range(depth - 1, cfg.min_depth - 1, -1):
+        member_dir = cfg.run_dir / "cascade" / f"depth-{k:02d}"
+        if (member_dir / "model" / "config.json").is_file():
+            previous = load_model(member_dir).model
+            continue
+        student, kept = extract_student(previous, k, "first")
+        extra = {**provenance, "kept_blocks": list(kept), "cascade_depth": k}
+        results.append(_train_one(cfg, student, previous, "distilvit", datamodule, member_dir, teacher, extra, resume))
+        previous = student
+    return results

@@ -1,0 +1,123 @@
+"""LightningModule for distillation: SkinDistilViT, FCViT, FCViTProbs and their combination.
+
+The teacher is frozen, kept in eval mode for the whole run, and left out of checkpoints.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from skindistil.config import LossConfig, OptimConfig
+from skindistil.distill.losses import DistillationLoss, chained_depth_kl, enabled_depths, per_depth_ce
+from skindistil.models.depth import vit_logits_and_hidden
+from skindistil.training.collect import PredictionCollector
+from skindistil.training.optim import configure_optimizers
+from skindistil.training.validation import log_validation_metrics
+
+METHODS = ("distilvit", "fcvit", "fcvit-probs", "full")
+
+
+class DistillerModule(L.LightningModule):
+    """`student` is a timm ViT (distilvit) or a DepthViT with exits (fcvit, fcvit-probs, full)."""
+
+    def __init__(
+        self,
+        student: torch.nn.Module,
+        teacher: torch.nn.Module | None,
+        method: str,
+        class_names: list[str],
+        optim: OptimConfig,
+        loss: LossConfig,
+        class_weights: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        self.method = method
+        self.class_names = list(class_names)
+        self.optim_cfg = optim
+        self.loss_cfg = loss
+        self.register_buffer("class_weights", class_weights, persistent=False)
+        self.kd_loss = DistillationLoss(
+            a_task=loss.a_task, a_kd=loss.a_kd, temperature=loss.temperature, a_mse=loss.a_mse,
+            a_cos=loss.a_cos, cos_tokens=loss.cos_tokens, class_weights=class_weights,
+        )
+        self.val_predictions = PredictionCollector()
+
+    # the teacher never leaves eval mode, whatever Lightning does with the student
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student(images)
+
+    @torch.no_grad()
+    def _teacher(self, images):
+        return vit_logits_and_hidden(self.teacher, images)
+
+    def training_step(self, batch, batch_idx):
+        images, targets = batch[0], batch[1]
+        if self.method == "distilvit":
+            loss, parts = self._kd_step(images, targets)
+        elif self.method == "fcvit":
+            all_logits = self.student.forward_all(images)
+            loss = per_depth_ce(all_logits, targets, weight=self.class_weights)
+            parts = {"per_depth_ce": loss.detach()}
+        else:  # fcvit-probs and full: chained KL over the enabled depths
+            all_logits, hidden = self.student.forward_all(images, return_hidden=True)
+            depths = enabled_depths(
+                int(self.global_step), all_logits.shape[0], self.loss_cfg.chain_warmup_steps,
+                self.loss_cfg.chain_every_steps,
+            )
+            chain = chained_depth_kl(all_logits, depths)
+            if self.method == "fcvit-probs":
+                task = F.cross_entropy(all_logits[-1], targets, weight=self.class_weights)
+                parts = {"task": task.detach()}
+            else:
+                task, parts = self._kd_parts(all_logits[-1], hidden, images, targets)
+                task = task + per_depth_ce(all_logits[:-1], targets, weight=self.class_weights)
+            loss = task + self.loss_cfg.a_chain * chain
+            parts = {**parts, "chain_kl": chain.detach(), "enabled_depths": float(len(depths))}
+        batch_size = len(targets)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, on_step=True, batch_size=batch_size)
+        return loss
+
+    def _kd_step(self, images, targets):
+        logits, hidden = vit_logits_and_hidden(self.student, images)
+        return self._kd_parts(logits, hidden, images, targets)
+
+    def _kd_parts(self, student_logits, student_hidden, images, targets):
+        teacher_logits, teacher_hidden = self._teacher(images)
+        hidden_pairs = [(student_hidden, teacher_hidden)] if student_hidden is not None else None
+        return self.kd_loss(student_logits, teacher_logits, targets, hidden_pairs=hidden_pairs)
+
+    def validation_step(self, batch, batch_idx):
+        images, targets, indices = batch
+        logits = self.student(images).float()
+        self.log("val/loss", F.cross_entropy(logits, targets), on_epoch=True, sync_dist=True, batch_size=len(targets))
+        self.val_predictions.update(logits.softmax(dim=-1), targets, indices)
+
+    def on_validation_epoch_end(self):
+        log_validation_metrics(self, self.val_predictions, self.class_names)
+
+    def on_save_checkpoint(self, checkpoint):
+        # the frozen teacher is an input of the run, not part of its state
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    def on_load_checkpoint(self, checkpoint):
+        if self.teacher is not None:
+            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+    def configure_optimizers(self):
+        return configure_optimizers(self, self.student, self.optim_cfg)

@@ -1,0 +1,148 @@
+"""Teacher training on real HAM10000 images: learning, artifact, resume after kill -9, DDP, bad checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_train_config
+from skindistil import load_model
+from skindistil.config import dump_yaml
+from skindistil.data.datamodule import SkinDataModule
+from skindistil.errors import ModelError
+from skindistil.training.teacher import train_classifier
+from skindistil.training.trainer import check_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def epoch_metrics(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "logs" / "metrics.csv").groupby("epoch").max(numeric_only=True)
+
+
+@pytest.fixture(scope="module")
+def trained(ham_small, tmp_path_factory):
+    cfg = tiny_train_config(ham_small, tmp_path_factory.mktemp("runs"))
+    return cfg, train_classifier(cfg)
+
+
+def test_teacher_learns_on_real_images(trained, ham_small):
+    cfg, result = trained
+    metrics = epoch_metrics(result.run_dir)
+    losses = metrics["train/loss_epoch"].to_numpy()
+    assert losses[-1] < losses[0] - 0.1, losses
+    val_size = len(SkinDataModule(ham_small, cfg.preprocess).dataset("val"))
+    assert (metrics["val/num_samples"] == val_size).all()
+    chance = 1 / 7
+    assert result.best_val_bma == pytest.approx(metrics["val/bma"].max())
+    assert result.best_val_bma > chance + 0.08, f"val BMA {result.best_val_bma:.3f} vs chance {chance:.3f}"
+    assert result.images_per_second > 0
+    for name in ("config.yaml", "checkpoints/best.ckpt", "checkpoints/last.ckpt", "model/config.json",
+                 "model/model.safetensors", "model/metrics.json", "model/model_card.md"):
+        assert (result.run_dir / name).is_file(), name
+
+
+def test_artifact_round_trip_gives_identical_logits(trained, ham_small):
+    cfg, result = trained
+    from skindistil.training.trainer import load_checkpoint_state
+
+    loaded = load_model(result.run_dir)
+    assert loaded.classes == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert loaded.preprocess == cfg.preprocess
+    best = load_checkpoint_state(result.best_checkpoint)["state_dict"]
+    weights = load_file(result.model_dir / "model.safetensors")
+    for key, value in best.items():
+        torch.testing.assert_close(weights[key.removeprefix("model.")], value, rtol=0, atol=0)
+    images, _ = next(iter(SkinDataModule(ham_small, cfg.preprocess, batch_size=8, num_workers=0).test_dataloader()))
+    reference = loaded.model(images)
+    again = load_model(result.model_dir).logits(images)
+    torch.testing.assert_close(again, reference, rtol=0, atol=0)
+
+
+def _write_config(cfg, path: Path) -> Path:
+    dump_yaml(cfg.to_dict(), path)
+    return path
+
+
+def _cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "skindistil.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(ham_small, tmp_path):
+    runs = tmp_path / "runs"
+    full = _write_config(tiny_train_config(ham_small, runs, name="full", max_epochs=3), tmp_path / "full.yaml")
+    killed = _write_config(tiny_train_config(ham_small, runs, name="killed", max_epochs=3), tmp_path / "killed.yaml")
+
+    uninterrupted = _cli("train", "--config", str(full))
+    out = uninterrupted.communicate(timeout=600)[0]
+    assert uninterrupted.returncode == 0, out
+
+    victim = _cli("train", "--config", str(killed))
+    last = runs / "killed" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 600
+    while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "training ended before it could be interrupted"
+    assert not (runs / "killed" / "model").exists()
+
+    resumed = _cli("train", "--config", str(killed), "--resume")
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out
+
+    a = torch.load(runs / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(runs / "killed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    full_metrics, resumed_metrics = epoch_metrics(runs / "full"), epoch_metrics(runs / "killed")
+    np.testing.assert_array_equal(resumed_metrics.loc[2, "val/bma"], full_metrics.loc[2, "val/bma"])
+    assert (runs / "killed" / "model" / "model.safetensors").is_file()
+
+
+def test_ddp_two_cpu_processes_validate_on_the_whole_split(ham_small, tmp_path):
+    cfg = tiny_train_config(ham_small, tmp_path / "runs", name="ddp", max_epochs=1)
+    config = _write_config(cfg, tmp_path / "ddp.yaml")
+    proc = _cli("train", "--config", str(config), "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu")
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out
+    val_size = len(SkinDataModule(ham_small, cfg.preprocess).dataset("val"))
+    assert val_size % 2 == 1 or val_size > 0  # odd sizes exercise the padded shard
+    metrics = epoch_metrics(tmp_path / "runs" / "ddp")
+    assert (metrics["val/num_samples"] == val_size).all()
+    assert 0 <= metrics["val/bma"].iloc[-1] <= 1
+    assert (tmp_path / "runs" / "ddp" / "model" / "model.safetensors").is_file()
+
+
+def test_truncated_checkpoint_gives_a_clear_error(trained, tmp_path):
+    _, result = trained
+    data = (result.run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    broken = tmp_path / "last.ckpt"
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="truncated or corrupt"):
+        check_checkpoint(broken)
+    with pytest.raises(ModelError, match="not found"):
+        check_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_resume_cli_reports_truncated_checkpoint(ham_small, tmp_path):
+    cfg = tiny_train_config(ham_small, tmp_path / "runs", name="broken")
+    (tmp_path / "runs" / "broken" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "broken" / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    proc = _cli("train", "--config", str(_write_config(cfg, tmp_path / "c.yaml")), "--resume")
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1
+    assert "last.ckpt" in out and "truncated or corrupt" in out
