@@ -1,0 +1,129 @@
+"""`skindistil predict`: class probabilities for image files, folders or a CSV of paths.
+
+    skindistil predict --model runs/student/model photos/ more.jpg --out predictions.csv --tta
+    skindistil predict --model runs/student lesions.csv --out predictions.json --top-k 3
+
+Output: ISIC challenge CSV (image = file stem, one probability column per class in the model's order)
+with a sidecar FILE.errors.csv, or JSON with the top-k classes and an `errors` section; without --out
+a table of the top-k classes is printed. Unreadable inputs are listed with the reason on stderr and the rest are
+predicted. Exit code 0 if any image was predicted, 1 if none.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", type=Path, required=True, metavar="DIR", help="artifact: model/ or run directory"
+    )
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files, folders (searched recursively for jpg/jpeg/png/bmp/tif/webp) or CSVs with a "
+        "'path' or 'image' column (paths relative to the CSV's folder)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="FILE.csv (ISIC format) or FILE.json (default: print a top-k table)",
+    )
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="average probabilities over identity, horizontal, vertical and both flips",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda or cuda:N (default auto: cuda for PyTorch backends when available)",
+    )
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        help="torch (PyTorch fp32), onnx, onnx-int8, bf16, compile or bf16-compile (default torch)",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=3,
+        help="classes listed per image in JSON output and the table (default 3)",
+    )
+    parser.add_argument("--workers", type=int, help="decoding threads (default: CPU count, at most 8)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from skindistil.errors import ConfigError
+    from skindistil.inference.backends import BACKENDS
+    from skindistil.inference.predictor import BACKEND_ALIASES, Predictor, collect_inputs, write_predictions
+
+    if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
+        raise ConfigError(f"--out {args.out}: the output file must end in .csv or .json")
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k {args.top_k}: must be at least 1")
+    err = Console(stderr=True, soft_wrap=True)
+    device = args.device
+    if device == "auto":
+        backend = BACKEND_ALIASES.get(args.backend, args.backend)
+        on_torch = backend in BACKENDS and BACKENDS[backend].runtime == "torch"
+        device = "cuda" if on_torch and torch.cuda.is_available() else "cpu"
+
+    paths, problems = collect_inputs(args.inputs)
+    predictor = Predictor(
+        args.model,
+        device=device,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        tta=args.tta,
+        workers=args.workers,
+    )
+    columns = [TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err, disable=args.no_progress) as progress:
+        task = progress.add_task("predict", total=len(paths))
+        result = predictor.predict_files(
+            paths, on_progress=lambda done, total: progress.update(task, completed=done)
+        )
+    result.errors = problems + result.errors
+
+    for problem in result.errors:
+        err.print(f"skipped {problem.where}: {problem.reason}", markup=False, highlight=False)
+    duplicates = sorted(i for i, n in Counter(result.ids).items() if n > 1)
+    if duplicates:
+        err.print(
+            f"warning: {len(duplicates)} image id(s) occur more than once (same file name in different folders): "
+            f"{', '.join(duplicates[:5])}",
+            markup=False,
+        )
+    meta = {"model": str(predictor.loaded.path), "backend": predictor.backend, "tta": predictor.tta}
+    if args.out is None:
+        _print_top_k(Console(), result, args.top_k)
+    else:
+        written = write_predictions(result, args.out, top_k=args.top_k, meta=meta)
+        err.print(f"wrote {', '.join(map(str, written))}", markup=False, highlight=False)
+    err.print(f"predicted {len(result.ids)} image(s), {len(result.errors)} failed", highlight=False)
+    return 0 if len(result.ids) else 1
+
+
+def _print_top_k(console, result, k: int) -> None:
+    from rich.table import Table
+
+    top = result.top_k(k)
+    table = Table(title=f"top-{len(top[0]) if top else k} classes")
+    table.add_column("image")
+    for rank in range(len(top[0]) if top else 0):
+        table.add_column(f"#{rank + 1}", justify="right")
+    for image_id, row in zip(result.ids, top, strict=True):
+        table.add_row(image_id, *(f"{name} {prob:.1%}" for name, prob in row))
+    console.print(table)

@@ -1,0 +1,108 @@
+"""Evaluate an artifact on a split of a prepared dataset: logits, optional calibration, reports."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from skindistil.data.datamodule import SkinDataModule
+from skindistil.evaluation.calibration import fit_temperature
+from skindistil.evaluation.metrics import AbsentClassWarning
+from skindistil.evaluation.report import evaluate_arrays
+from skindistil.models import LoadedModel, load_model
+from skindistil.models.artifact import resolve_model_dir, set_calibration, update_metrics
+
+
+@dataclass
+class SplitOutputs:
+    image_ids: list[str]
+    labels: np.ndarray
+    logits: np.ndarray  # [N, C], or [num_exits, N, C] with all_exits
+
+
+def split_outputs(
+    loaded: LoadedModel,
+    data_dir: str | Path,
+    split: str,
+    *,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    all_exits: bool = False,
+    progress: bool = True,
+) -> SplitOutputs:
+    """Logits of `loaded` on every image of `split`, in manifest order, with the artifact's preprocessing."""
+    datamodule = SkinDataModule(data_dir, loaded.preprocess, batch_size=batch_size, num_workers=num_workers,
+                                persistent_workers=False)
+    dataset = datamodule.dataset(split, with_ids=True)
+    if len(dataset) == 0:
+        from skindistil.errors import DataError
+
+        raise DataError(data_dir, f"split {split!r} has no images")
+    if list(datamodule.vocab) != loaded.classes:
+        from skindistil.errors import DataError
+
+        raise DataError(data_dir, f"dataset classes {list(datamodule.vocab)} differ from the model's {loaded.classes}")
+    loader = datamodule._loader(dataset, batch_size)
+    forward = loaded.model.forward_all if all_exits else loaded.model
+    chunks, ids = [], []
+    with Progress(disable=not progress, transient=True) as bar, torch.inference_mode():
+        task = bar.add_task(f"predicting {split}", total=len(dataset))
+        for images, _, batch_ids in loader:
+            chunks.append(forward(images.to(loaded.device)).float().cpu())
+            ids.extend(batch_ids)
+            bar.advance(task, len(batch_ids))
+    logits = torch.cat(chunks, dim=-2).numpy()
+    return SplitOutputs(ids, dataset.labels.copy(), logits)
+
+
+def default_eval_dir(model_path: str | Path, split: str) -> Path:
+    """RUN/eval/<split> for an artifact at RUN/model."""
+    return resolve_model_dir(model_path).parent / "eval" / split
+
+
+def evaluate_model(
+    model_path: str | Path,
+    data_dir: str | Path,
+    split: str = "test",
+    out_dir: str | Path | None = None,
+    *,
+    calibrate: bool = False,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Score an artifact on `split`; write metrics.json, report.md, predictions.csv and plots.
+
+    `calibrate` fits a softmax temperature on the validation split (NLL), stores it in the artifact,
+    and evaluates with it. The split's metrics are merged into the artifact's metrics.json under the
+    split's name, so model cards and benchmark plots show test figures.
+    """
+    loaded = load_model(model_path, device=device)
+    out_dir = Path(out_dir) if out_dir else default_eval_dir(model_path, split)
+    notes = []
+    if calibrate:
+        val = split_outputs(loaded, data_dir, "val", batch_size=batch_size, num_workers=num_workers,
+                            progress=progress)
+        temperature = fit_temperature(val.logits, val.labels)
+        set_calibration(loaded.path, temperature, fitted_on=f"{data_dir}:val")
+        loaded = load_model(model_path, device=device)
+        notes.append(f"temperature scaling: T = {temperature:.4f}, fitted on the validation split (NLL)")
+    outputs = split_outputs(loaded, data_dir, split, batch_size=batch_size, num_workers=num_workers,
+                            progress=progress)
+    probs = loaded.probabilities(torch.from_numpy(outputs.logits)).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AbsentClassWarning)  # absent classes are listed in the report's notes
+        metrics = evaluate_arrays(
+            probs, outputs.labels, loaded.classes, out_dir, image_ids=outputs.image_ids,
+            title=f"{loaded.path.parent.name} on {split} ({len(outputs.labels)} images)", notes=notes,
+            inputs={"model": str(loaded.path), "data": str(data_dir), "split": split,
+                    "temperature": loaded.temperature},
+        )
+    update_metrics(loaded.path, {split: metrics["headline"]})
+    return metrics

@@ -1,0 +1,287 @@
+"""Where a ViT looks: attention rollout and its gradient-weighted, class-specific variant.
+
+Both read the attention probabilities A_l [B, heads, N, N] of every block the forward pass runs
+(tokens: the class token, any register tokens, then the patch grid) and propagate relevance from
+the class token down to the patches:
+
+- "rollout" (Abnar & Zuidema, 2020): per block, fuse the heads (mean, or max), add the identity for
+  the residual connection and renormalise the rows, Â_l = norm(fuse(A_l) + I); then
+  R = Â_L ... Â_2 Â_1. Class-agnostic.
+- "grad-rollout" (Chefer, Gur & Wolf, 2021, "Generic attention-model explainability"): per block,
+  Ā_l = mean over heads of (∂y_c/∂A_l ⊙ A_l) clamped at 0, where y_c is the logit of the explained
+  class; R starts at I and is updated R <- R + Ā_l R block by block. Class-specific.
+
+The map is the class token's row of R over the patch tokens, reshaped to the patch grid and
+normalised to sum to 1 (all zeros when no patch has positive relevance).
+
+timm's attention normally runs fused (scaled_dot_product_attention), which never materialises A.
+Here, and only here, the attention modules are switched to timm's explicit path for the duration
+of one call (`unfused_attention`), where A is the output of `attn_drop` (an identity in eval mode),
+read with forward hooks (`recorded_attention`).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from skindistil.data.records import Problem
+from skindistil.errors import ConfigError, ImageError, ModelError
+from skindistil.models.artifact import LoadedModel
+from skindistil.models.depth import DepthViT
+
+METHODS = ("rollout", "grad-rollout")
+HEAD_FUSIONS = ("mean", "max")
+METHOD_TITLES = {"rollout": "attention rollout", "grad-rollout": "gradient-weighted rollout"}
+
+
+# ----------------------------------------------------------------------------------------- capture
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """timm attention modules of `model` (those with `fused_attn` and an `attn_drop` layer), in order."""
+    modules = [
+        m
+        for m in model.modules()
+        if hasattr(m, "fused_attn") and isinstance(getattr(m, "attn_drop", None), nn.Module)
+    ]
+    if not modules:
+        raise ModelError(
+            f"{type(model).__name__}: no timm attention modules (with fused_attn and attn_drop) to explain"
+        )
+    return modules
+
+
+@contextmanager
+def unfused_attention(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """Switch `model`'s timm attention modules to the explicit softmax path; restore their setting on exit."""
+    modules = attention_modules(model)
+    saved = [m.fused_attn for m in modules]
+    try:
+        for m in modules:
+            m.fused_attn = False
+        yield modules
+    finally:
+        for m, fused in zip(modules, saved, strict=True):
+            m.fused_attn = fused
+
+
+@contextmanager
+def recorded_attention(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Inside the block, every forward pass appends each attention module's probabilities
+    [B, heads, N, N] to the yielded list, in the order the blocks run."""
+    maps: list[Tensor] = []
+    with unfused_attention(model) as modules:
+        handles = [
+            m.attn_drop.register_forward_hook(lambda _mod, _inp, out: maps.append(out)) for m in modules
+        ]
+        try:
+            yield maps
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+# ------------------------------------------------------------------------------------- propagation
+
+
+def rollout(attentions: Sequence[Tensor], head_fusion: str = "mean") -> Tensor:
+    """Attention rollout R = Â_L ... Â_1 with Â_l = rownorm(fuse_heads(A_l) + I); [B, N, N]."""
+    if head_fusion not in HEAD_FUSIONS:
+        raise ConfigError(f"head fusion {head_fusion!r}: choose from {', '.join(HEAD_FUSIONS)}")
+    relevance = _identity_like(attentions)
+    for attn in attentions:
+        fused = attn.mean(dim=1) if head_fusion == "mean" else attn.amax(dim=1)
+        fused = fused + torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
+        relevance = (fused / fused.sum(dim=-1, keepdim=True)) @ relevance
+    return relevance
+
+
+def gradient_rollout(attentions: Sequence[Tensor], gradients: Sequence[Tensor]) -> Tensor:
+    """Gradient-weighted rollout: R <- R + mean_heads((∂y/∂A_l ⊙ A_l)^+) R from R = I; [B, N, N]."""
+    relevance = _identity_like(attentions)
+    for attn, grad in zip(attentions, gradients, strict=True):
+        weighted = (grad * attn).clamp(min=0).mean(dim=1)
+        relevance = relevance + weighted @ relevance
+    return relevance
+
+
+def _identity_like(attentions: Sequence[Tensor]) -> Tensor:
+    if not attentions:
+        raise ModelError("no attention maps were recorded (did the forward pass run any attention block?)")
+    batch, _, tokens, _ = attentions[0].shape
+    first = attentions[0]
+    return torch.eye(tokens, dtype=first.dtype, device=first.device).expand(batch, tokens, tokens)
+
+
+# ------------------------------------------------------------------------------------------- maps
+
+
+def _token_vit(model: nn.Module) -> nn.Module:
+    vit = model.vit if isinstance(model, DepthViT) else model
+    if not (getattr(vit, "has_class_token", False) and getattr(vit, "global_pool", None) == "token"):
+        raise ModelError(
+            f"{type(vit).__name__}: rollout explains the class token; the model must be a timm ViT that "
+            "classifies its class token (global_pool='token')"
+        )
+    return vit
+
+
+def attention_rollout(
+    model: nn.Module,
+    image: Tensor,
+    method: str = "rollout",
+    class_index: int | None = None,
+    head_fusion: str = "mean",
+) -> np.ndarray:
+    """Relevance of each patch for one preprocessed image [1, 3, H, W] (or [3, H, W]) -> [gh, gw].
+
+    method: "rollout" (class-agnostic; `head_fusion` mean or max) or "grad-rollout" (for class
+    `class_index`, default the predicted class). The map is non-negative and sums to 1 (see the
+    module docstring). `model` is a timm ViT or a DepthViT; it runs in eval mode for this call.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"method {method!r}: choose from {', '.join(METHODS)}")
+    images = image[None] if image.ndim == 3 else image
+    if images.ndim != 4 or images.shape[0] != 1:
+        raise ConfigError(f"attention_rollout explains one image [1, 3, H, W], got shape {list(image.shape)}")
+    vit = _token_vit(model)
+    patch_h, patch_w = vit.patch_embed.patch_size
+    grid = (images.shape[-2] // patch_h, images.shape[-1] // patch_w)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    needs_grad = method == "grad-rollout"
+    # grad-rollout needs a graph even when the caller runs under inference_mode or no_grad; an input
+    # that requires grad keeps the graph alive when the weights are frozen.
+    try:
+        with (
+            torch.inference_mode(False),
+            torch.set_grad_enabled(needs_grad),
+            recorded_attention(model) as maps,
+        ):
+            x = images.detach().clone().to(device).requires_grad_(needs_grad)
+            logits = model(x)
+            if method == "rollout":
+                relevance = rollout([a.detach() for a in maps], head_fusion)
+            else:
+                target = int(logits[0].argmax()) if class_index is None else int(class_index)
+                if not 0 <= target < logits.shape[-1]:
+                    raise ConfigError(f"class index {target} out of range for {logits.shape[-1]} classes")
+                grads = torch.autograd.grad(logits[0, target], maps)
+                relevance = gradient_rollout([a.detach() for a in maps], grads)
+    finally:
+        model.train(was_training)
+    patches = relevance[0, 0, vit.num_prefix_tokens :].clamp(min=0)
+    if patches.numel() != grid[0] * grid[1]:
+        raise ModelError(
+            f"{patches.numel()} patch tokens do not form the {grid[0]}x{grid[1]} patch grid of the input"
+        )
+    total = patches.sum()
+    heat = patches / total if total > 0 else patches
+    return heat.reshape(grid).float().cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+def render_overlay(image: np.ndarray, heat: np.ndarray, title: str, alpha: float = 0.5) -> bytes:
+    """PNG bytes of `image` (HxWx3 float in [0, 1]) beside the same image under the heat map
+    `heat` [gh, gw] (rescaled to [0, 1] between its minimum and maximum, bilinearly upsampled), with
+    `title` above both."""
+    from matplotlib.figure import Figure
+
+    height, width = image.shape[:2]
+    low, span = float(heat.min()), float(np.ptp(heat))
+    scaled = (heat - low) / span if span > 0 else np.zeros_like(heat)
+    fig = Figure(figsize=(8, 4.4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    left.imshow(image)
+    left.set_title("input (model's view)")
+    right.imshow(image)
+    # the extent of imshow's default pixel-centred grid, so the map covers exactly the image
+    extent = (-0.5, width - 0.5, height - 0.5, -0.5)
+    right.imshow(scaled, cmap="jet", alpha=alpha, vmin=0, vmax=1, extent=extent, interpolation="bilinear")
+    right.set_title("relevance overlay")
+    for ax in (left, right):
+        ax.set_axis_off()
+    fig.suptitle(title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _display_image(loaded: LoadedModel, batch: Tensor) -> np.ndarray:
+    """The preprocessed image [1, 3, S, S] back in [0, 1] HWC: what the model saw."""
+    mean = torch.tensor(loaded.preprocess.mean)[:, None, None]
+    std = torch.tensor(loaded.preprocess.std)[:, None, None]
+    return (batch[0].cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def explain_png(
+    loaded: LoadedModel,
+    image,
+    method: str = "rollout",
+    class_name: str | None = None,
+    head_fusion: str = "mean",
+) -> tuple[bytes, str, float]:
+    """Explain one raw image (PIL image, path or HxWx3 uint8 array) through the artifact's preprocessing.
+
+    Returns (PNG bytes of image | overlay, predicted class, its probability). `class_name` picks the
+    class grad-rollout explains (default: the predicted one).
+    """
+    class_index = None
+    if class_name is not None:
+        if class_name not in loaded.classes:
+            raise ConfigError(
+                f"class {class_name!r} is not one of the model's classes: {', '.join(loaded.classes)}"
+            )
+        class_index = loaded.classes.index(class_name)
+    batch = loaded.preprocess_images([image])
+    probs = loaded.logits(batch).float().softmax(dim=-1)[0].cpu()
+    top = int(probs.argmax())
+    heat = attention_rollout(loaded.model, batch, method, class_index, head_fusion)
+    explained = (
+        "" if method == "rollout" else f" of {loaded.classes[top if class_index is None else class_index]}"
+    )
+    title = f"prediction {loaded.classes[top]} ({float(probs[top]):.1%}); {METHOD_TITLES[method]}{explained}"
+    return render_overlay(_display_image(loaded, batch), heat, title), loaded.classes[top], float(probs[top])
+
+
+def explain_images(
+    loaded: LoadedModel,
+    paths: Iterable[str | Path],
+    out_dir: str | Path,
+    method: str = "rollout",
+    class_name: str | None = None,
+    head_fusion: str = "mean",
+    on_error: Callable[[Problem], None] | None = None,
+) -> list[Path]:
+    """Write OUT_DIR/<stem>_<method>.png (image | overlay) for each image file; returns the files written.
+
+    An unreadable image raises ImageError, or, with `on_error`, is reported to it and skipped.
+    """
+    from skindistil.data.imageio import read_image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in map(Path, paths):
+        try:
+            image = read_image(path)
+        except ImageError as exc:
+            if on_error is None:
+                raise
+            on_error(Problem(exc.where, exc.reason))
+            continue
+        png, _, _ = explain_png(loaded, image, method, class_name, head_fusion)
+        target = out_dir / f"{path.stem}_{method}.png"
+        target.write_bytes(png)
+        written.append(target)
+    return written

@@ -1,0 +1,234 @@
+"""ONNX export with a parity check, int8 dynamic quantisation, and top-1 agreement.
+
+The export uses torch.onnx's TorchScript exporter (`dynamo=False`): the dynamo exporter needs the
+onnxscript package, which is not a dependency. timm's fused attention (scaled_dot_product_attention)
+exports as plain ONNX ops at opset >= 14, so it stays on; the parity check measures the result.
+The batch axis is dynamic: one file serves any batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from skindistil.errors import ConfigError, ImageError, ModelError
+from skindistil.inference.backends import OnnxRunner
+from skindistil.inference.bench import summarize_times, time_calls
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+DEFAULT_OPSET = 17
+MIN_OPSET = 14  # scaled_dot_product_attention has an ONNX translation from opset 14
+EXPORT_INFO_FILE = "export.json"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def export_onnx(
+    model: nn.Module, path: str | Path, *, image_size: int | tuple[int, int], opset: int = DEFAULT_OPSET
+) -> Path:
+    """Write `model` (eval mode) to `path` as ONNX: input 'images' [batch, 3, H, W] -> output 'logits'."""
+    if not MIN_OPSET <= opset <= 20:
+        raise ConfigError(f"opset {opset}: supported range is {MIN_OPSET}..20")
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    # a batch of 2 keeps the tracer from folding a batch size of 1 into the graph as a constant
+    example = torch.zeros(2, 3, height, width, device=device)
+    model.eval()
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about Python-side shape checks (timm's image-size asserts) and the exporter
+        # about being the legacy one; a shape baked into the graph shows up in the parity check instead,
+        # which runs the file at two batch sizes.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+    return path
+
+
+class _DropRecord(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quantize_int8(onnx_path: str | Path, out_path: str | Path) -> Path:
+    """int8 dynamic quantisation of the MatMul and Gemm weights (per output channel) of an ONNX model.
+
+    Activations are quantised on the fly per batch (onnxruntime.quantization.quantize_dynamic), so no
+    calibration data is needed. Returns `out_path`.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out_path = Path(out_path)
+    # quantize_dynamic logs a generic advice to run shape-inference pre-processing on the root logger;
+    # ViT graphs quantise fine without it, so the advice is dropped rather than shown on every export
+    advice = _DropRecord("Please consider to run pre-processing before quantization")
+    root = logging.getLogger()
+    root.addFilter(advice)
+    try:
+        quantize_dynamic(
+            str(onnx_path),
+            str(out_path),
+            op_types_to_quantize=["MatMul", "Gemm"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+        )
+    finally:
+        root.removeFilter(advice)
+    return out_path
+
+
+def max_abs_diff(a, b) -> float:
+    """max |a - b| over all elements (float64)."""
+    a, b = (np.asarray(v.float().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64) for v in (a, b))
+    if a.shape != b.shape:
+        raise ModelError(f"cannot compare logits of shapes {list(a.shape)} and {list(b.shape)}")
+    return float(np.abs(a - b).max()) if a.size else 0.0
+
+
+def top1_agreement(logits_a, logits_b) -> float:
+    """Fraction of rows whose argmax is the same in both logit arrays [N, C]."""
+    a, b = (np.asarray(v.float().cpu() if isinstance(v, torch.Tensor) else v) for v in (logits_a, logits_b))
+    if a.shape != b.shape or a.ndim != 2 or len(a) == 0:
+        raise ModelError(f"top-1 agreement needs two non-empty [N, C] arrays, got {list(a.shape)} and {list(b.shape)}")
+    return float(np.mean(a.argmax(axis=1) == b.argmax(axis=1)))
+
+
+def collect_images(items: Sequence[str | Path], limit: int | None = None) -> list[Path]:
+    """Image files from files and directories (a directory gives its image files, sorted by name).
+
+    At most `limit` files in all. A missing path, or a directory without images, is an ImageError.
+    """
+    found: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not images:
+                raise ImageError(str(path), f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this directory")
+            found.extend(images)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ImageError(str(path), "no such file or directory")
+    return found[:limit] if limit is not None else found
+
+
+def _run_batched(fn, inputs: torch.Tensor, batch_size: int) -> np.ndarray:
+    out = [np.asarray(torch.as_tensor(fn(inputs[i : i + batch_size])).float()) for i in range(0, len(inputs), batch_size)]
+    return np.concatenate(out)
+
+
+def export_artifact(
+    model_dir: str | Path,
+    *,
+    out: str | Path | None = None,
+    int8: bool = False,
+    opset: int = DEFAULT_OPSET,
+    images: Sequence[str | Path] = (),
+    num_random: int = 4,
+    tolerance: float = 1e-4,
+    threads: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """Export an artifact to ONNX, check parity with PyTorch, optionally quantise to int8.
+
+    Writes `out` (default <artifact>/model.onnx), with int8 also <stem>.int8.onnx next to it, and
+    export.json in the same directory; returns that record.
+    Parity: max |logit difference| between PyTorch and onnxruntime over `num_random` standard-normal
+    inputs (at batch 1 and batch `num_random`) plus `images` through the artifact's eval preprocessing;
+    `parity.ok` is max_abs_diff <= tolerance.
+    int8: top-1 agreement with the fp32 ONNX model on `images` (or on the random inputs when no images
+    are given: a weaker check, recorded as such), file sizes, and CPU latency at batch 1 of both files.
+    """
+    import onnxruntime
+
+    from skindistil import __version__
+    from skindistil.models.artifact import load_model
+
+    loaded = load_model(model_dir)
+    model_dir = loaded.path
+    out = Path(out) if out is not None else model_dir / "model.onnx"
+    if out.suffix != ".onnx":
+        raise ConfigError(f"--out {out}: the ONNX file name must end in .onnx")
+    size = loaded.preprocess.image_size
+    generator = torch.Generator().manual_seed(seed)
+    random_inputs = torch.randn(num_random, 3, size, size, generator=generator)
+    image_paths = list(images)
+    image_inputs = loaded.preprocess_images(image_paths) if image_paths else torch.zeros(0, 3, size, size)
+
+    export_onnx(loaded.model, out, image_size=size, opset=opset)
+    runner = OnnxRunner(out, "cpu", threads)
+    torch_fn = loaded.logits
+    diffs = [max_abs_diff(torch_fn(random_inputs[:1]), runner(random_inputs[:1]))]
+    diffs.append(max_abs_diff(torch_fn(random_inputs), runner(random_inputs)))
+    if len(image_inputs):
+        diffs.append(max_abs_diff(_run_batched(torch_fn, image_inputs, 16), _run_batched(runner, image_inputs, 16)))
+    parity = max(diffs)
+    record = {
+        "format": "onnx",
+        "onnx": out.name,
+        "onnx_bytes": out.stat().st_size,
+        "opset": opset,
+        "exporter": "torch.onnx TorchScript exporter (dynamo=False)",
+        "input": {"name": INPUT_NAME, "shape": runner.input_shape},
+        "output": OUTPUT_NAME,
+        "dynamic_batch": isinstance(runner.input_shape[0], str),
+        "model": str(model_dir),
+        "versions": {"skindistil": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+        "parity": {
+            "max_abs_diff": parity,
+            "tolerance": tolerance,
+            "ok": parity <= tolerance,
+            "random_inputs": num_random,
+            "images": len(image_inputs),
+        },
+    }
+    if int8:
+        record["int8"] = _int8_report(out, runner, image_inputs if len(image_inputs) else random_inputs, threads)
+        record["int8"]["agreement_on"] = "images" if len(image_inputs) else "random inputs"
+    (out.parent / EXPORT_INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _int8_report(fp32_path: Path, fp32_runner: OnnxRunner, inputs: torch.Tensor, threads: int | None) -> dict:
+    int8_path = quantize_int8(fp32_path, fp32_path.with_name(f"{fp32_path.stem}.int8.onnx"))
+    int8_runner = OnnxRunner(int8_path, "cpu", threads)
+    fp32_logits = _run_batched(fp32_runner, inputs, 16)
+    int8_logits = _run_batched(int8_runner, inputs, 16)
+    one = inputs[:1].numpy()
+    latency = {}
+    for name, runner in (("fp32", fp32_runner), ("int8", int8_runner)):
+        latency[name] = summarize_times(time_calls(runner, one, warmup=2, repeats=30, min_repeats=5, max_seconds=3.0))
+    fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
+    return {
+        "onnx": int8_path.name,
+        "onnx_bytes": int8_bytes,
+        "size_ratio": int8_bytes / fp32_bytes,
+        "top1_agreement": top1_agreement(fp32_logits, int8_logits),
+        "num_inputs": len(inputs),
+        "max_abs_diff_vs_fp32": max_abs_diff(fp32_logits, int8_logits),
+        "cpu_latency_ms": {name: stats["median_s"] * 1e3 for name, stats in latency.items()},
+        "cpu_latency_change": latency["int8"]["median_s"] / latency["fp32"]["median_s"] - 1,
+        "cpu_threads": threads if threads is not None else "onnxruntime default",
+    }

@@ -1,0 +1,309 @@
+"""Batched prediction over image files, PIL images or arrays, with optional flip TTA.
+
+Preprocessing is the artifact's own eval policy (`LoadedModel.preprocess_images`: black-border crop
+when the model was trained with it, shorter side to `resize_size`, centre crop, normalise), so a
+prediction here equals `skindistil.load_model(path).predict(images)`.
+
+Test-time augmentation (TTA) averages the class probabilities of four views of each preprocessed
+image: identity, horizontal flip, vertical flip, and both flips (a 180 degree rotation). Dermoscopic
+images have no canonical orientation, so these views are all equally valid photographs of the
+lesion. The set is closed under flips, so the TTA prediction is invariant to flipping the model's
+input, and to flipping the photograph itself whenever the centre crop is symmetric (even margins).
+
+Decoding and preprocessing run in a thread pool (Pillow and PyTorch release the GIL) one batch ahead
+of the model, which runs batched under `torch.inference_mode` (or onnxruntime).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from skindistil.data.records import Problem
+from skindistil.errors import ConfigError, CSVError, ImageError, SkinDistilError
+from skindistil.models.artifact import LoadedModel, load_model
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Columns of an input CSV that hold image paths, in order of preference.
+PATH_COLUMNS = ("path", "image")
+# TTA views as the image axes to flip: identity, horizontal, vertical, both (see the module docstring).
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+# `backend="torch"` is the plain PyTorch module in fp32 (the registry's "eager").
+BACKEND_ALIASES = {"torch": "eager"}
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Problem]]:
+    """Expand command-line inputs into image paths, in order, each file once.
+
+    A directory gives its image files (suffixes `IMAGE_SUFFIXES`, any case) recursively, sorted by
+    path. A file ending in .csv gives the paths in its `path` column (else its `image` column),
+    relative paths taken from the CSV's folder. Any other path is taken as an image as is, so a
+    missing or unreadable file is reported when it is decoded. Returns (paths, problems): empty
+    cells of a CSV are problems; a CSV without a path column raises CSVError.
+    """
+    paths: list[Path] = []
+    problems: list[Problem] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths.extend(
+                sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            )
+        elif path.suffix.lower() == ".csv" and path.is_file():
+            listed, empty = _paths_from_csv(path)
+            paths.extend(listed)
+            problems.extend(empty)
+        else:
+            paths.append(path)
+    # the same file named twice (a relative and an absolute path, a link) is predicted once
+    unique: dict[Path, Path] = {}
+    for p in paths:
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values()), problems
+
+
+def _paths_from_csv(path: Path) -> tuple[list[Path], list[Problem]]:
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise CSVError(path, f"cannot read the CSV ({exc})") from None
+    column = next((c for c in PATH_COLUMNS if c in table.columns), None)
+    if column is None:
+        raise CSVError(
+            path,
+            f"no column of image paths: expected one of {', '.join(PATH_COLUMNS)} (found: {', '.join(table.columns)})",
+        )
+    paths, problems = [], []
+    for row, value in enumerate(table[column].str.strip(), start=2):  # line 1 is the header
+        if not value:
+            problems.append(Problem(f"{path}:{row}", f"empty {column!r} cell"))
+        else:
+            paths.append(path.parent / value)
+    return paths, problems
+
+
+# ------------------------------------------------------------------------------------------- result
+
+
+@dataclass
+class PredictionResult:
+    """Predictions for a list of files: ids (file stems), their paths, probabilities [N, C] in
+    `classes` order, and the inputs that could not be predicted (`errors`, with reasons)."""
+
+    ids: list[str]
+    probs: np.ndarray
+    errors: list[Problem] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+
+    def top_k(self, k: int) -> list[list[tuple[str, float]]]:
+        """Per image, the `k` most probable (class, probability) pairs, most probable first."""
+        k = max(1, min(k, len(self.classes)))
+        order = np.argsort(-self.probs, axis=1, kind="stable")[:, :k]
+        return [
+            [(self.classes[c], float(row[c])) for c in cols]
+            for row, cols in zip(self.probs, order, strict=True)
+        ]
+
+
+def errors_csv_path(out: str | Path) -> Path:
+    """The sidecar listing unreadable inputs for predictions file `out`: FILE.csv -> FILE.errors.csv."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.errors.csv")
+
+
+def write_errors_csv(path: str | Path, errors: Sequence[Problem]) -> Path:
+    """Write `where,reason` rows (header only when there are none)."""
+    path = Path(path)
+    pd.DataFrame([e.to_dict() for e in errors], columns=["where", "reason"]).to_csv(path, index=False)
+    return path
+
+
+def write_predictions(
+    result: PredictionResult, out: str | Path, *, top_k: int = 3, meta: dict | None = None
+) -> list[Path]:
+    """Write `result` to `out` (.csv or .json); returns the files written.
+
+    .csv: ISIC challenge format (`image` = file stem, one probability column per class in the
+    artifact's order) plus the sidecar FILE.errors.csv (`where,reason`; header only when every input
+    was predicted). .json: {"classes", "predictions": [{"image", "path", "top_k": [{"class", "prob"}],
+    "probs": {class: prob}}], "errors": [{"where", "reason"}], **meta}.
+    """
+    from skindistil.evaluation.report import write_predictions_csv
+
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in (".csv", ".json"):
+        raise ConfigError(f"{out}: the output file must end in .csv or .json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".csv":
+        write_predictions_csv(out, result.ids, result.probs, result.classes)
+        return [out, write_errors_csv(errors_csv_path(out), result.errors)]
+    predictions = [
+        {
+            "image": image_id,
+            "path": path,
+            "top_k": [{"class": name, "prob": prob} for name, prob in top],
+            "probs": dict(zip(result.classes, map(float, row), strict=True)),
+        }
+        for image_id, path, row, top in zip(
+            result.ids, result.paths, result.probs, result.top_k(top_k), strict=True
+        )
+    ]
+    document = {
+        **(meta or {}),
+        "classes": result.classes,
+        "num_predicted": len(result.ids),
+        "num_errors": len(result.errors),
+        "predictions": predictions,
+        "errors": [e.to_dict() for e in result.errors],
+    }
+    out.write_text(json.dumps(document, indent=2) + "\n")
+    return [out]
+
+
+# ---------------------------------------------------------------------------------------- predictor
+
+
+def tta_probabilities(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
+) -> torch.Tensor:
+    """Mean softmax over the `TTA_FLIPS` views of a preprocessed batch [B, 3, H, W] -> [B, C].
+
+    The views go through `logits_fn` as one batch of 4B images.
+    """
+    views = torch.cat([images.flip(dims) if dims else images for dims in TTA_FLIPS])
+    probs = torch.as_tensor(logits_fn(views)).float().softmax(dim=-1)
+    return probs.reshape(len(TTA_FLIPS), len(images), -1).mean(dim=0)
+
+
+class Predictor:
+    """Class probabilities for raw images from a model artifact.
+
+    model: a LoadedModel or an artifact path (model/ or run directory).
+    backend: "torch" (PyTorch fp32, = "eager") or any name of `skindistil.inference.backends.BACKENDS`
+    ("onnx", "onnx-int8", "bf16", "compile", "bf16-compile"); the ONNX ones export the model first.
+    tta: average over flips (see the module docstring). workers: decoding threads (default: the CPU
+    count, at most 8). threads: onnxruntime intra-op threads.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel | str | Path,
+        device: str | torch.device = "cpu",
+        backend: str = "torch",
+        batch_size: int = 32,
+        tta: bool = False,
+        workers: int | None = None,
+        threads: int | None = None,
+    ):
+        from skindistil.inference.backends import BACKENDS, build_backend, check_backends
+
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        self.device = torch.device(device)
+        (self.backend,) = check_backends([BACKEND_ALIASES.get(backend, backend)])
+        self.batch_size = int(batch_size)
+        self.tta = bool(tta)
+        self.workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
+        self._logits = build_backend(self.backend, self.loaded, self.device, threads=threads)
+        # PyTorch backends take the batch on the model's device; onnxruntime takes host memory.
+        self._batch_device = self.device if BACKENDS[self.backend].runtime == "torch" else torch.device("cpu")
+
+    @property
+    def classes(self) -> list[str]:
+        return self.loaded.classes
+
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        """Probabilities [B, C] (float32) for a preprocessed batch [B, 3, S, S]."""
+        images = images.to(self._batch_device)
+        if self.tta:
+            probs = tta_probabilities(self._logits, images)
+        else:
+            probs = torch.as_tensor(self._logits(images)).float().softmax(dim=-1)
+        return probs.cpu().numpy()
+
+    def predict(self, images: Iterable) -> np.ndarray:
+        """Probabilities [N, C] for raw images (paths, PIL images, HxWx3 uint8 arrays), in input order.
+
+        Raises ImageError (naming the input) if any image cannot be read.
+        """
+        images = list(images)
+        out = []
+        for _, batch, problems in self._batches(images, [_describe(img, i) for i, img in enumerate(images)]):
+            if problems:
+                raise ImageError(problems[0].where, problems[0].reason)
+            out.append(batch)
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+
+    def predict_files(
+        self, paths: Iterable[str | Path], on_progress: Callable[[int, int], None] | None = None
+    ) -> PredictionResult:
+        """Predict image files, listing the unreadable ones in `errors` instead of failing.
+
+        on_progress(done, total) is called after every batch.
+        """
+        paths = [Path(p) for p in paths]
+        ids, rows, kept, errors = [], [], [], []
+        done = 0
+        for positions, probs, problems in self._batches(paths, [str(p) for p in paths]):
+            rows.append(probs)
+            ids.extend(paths[i].stem for i in positions)
+            kept.extend(str(paths[i]) for i in positions)
+            errors.extend(problems)
+            done += len(positions) + len(problems)
+            if on_progress is not None:
+                on_progress(done, len(paths))
+        probs = np.concatenate(rows) if rows else np.zeros((0, len(self.classes)), dtype=np.float32)
+        return PredictionResult(ids, probs, errors, list(self.classes), kept)
+
+    def _prepare(self, image, where: str) -> torch.Tensor | Problem:
+        try:
+            return self.loaded.preprocess_images([image])[0]
+        except ImageError as exc:
+            return Problem(exc.where, exc.reason)
+        except (SkinDistilError, OSError) as exc:  # e.g. an unsupported input type, a permission error
+            return Problem(where, str(exc))
+
+    def _batches(
+        self, items: Sequence, names: Sequence[str]
+    ) -> Iterator[tuple[list[int], np.ndarray, list[Problem]]]:
+        """Yield (input positions, probabilities, problems) per chunk of `batch_size` inputs, in order.
+
+        The thread pool preprocesses chunk k + 1 while the model runs on chunk k.
+        """
+        starts = range(0, len(items), self.batch_size)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="skindistil-decode") as pool:
+
+            def submit(start: int) -> list:
+                stop = min(start + self.batch_size, len(items))
+                return [pool.submit(self._prepare, items[i], names[i]) for i in range(start, stop)]
+
+            pending = submit(0) if items else []
+            for start in starts:
+                prepared = [f.result() for f in pending]
+                if start + self.batch_size < len(items):
+                    pending = submit(start + self.batch_size)
+                positions = [start + j for j, x in enumerate(prepared) if isinstance(x, torch.Tensor)]
+                problems = [x for x in prepared if isinstance(x, Problem)]
+                if positions:
+                    probs = self.probabilities(torch.stack([prepared[i - start] for i in positions]))
+                else:
+                    probs = np.zeros((0, len(self.classes)), dtype=np.float32)
+                yield positions, probs, problems
+
+
+def _describe(image, index: int) -> str:
+    return str(image) if isinstance(image, (str, Path)) else f"image {index} ({type(image).__name__})"

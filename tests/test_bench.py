@@ -1,0 +1,246 @@
+"""Benchmark: specs, FLOPs against an analytic count, timing protocol, ratios, reports and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from skindistil.cli import main
+from skindistil.config import PreprocessConfig
+from skindistil.errors import ConfigError, ModelError
+from skindistil.inference.backends import BackendUnavailable, build_backend
+from skindistil.inference.bench import (
+    BenchSettings,
+    PeakMemory,
+    choose_pairs,
+    count_flops,
+    find_bma,
+    load_bench_model,
+    paper_ratios,
+    parse_arch_spec,
+    parse_model_ref,
+    run_benchmark,
+    summarize_times,
+    time_calls,
+    time_interleaved,
+)
+from skindistil.models import create_teacher, save_artifact
+
+TINY = "embed_dim=32,num_heads=2,img_size=32,patch_size=8"
+DEEP = f"vit_base_patch16_224@4:{TINY}"
+SHALLOW = f"vit_base_patch16_224@2:{TINY}"
+FAST = ["--warmup", "1", "--repeats", "5", "--min-repeats", "2", "--seconds", "0.2"]
+
+
+def vit_flops(depth: int, width: int = 32, image: int = 32, patch: int = 8, mlp_ratio: int = 4, classes: int = 8) -> int:
+    """Analytic FLOPs (multiply-add = 2) of a timm ViT's matmuls and patch convolution, one image."""
+    patches = (image // patch) ** 2
+    tokens = patches + 1  # class token
+    stem = 2 * patches * width * 3 * patch * patch
+    block = (
+        2 * tokens * width * 3 * width  # qkv projection
+        + 2 * 2 * tokens * tokens * width  # q @ k^T and attention @ v, all heads together
+        + 2 * tokens * width * width  # output projection
+        + 2 * 2 * tokens * width * mlp_ratio * width  # MLP fc1 and fc2
+    )
+    return stem + depth * block + 2 * width * classes
+
+
+def test_parse_arch_spec_types_and_depth():
+    spec = parse_arch_spec("vit_base_patch16_224@2:embed_dim=32,mlp_ratio=2.5,qkv_bias=false,global_pool=avg")
+    assert spec.name == "vit_base_patch16_224" and spec.depth == 2
+    assert spec.kwargs == {"embed_dim": 32, "mlp_ratio": 2.5, "qkv_bias": False, "global_pool": "avg"}
+    assert spec.timm_kwargs()["num_classes"] == 8 and spec.timm_kwargs()["depth"] == 2
+    assert parse_arch_spec("vit_base_patch16_224").depth is None
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("vit_base_patch16_224@six", "ARCH[@DEPTH]"),
+        ("vit_base_patch16_224@0", "depth must be at least 1"),
+        ("vit_base_patch16_224@2:embed_dim", "is not KEY=VALUE"),
+        ("vit_base_patch16_224:depth=3", "@DEPTH"),
+        ("vit_base_patch16_224.augreg_in21k", "ARCH[@DEPTH]"),
+    ],
+)
+def test_malformed_specs_are_config_errors(text, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_arch_spec(text)
+
+
+def test_unknown_architecture_and_missing_dir_name_the_input(tmp_path):
+    with pytest.raises(ConfigError, match="'no_such_vit@2'.*not a timm architecture"):
+        parse_model_ref("no_such_vit@2")
+    with pytest.raises(ModelError, match="no such model directory"):
+        parse_model_ref(str(tmp_path / "missing" / "model"))
+    with pytest.raises(ConfigError, match="timm cannot build"):
+        load_bench_model(parse_model_ref("vit_base_patch16_224@2:embed_dim=30,num_heads=4,img_size=32,patch_size=8"))
+
+
+@pytest.mark.parametrize("depth", [4, 2])
+def test_flops_match_the_analytic_count(depth):
+    model = load_bench_model(parse_model_ref(f"vit_base_patch16_224@{depth}:{TINY}")).model
+    fused = count_flops(model, (32, 32))
+    assert fused == pytest.approx(vit_flops(depth), rel=0.01)
+    # the explicit-matmul attention path must count the same as the fused kernel
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    assert count_flops(model, (32, 32)) == fused
+
+
+def test_time_calls_respects_warmup_repeats_and_time_budget():
+    calls = []
+    times = time_calls(lambda x: calls.append(x), 0, warmup=3, repeats=7, min_repeats=2, max_seconds=60)
+    assert len(calls) == 10 and len(times) == 7
+
+    times = time_calls(lambda x: time.sleep(0.03), 0, warmup=0, repeats=1000, min_repeats=3, max_seconds=0.05)
+    assert 3 <= len(times) <= 4
+    assert min(times) >= 0.03
+
+
+def test_time_interleaved_alternates_and_shares_the_budget():
+    order = []
+    times = time_interleaved([order.append, order.append], ["a", "b"], repeats=3, min_repeats=1, max_seconds=60)
+    assert order == ["a", "b"] * 3 and [len(t) for t in times] == [3, 3]
+
+    # budget 2 x 0.03 s: round one ends at ~0.04 s, round two at ~0.08 s, past the budget
+    nap = lambda x: time.sleep(0.02)  # noqa: E731
+    times = time_interleaved([nap, nap], [0, 0], repeats=100, min_repeats=2, max_seconds=0.03)
+    assert [len(t) for t in times] == [2, 2]
+
+
+def test_summarize_times_definitions():
+    stats = summarize_times([0.4, 0.1, 0.3, 0.2], batch_size=2)
+    assert stats["median_s"] == pytest.approx(0.25)
+    assert stats["p90_s"] == pytest.approx(0.37)
+    assert stats["ms_per_image"] == pytest.approx(125.0)
+    assert stats["images_per_s"] == pytest.approx(8.0)
+    assert stats["repeats"] == 4
+
+
+def test_peak_memory_sees_a_large_cpu_allocation():
+    with PeakMemory(torch.device("cpu")) as memory:
+        block = np.ones(50 * 2**20 // 8)  # 50 MiB, written so the pages are resident
+    del block
+    if memory.kind == "unavailable":
+        pytest.skip("no /proc/self/clear_refs on this system")
+    assert memory.peak_bytes >= 40 * 2**20
+
+
+def test_pairs_and_ratios_follow_the_paper_definitions():
+    summaries = [
+        {"label": "t", "width": 768, "depth": 12, "params": 1000},
+        {"label": "s", "width": 768, "depth": 6, "params": 504},
+        {"label": "other", "width": 384, "depth": 12, "params": 300},
+    ]
+    assert choose_pairs(summaries) == [("t", "s")]
+    results = [
+        {"model": "t", "device": "cpu", "backend": "eager", "batch_size": 4, "ms_per_image": 3.0},
+        {"model": "s", "device": "cpu", "backend": "eager", "batch_size": 4, "ms_per_image": 1.5},
+        {"model": "s", "device": "cpu", "backend": "onnx", "batch_size": 4, "ms_per_image": 1.0},
+    ]
+    (ratio,) = paper_ratios(summaries, results, [("t", "s")])
+    assert ratio["smaller"] == pytest.approx(0.496)
+    assert ratio["faster"] == pytest.approx(1.0)
+    assert (ratio["backend"], ratio["batch_size"]) == ("eager", 4)
+    # no shared width: the first model against the second
+    assert choose_pairs(summaries[2:] + summaries[:1]) == [("other", "t")]
+
+
+def test_find_bma_prefers_test_then_val():
+    assert find_bma({"val": {"bma": 0.7}, "test": {"bma": 0.6}}) == (0.6, "test")
+    assert find_bma({"val": {"headline": {"balanced_accuracy": 0.7}}}) == (0.7, "val")
+    assert find_bma({"val": {"bma": None}}) == (None, None)
+
+
+def test_eager_backend_is_the_plain_model():
+    model = create_teacher("vit_base_patch16_224", 8, depth=2, embed_dim=32, num_heads=2, img_size=32, patch_size=8).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model(x)
+    assert torch.equal(build_backend("eager", model)(x), expected)
+    assert torch.allclose(build_backend("bf16", model)(x).float(), expected, atol=0.1)
+    with pytest.raises(ConfigError, match="unknown backend.*tensorrt.*choose from eager"):
+        build_backend("tensorrt", model)
+
+
+def test_onnx_on_cuda_without_provider_is_unavailable():
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    model = create_teacher("vit_base_patch16_224", 8, depth=1, embed_dim=32, num_heads=2, img_size=32, patch_size=8)
+    with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
+        build_backend("onnx", model, "cuda")
+
+
+def test_benchmark_cli_on_two_specs(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = main(["benchmark", "--models", DEEP, SHALLOW, "--backends", "eager,onnx", "--batch-sizes", "1,4", *FAST, "--out", str(out)])
+    assert rc == 0
+    result = json.loads((out / "bench.json").read_text())
+    deep, shallow = result["models"]
+    assert (deep["depth"], shallow["depth"]) == (4, 2)
+    assert deep["params"] == sum(p.numel() for p in load_bench_model(parse_model_ref(DEEP)).model.parameters())
+    assert deep["gflops"] == pytest.approx(vit_flops(4) / 1e9, rel=0.01)
+    assert shallow["gflops"] < deep["gflops"]
+    assert deep["file_bytes"] == 4 * deep["params"]  # float32 tensors, no buffers
+    cells = {(r["model"], r["backend"], r["batch_size"]): r for r in result["results"]}
+    assert len(cells) == 8 and all(r["repeats"] >= 2 for r in cells.values())
+    assert result["machine"]["threads"] == torch.get_num_threads()
+
+    assert (deep["label"], shallow["label"]) == ("vit_base_patch16_224@4", "vit_base_patch16_224@2")
+    assert deep["ref"] == DEEP and shallow["ref"] == SHALLOW
+    assert result["pairs"] == [[deep["label"], shallow["label"]]]
+    assert len(result["ratios"]) == 4
+    smaller = 1 - shallow["params"] / deep["params"]
+    for ratio in result["ratios"]:
+        assert ratio["smaller"] == smaller
+        key = ratio["backend"], ratio["batch_size"]
+        expected = cells[(deep["label"], *key)]["ms_per_image"] / cells[(shallow["label"], *key)]["ms_per_image"] - 1
+        assert ratio["faster"] == pytest.approx(expected)
+    markdown = (out / "bench.md").read_text()
+    assert f"{smaller:.2%} smaller" in markdown
+    assert f"{deep['params']:,}" in markdown
+    assert (out / "bench.png").stat().st_size > 0
+    assert f"{smaller:.2%} smaller" in capsys.readouterr().out
+
+
+def test_benchmark_artifact_dir_writes_reports_with_bma(tmp_path):
+    model = create_teacher("vit_base_patch16_224", 8, depth=2, embed_dim=32, num_heads=2, img_size=32, patch_size=8)
+    classes = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
+    model_dir = save_artifact(
+        model, tmp_path / "run" / "model", classes=classes, preprocess=PreprocessConfig(image_size=32), metrics={"test": {"bma": 0.5}}
+    )
+    out = tmp_path / "bench"
+    settings = BenchSettings(batch_sizes=(1, 2), backends=("eager",), warmup=1, repeats=3, min_repeats=2, seconds=0.1)
+    result = run_benchmark([str(tmp_path / "run")], settings)
+    (summary,) = result["models"]
+    assert summary["label"] == "run" and summary["source"] == "artifact"
+    assert (summary["bma"], summary["bma_split"]) == (0.5, "test")
+    assert summary["file_bytes"] == (model_dir / "model.safetensors").stat().st_size
+    assert result["ratios"] == [] and result["pairs"] == []
+
+    rc = main(["benchmark", "--models", str(model_dir), "--batch-sizes", "2", *FAST, "--out", str(out)])
+    assert rc == 0
+    assert {p.name for p in out.iterdir()} == {"bench.md", "bench.json", "bench.png"}
+    assert "0.5000 (test)" in (out / "bench.md").read_text()
+
+
+def test_benchmark_cli_bad_inputs_fail_clearly(tmp_path, capsys):
+    cases = [
+        (["--models", str(tmp_path / "nope")], "no such model directory"),
+        (["--models", SHALLOW, "--backends", "eager,tensorrt"], "unknown backend(s) tensorrt"),
+        (["--models", "vit_base_patch16_224@2:embed_dim"], "is not KEY=VALUE"),
+        (["--models", SHALLOW, "--pair", SHALLOW, "vit_small"], "--pair 'vit_small': not one of"),
+        (["--models", SHALLOW, "--warmup", "0"], "warmup >= 1"),
+    ]
+    for args, message in cases:
+        assert main(["benchmark", *args, "--out", str(tmp_path / "out")]) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
