@@ -16,12 +16,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-data": ("bench_data", "measure prepare and training-loader throughput"),
     "train": ("train", "train a ViT teacher (or any timm classifier) with Lightning"),
     "distill": ("distill", "distil a teacher: distilvit, fcvit, fcvit-probs, cascade or full"),
-    "demo": ("demo", "run the main job on the built-in synthetic dataset"),
+    "demo": ("demo", "the main job on the embedded default (run --config quickstart)"),
     "evaluate": ("evaluate", "score a model on a split, or an ISIC-format predictions CSV against ground truth"),
     "benchmark": ("benchmark", "size, FLOPs, latency and throughput of models and backends; teacher/student ratios"),
     "export": ("export", "export a model to ONNX (optionally int8) with a parity check"),
     "predict": ("predict", "predict image files, folders or a CSV of paths with a model artifact"),
     "explain": ("explain", "attention-rollout heat maps over images"),
+    "serve": ("serve", "REST API and web page for a model artifact"),
 }
 
 

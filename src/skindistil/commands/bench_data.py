@@ -10,14 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from skindistil.config import PreprocessConfig
-from skindistil.data.bench import TARGET_CORES, TARGET_IMAGES_PER_SECOND, BenchResult, bench_data
 from skindistil.data.sources import available_sources, build_source
 from skindistil.errors import ConfigError
+
+if TYPE_CHECKING:
+    from skindistil.data.bench import BenchResult
+# the loader benchmark itself (torch, Lightning) is imported in run(): `skindistil --help` stays fast
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,12 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="loader batch size (default 64)")
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each loader measurement (default 3)")
     parser.add_argument("--image-size", type=int, default=224, help="model input size (default 224)")
-    parser.add_argument("--target-cores", type=int, default=TARGET_CORES,
-                        help=f"cores of the training machine for the extrapolated rows (default {TARGET_CORES})")
+    parser.add_argument("--target-cores", type=int,
+                        help="cores of the training machine for the extrapolated rows (default 16)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
+    from skindistil.config import PreprocessConfig
+    from skindistil.data.bench import TARGET_CORES, TARGET_IMAGES_PER_SECOND, bench_data
+
+    args.target_cores = args.target_cores or TARGET_CORES
+
     if args.images < 2 or args.batch_size < 1 or args.seconds <= 0:
         raise ConfigError("--images must be >= 2, --batch-size >= 1 and --seconds > 0")
     root = args.data_root

@@ -244,7 +244,7 @@ def explain_png(
             )
         class_index = loaded.classes.index(class_name)
     batch = loaded.preprocess_images([image])
-    probs = loaded.logits(batch).float().softmax(dim=-1)[0].cpu()
+    probs = loaded.probabilities(loaded.logits(batch))[0].cpu()
     top = int(probs.argmax())
     heat = attention_rollout(loaded.model, batch, method, class_index, head_fusion)
     explained = (

@@ -177,14 +177,13 @@ def write_predictions(
 
 
 def tta_probabilities(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
+    logits_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
-    """Mean softmax over the `TTA_FLIPS` views of a preprocessed batch [B, 3, H, W] -> [B, C].
-
-    The views go through `logits_fn` as one batch of 4B images.
+    """Mean softmax(logits / temperature) over the `TTA_FLIPS` views of a preprocessed batch
+    [B, 3, H, W] -> [B, C]. The views go through `logits_fn` as one batch of 4B images.
     """
     views = torch.cat([images.flip(dims) if dims else images for dims in TTA_FLIPS])
-    probs = torch.as_tensor(logits_fn(views)).float().softmax(dim=-1)
+    probs = (torch.as_tensor(logits_fn(views)).float() / temperature).softmax(dim=-1)
     return probs.reshape(len(TTA_FLIPS), len(images), -1).mean(dim=0)
 
 
@@ -229,10 +228,11 @@ class Predictor:
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
         """Probabilities [B, C] (float32) for a preprocessed batch [B, 3, S, S]."""
         images = images.to(self._batch_device)
+        # the artifact's calibration temperature (1.0 when uncalibrated), as LoadedModel.predict applies it
         if self.tta:
-            probs = tta_probabilities(self._logits, images)
+            probs = tta_probabilities(self._logits, images, self.loaded.temperature)
         else:
-            probs = torch.as_tensor(self._logits(images)).float().softmax(dim=-1)
+            probs = self.loaded.probabilities(torch.as_tensor(self._logits(images)))
         return probs.cpu().numpy()
 
     def predict(self, images: Iterable) -> np.ndarray:

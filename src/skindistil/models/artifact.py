@@ -118,14 +118,14 @@ def save_artifact(
         "classes": classes,
         "preprocess": preprocess.to_dict(),
         "num_parameters": sum(p.numel() for p in model.parameters()),
-        "provenance": _jsonable(extra or {}),
+        "provenance": jsonable(extra or {}),
     }
     if isinstance(model, DepthViT):
         config["exits"] = list(model.exits)
         config["shared_head"] = model.shared_head
     _write_json(out_dir / CONFIG_FILE, config)
     _save_weights(model, out_dir / WEIGHTS_FILE)
-    _write_json(out_dir / METRICS_FILE, _jsonable(metrics or {}))
+    _write_json(out_dir / METRICS_FILE, jsonable(metrics or {}))
     (out_dir / CARD_FILE).write_text(model_card(config, metrics or {}))
     return out_dir
 
@@ -134,7 +134,7 @@ def update_metrics(model_dir: str | Path, metrics: dict) -> dict:
     """Merge `metrics` into model_dir/metrics.json (top-level keys replaced) and refresh the card."""
     model_dir = resolve_model_dir(model_dir)
     path = model_dir / METRICS_FILE
-    merged = {**(_read_json(path) if path.is_file() else {}), **_jsonable(metrics)}
+    merged = {**(_read_json(path) if path.is_file() else {}), **jsonable(metrics)}
     _write_json(model_dir / METRICS_FILE, merged)
     (model_dir / CARD_FILE).write_text(model_card(_read_json(model_dir / CONFIG_FILE), merged))
     return merged
@@ -174,17 +174,17 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Plain JSON types: tuples -> lists, numpy/torch scalars -> numbers, Paths -> strings, and
     NaN/inf -> null (strict JSON, readable by browsers)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, Path):
         return str(value)
     return value

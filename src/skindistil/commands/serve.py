@@ -1,0 +1,76 @@
+"""`skindistil serve`: the REST API and web page for a model artifact.
+
+    skindistil serve --model runs/student/model
+    skindistil serve --model runs/student --host 0.0.0.0 --port 8080 --backend onnx --max-batch 16
+
+Endpoints: POST /v1/predict and /v1/explain (multipart image upload in the field `file`), GET /v1/model,
+/v1/stats, /health; the web page at /, the OpenAPI schema at /openapi.json. Requests that arrive together
+run as one model call (--max-batch 1 turns batching off). The model is loaded before the server starts,
+so a bad --model fails at once. Stop the server with Ctrl+C.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", type=Path, required=True, metavar="DIR", help="artifact: model/ or run directory"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    parser.add_argument(
+        "--backend",
+        choices=["torch", "onnx", "onnx-int8"],
+        default="torch",
+        help="torch (PyTorch fp32), onnx or onnx-int8 (onnxruntime; exported at start-up) (default torch)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument(
+        "--max-batch", type=int, default=32, help="most requests per model call; 1 disables batching (default 32)"
+    )
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a batch that is not full waits for more requests (default 5)",
+    )
+    parser.add_argument(
+        "--max-upload-mb", type=float, default=20.0, help="largest accepted image file, MiB (default 20)"
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="largest accepted image, in decoded pixels (default 40,000,000)",
+    )
+    parser.add_argument("--tta", action="store_true", help="average probabilities over four flips of each image")
+    parser.add_argument("--workers", type=int, help="image-decoding threads (default: CPU count, at most 8)")
+    parser.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        default="info",
+        help="uvicorn's log level (default info)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from skindistil.serve.app import SERVE_MAX_PIXELS, create_app
+
+    app = create_app(
+        args.model,
+        backend=args.backend,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_upload_mb=args.max_upload_mb,
+        max_pixels=args.max_pixels or SERVE_MAX_PIXELS,
+        device=args.device,
+        tta=args.tta,
+        workers=args.workers,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
