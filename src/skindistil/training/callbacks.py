@@ -44,9 +44,11 @@ def _numpy_state_to_plain(state):
 class TrainThroughput(L.Callback):
     """Training images per second, data loading included, validation and the first batches excluded.
 
-    Timed from the end of one training batch to the end of the next, so the interval covers waiting
-    for data, forward, backward and the optimiser step; intervals that contain a validation run or an
-    epoch boundary are dropped. Written to `path` (JSON) at the end of fit.
+    Timed over stretches of consecutive training batches: a stretch starts at the end of a batch
+    (after `warmup_batches` batches of the run, or the first batch of a later epoch) and ends when
+    validation starts or the epoch ends, so it covers waiting for data, forward, backward and the
+    optimiser step of every batch inside it. The device is synchronised only at stretch ends, never
+    per batch, so timing does not stall the CPU/GPU overlap it measures. Written to `path` (JSON).
     """
 
     def __init__(self, path: str | Path | None = None, warmup_batches: int = 5):
@@ -54,33 +56,40 @@ class TrainThroughput(L.Callback):
         self.warmup_batches = warmup_batches
         self.images = 0
         self.seconds = 0.0
-        self._last: float | None = None
         self._seen = 0
+        self._start: float | None = None
+        self._count = 0
 
-    def _sync(self, trainer):
+    def _now(self, trainer) -> float:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize(trainer.strategy.root_device)
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self._last = None
-
-    def on_validation_start(self, trainer, pl_module):
-        self._last = None
+        return time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._sync(trainer)
-        now = time.perf_counter()
         self._seen += 1
-        if self._last is not None and self._seen > self.warmup_batches:
-            self.seconds += now - self._last
-            self.images += len(batch[1]) * trainer.world_size
-        self._last = now
+        if self._start is not None:
+            self._count += len(batch[1]) * trainer.world_size
+        elif self._seen >= self.warmup_batches:
+            self._start, self._count = self._now(trainer), 0
+
+    def _close(self, trainer):
+        if self._start is not None:
+            self.seconds += self._now(trainer) - self._start
+            self.images += self._count
+            self._start = None
+
+    def on_validation_start(self, trainer, pl_module):
+        self._close(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._close(trainer)
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else float("nan")
 
     def on_fit_end(self, trainer, pl_module):
+        self._close(trainer)
         if self.path is not None and trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(
