@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from skindistil.devices import parse_device
 from skindistil.errors import ConfigError
 from skindistil.inference.backends import (
     BACKENDS,
@@ -385,14 +386,7 @@ class BenchSettings:
 
     def validate(self) -> None:
         check_backends(self.backends)
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise ConfigError(f"device {self.device!r}: expected cpu, cuda or cuda:N") from None
-        if device.type not in ("cpu", "cuda"):
-            raise ConfigError(f"device {self.device!r}: expected cpu, cuda or cuda:N")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {self.device!r}: CUDA is not available on this machine")
+        parse_device(self.device)
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
             raise ConfigError(f"batch sizes {list(self.batch_sizes)}: need one or more positive integers")
         if self.warmup < 1 or self.min_repeats < 1 or self.repeats < self.min_repeats or self.seconds <= 0:

@@ -28,6 +28,7 @@ from skindistil import __version__
 from skindistil.config import PreprocessConfig
 from skindistil.errors import ModelError
 from skindistil.models.depth import DepthViT
+from skindistil.models.weights import read_json_object
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -134,16 +135,16 @@ def update_metrics(model_dir: str | Path, metrics: dict) -> dict:
     """Merge `metrics` into model_dir/metrics.json (top-level keys replaced) and refresh the card."""
     model_dir = resolve_model_dir(model_dir)
     path = model_dir / METRICS_FILE
-    merged = {**(_read_json(path) if path.is_file() else {}), **jsonable(metrics)}
+    merged = {**(read_json_object(path) if path.is_file() else {}), **jsonable(metrics)}
     _write_json(model_dir / METRICS_FILE, merged)
-    (model_dir / CARD_FILE).write_text(model_card(_read_json(model_dir / CONFIG_FILE), merged))
+    (model_dir / CARD_FILE).write_text(model_card(read_json_object(model_dir / CONFIG_FILE), merged))
     return merged
 
 
 def set_calibration(model_dir: str | Path, temperature: float, fitted_on: str) -> None:
     """Record a fitted softmax temperature in config.json; `LoadedModel` applies it from then on."""
     model_dir = resolve_model_dir(model_dir)
-    config = _read_json(model_dir / CONFIG_FILE)
+    config = read_json_object(model_dir / CONFIG_FILE)
     config["calibration"] = {"temperature": float(temperature), "fitted_on": fitted_on}
     _write_json(model_dir / CONFIG_FILE, config)
 
@@ -160,18 +161,6 @@ def _save_weights(model: nn.Module, path: Path) -> None:
 def _write_json(path: Path, data: dict) -> None:
     # default=str: an exotic provenance value must not lose a finished training run's artifact
     path.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ModelError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path}: expected a JSON object")
-    return data
 
 
 def jsonable(value: Any) -> Any:
@@ -393,13 +382,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     """Rebuild an artifact (model/ dir, run dir or config.json) in eval mode on `device`."""
     model_dir = resolve_model_dir(path)
     config_path = model_dir / CONFIG_FILE
-    config = _read_json(config_path)
+    config = read_json_object(config_path)
     for key in ("architecture", "classes", "preprocess"):
         if key not in config:
             raise ModelError(f"{config_path}: missing field {key!r}")
     model = build_model(config, str(config_path))
     _load_weights(model, model_dir / WEIGHTS_FILE)
-    metrics = _read_json(model_dir / METRICS_FILE) if (model_dir / METRICS_FILE).is_file() else {}
+    metrics = read_json_object(model_dir / METRICS_FILE) if (model_dir / METRICS_FILE).is_file() else {}
     try:
         preprocess = PreprocessConfig.from_dict(config["preprocess"])
     except Exception as exc:  # ConfigError or a TypeError from a malformed field

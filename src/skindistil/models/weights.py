@@ -113,7 +113,7 @@ def resolve_weight_file(source: str | Path) -> tuple[Path, dict | None]:
     path = Path(source)
     if path.is_dir():
         config_path = path / "config.json"
-        config = _read_json(config_path) if config_path.is_file() else None
+        config = read_json_object(config_path) if config_path.is_file() else None
         for name in DIRECTORY_WEIGHT_FILES:
             if (path / name).is_file():
                 return path / name, config
@@ -123,11 +123,14 @@ def resolve_weight_file(source: str | Path) -> tuple[Path, dict | None]:
     if not path.is_file():
         raise ModelError(f"{path}: pretrained weights not found (expected a file or a checkpoint directory)")
     sibling = path.parent / "config.json"
-    config = _read_json(sibling) if sibling.is_file() else None
+    config = read_json_object(sibling) if sibling.is_file() else None
     return path, config
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; ModelError naming the file otherwise."""
+    if not path.is_file():
+        raise ModelError(f"{path}: file not found")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -40,6 +40,7 @@ from torch import nn
 from skindistil.config import DistillConfig, LossConfig, OptimConfig, PreprocessConfig, TrainConfig
 from skindistil.data.prepare import default_workers, load_manifest, prepare_dataset
 from skindistil.data.sources import build_source
+from skindistil.devices import parse_device
 from skindistil.distill.losses import DistillationLoss
 from skindistil.errors import ConfigError
 from skindistil.models import create_teacher, extract_student, save_artifact
@@ -195,14 +196,7 @@ class ComparisonSettings:
             raise ConfigError(f"modes {list(self.modes)}: choose from {', '.join(MODES)}")
         if self.batch_size < 1 or self.epochs < 1 or self.images < 8:
             raise ConfigError("need batch_size >= 1, epochs >= 1 and images >= 8 (one per class)")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise ConfigError(f"device {self.device!r}: expected cpu, cuda or cuda:N") from None
-        if device.type not in ("cpu", "cuda"):
-            raise ConfigError(f"device {self.device!r}: expected cpu, cuda or cuda:N")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {self.device!r}: CUDA is not available on this machine")
+        parse_device(self.device)
 
 
 @dataclass
