@@ -146,3 +146,37 @@ def test_resume_cli_reports_truncated_checkpoint(ham_small, tmp_path):
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 1
     assert "last.ckpt" in out and "truncated or corrupt" in out
+
+
+def test_evaluate_model_writes_reports_and_calibrates(trained, ham_small, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from skindistil.cli import main
+
+    _, result = trained
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(result.run_dir), "--data", str(ham_small), "--split", "test",
+                 "--calibrate", "--workers", "0", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    test_size = len(SkinDataModule(ham_small, result_preprocess(result)).dataset("test"))
+    assert metrics["num_samples"] == test_size
+    assert 0 <= metrics["headline"]["balanced_accuracy"] <= 1
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert list(predictions.columns) == ["image", "akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    np.testing.assert_allclose(predictions.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-5)
+    for name in ("confusion_matrix.png", "roc.png", "reliability.png"):
+        with Image.open(out / name) as image:
+            assert image.size[0] > 100
+    assert "Headline" in (out / "report.md").read_text()
+    loaded = load_model(result.run_dir)
+    temperature = loaded.config["calibration"]["temperature"]
+    assert temperature > 0 and temperature != 1.0
+    assert loaded.temperature == temperature
+    # the artifact's metrics now carry the test figures
+    assert loaded.metrics["test"]["balanced_accuracy"] == pytest.approx(metrics["headline"]["balanced_accuracy"])
+
+
+def result_preprocess(result):
+    return load_model(result.run_dir).preprocess

@@ -33,13 +33,18 @@ FLAG_KEYS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=["distilvit", "fcvit", "fcvit-probs", "cascade", "full"])
+    p.add_argument("--min-depth", type=int, help="cascade: depth of the last member (default 1)")
+    add_student_arguments(p)
+
+
+def add_student_arguments(p: argparse.ArgumentParser) -> None:
+    """Teacher, data, student shape, loss weights and trainer options (shared with `ablate`)."""
     p.add_argument("--teacher", help="teacher model/ or run directory")
     p.add_argument("--data", help="prepared dataset directory")
     p.add_argument("--config", help="YAML recipe; flags and overrides apply on top")
-    p.add_argument("--method", choices=["distilvit", "fcvit", "fcvit-probs", "cascade", "full"])
     p.add_argument("--keep", type=_keep, help="blocks to keep: a number (default 6) or a list like 0,2,4,7,9,11")
     p.add_argument("--strategy", choices=["first", "uniform"], help="which blocks when --keep is a number")
-    p.add_argument("--min-depth", type=int, help="cascade: depth of the last member (default 1)")
     p.add_argument("--name", help="run name: the run directory is OUT_DIR/NAME")
     p.add_argument("--out-dir", help="parent of run directories (default runs)")
     p.add_argument("--epochs", type=int)

@@ -31,24 +31,76 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, metavar="DIR",
         help="output directory (default: RUN/eval/SPLIT with --model, <PRED dir>/<PRED name>_eval with --predictions)",
     )
+    parser.add_argument("--exit-threshold", type=float, metavar="TAU",
+                        help="with --model (per-depth heads): stop each image at the first exit whose softmax "
+                             "confidence >= TAU; report BMA, mean depth used and throughput vs full depth "
+                             "(written to RUN/eval/SPLIT/exit-TAU)")
+    parser.add_argument("--sweep-exits", action="store_true",
+                        help="with --model (per-depth heads): BMA vs mean depth over a grid of thresholds, "
+                             "written to RUN/eval/SPLIT/early_exit.{png,md,json}")
+    parser.add_argument("--thresholds", type=_floats, metavar="T1,T2,...",
+                        help="thresholds for --sweep-exits (default 0.3,0.4,...,0.99; full depth is always added)")
+    parser.add_argument("--family", type=Path, nargs="+", metavar="RUN",
+                        help="score one model per depth of each run (cascade run, per-depth-head model, or a "
+                             "single model) and plot BMA by depth; several runs need --out DIR")
 
 
 def run(args: argparse.Namespace) -> int:
     from skindistil.errors import ConfigError
 
+    loader = {"batch_size": args.batch_size, "num_workers": args.workers, "device": args.device}
+    if args.family is not None:
+        if args.data is None:
+            raise ConfigError("evaluate: --family needs --data DATA_DIR (a dataset from `skindistil prepare`)")
+        from skindistil.inference.family import family_report
+
+        _print_family(family_report(args.family, args.data, args.split, args.out, **loader))
+        return 0
     if args.predictions is not None:
         metrics = _evaluate_predictions_csv(args.predictions, args.truth, args.out)
     elif args.model is not None:
         if args.data is None:
             raise ConfigError("evaluate: --model needs --data DATA_DIR (a dataset from `skindistil prepare`)")
+        if args.exit_threshold is not None or args.sweep_exits:
+            return _early_exit(args, loader)
         from skindistil.inference.evaluate import evaluate_model
 
-        metrics = evaluate_model(args.model, args.data, args.split, args.out, calibrate=args.calibrate,
-                                 batch_size=args.batch_size, num_workers=args.workers, device=args.device)
+        metrics = evaluate_model(args.model, args.data, args.split, args.out, calibrate=args.calibrate, **loader)
     else:
-        raise ConfigError("evaluate: give --model DIR --data DATA_DIR, or --predictions PRED.csv --truth GT.csv")
+        raise ConfigError("evaluate: give --model DIR --data DATA_DIR, --family RUN... --data DATA_DIR, "
+                          "or --predictions PRED.csv --truth GT.csv")
     _print_summary(metrics)
     return 0
+
+
+def _floats(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()]
+
+
+def _early_exit(args: argparse.Namespace, loader: dict) -> int:
+    from rich.console import Console
+
+    from skindistil.inference.early_exit import DEFAULT_THRESHOLDS, evaluate_threshold, sweep_exits
+    from skindistil.inference.evaluate import default_eval_dir
+
+    out = args.out if args.out is not None else default_eval_dir(args.model, args.split)
+    if args.sweep_exits:
+        result = sweep_exits(args.model, args.data, args.split, out, thresholds=args.thresholds or DEFAULT_THRESHOLDS,
+                             **loader)
+        Console().print(Path(result["files"]["md"]).read_text())
+    if args.exit_threshold is not None:
+        metrics = evaluate_threshold(args.model, args.data, args.split, args.exit_threshold,
+                                     out / f"exit-{args.exit_threshold:g}", **loader)
+        _print_summary(metrics)
+    return 0
+
+
+def _print_family(result: dict) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(Path(result["files"]["md"]).read_text())
+    console.print(f"wrote {Path(result['files']['md']).parent}")
 
 
 def _evaluate_predictions_csv(predictions: Path, truth: Path | None, out: Path | None) -> dict:

@@ -101,7 +101,81 @@ def plot_reliability(bins: dict, path: str | Path, ece: float | None = None) -> 
     return _save(fig, path)
 
 
+def plot_early_exit_curve(points: Sequence[dict], per_exit_bma: dict, path: str | Path, title: str = "") -> Path:
+    """BMA against the mean depth used, one point per early-exit threshold (annotated with it), over
+    the BMA of each exit used alone (grey, dashed): how much accuracy each block of compute buys."""
+    fig = Figure(figsize=(7, 5), layout="constrained")
+    ax = fig.subplots()
+    depths = sorted(per_exit_bma)
+    ax.plot(depths, [per_exit_bma[d] for d in depths], color="grey", linestyle="--", marker=".",
+            label="one exit for all images")
+    x = [p["mean_depth"] for p in points]
+    y = [p["bma"] for p in points]
+    ax.plot(x, y, marker="o", label="early exit")
+    for p in points:
+        tau = p["threshold"] if isinstance(p["threshold"], str) else f"{p['threshold']:g}"
+        ax.annotate(tau, (p["mean_depth"], p["bma"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set(title=title or "Early exit", xlabel="mean depth used (blocks)", ylabel="balanced accuracy (BMA)",
+           xticks=depths)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_bma_by_depth(lines: dict[str, dict[int, float]], teachers: dict[str, float], path: str | Path,
+                      title: str = "BMA by depth") -> Path:
+    """The paper's family figure: x = depth in blocks, y = BMA, one line per method (`lines`: label ->
+    {depth: BMA}), each teacher a horizontal dashed line (`teachers`: label -> BMA)."""
+    fig = Figure(figsize=(7.5, 5), layout="constrained")
+    ax = fig.subplots()
+    all_depths = sorted({d for series in lines.values() for d in series})
+    for label, series in lines.items():
+        depths = sorted(series)
+        ax.plot(depths, [series[d] for d in depths], marker="o", label=label)
+    for i, (label, bma) in enumerate(teachers.items()):
+        ax.axhline(bma, color="black", linestyle="--", linewidth=1, alpha=1.0 - 0.25 * (i % 3), label=label)
+    ax.set(title=title, xlabel="depth (blocks)", ylabel="balanced accuracy (BMA)")
+    if all_depths:
+        ax.set_xticks(range(1, max(all_depths) + 1))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_ablation(labels: Sequence[str], val_bma: Sequence[float], test_bma: Sequence[float], path: str | Path,
+                  teacher_bma: float | None = None, title: str = "Loss ablation") -> Path:
+    """Grouped bars of validation and test BMA per variant, with the teacher's test BMA as a dashed
+    line and each test bar labelled with its value."""
+    x = np.arange(len(labels))
+    fig = Figure(figsize=(1.2 * len(labels) + 3, 4.5), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(x - 0.2, val_bma, width=0.4, label="val BMA", color="tab:blue", alpha=0.6)
+    bars = ax.bar(x + 0.2, test_bma, width=0.4, label="test BMA", color="tab:orange")
+    ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    if teacher_bma is not None:
+        ax.axhline(teacher_bma, color="black", linestyle="--", linewidth=1, label="teacher test BMA")
+    ax.set(title=title, ylabel="balanced accuracy (BMA)", xticks=x)
+    ax.set_xticklabels(labels)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     fig.savefig(path, dpi=DPI, format="png")
     return path
+
+
+def plot_training_curves(histories: dict[str, dict[str, Sequence[float]]], path: str | Path) -> Path:
+    """Per run (label -> {"epoch", "train_loss", "val_bma"}): training loss and validation BMA by epoch."""
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    loss_ax, bma_ax = fig.subplots(1, 2)
+    for label, history in histories.items():
+        loss_ax.plot(history["epoch"], history["train_loss"], marker=".", label=label)
+        bma_ax.plot(history["epoch"], history["val_bma"], marker=".", label=label)
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    bma_ax.set(xlabel="epoch", ylabel="balanced accuracy", title="Validation BMA", ylim=(0, 1))
+    for ax in (loss_ax, bma_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)

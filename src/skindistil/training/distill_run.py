@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -58,7 +59,10 @@ def _train_one(cfg, student, teacher_vit, method, datamodule, run_dir: Path, tea
     module = DistillerModule(student, teacher_vit, method, teacher.classes, cfg.optim, cfg.loss,
                              class_weights=loss_class_weights(cfg, datamodule))
     trainer = build_trainer(cfg.trainer, run_dir)
-    fit(trainer, module, datamodule, run_dir, resume=resume)
+    with warnings.catch_warnings():
+        # Lightning warns about modules in eval mode at the start of training: the frozen teacher's, on purpose
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        fit(trainer, module, datamodule, run_dir, resume=resume)
     arch = {"name": teacher.config["architecture"]["name"]} if "architecture" in teacher.config else None
     return finish_run(trainer, module, run_dir, arch=arch, classes=teacher.classes, preprocess=teacher.preprocess,
                       extra={"role": "student", **provenance}, net_attr="student")

@@ -1,5 +1,18 @@
 """LightningModule for distillation: SkinDistilViT, FCViT, FCViTProbs and their combination.
 
+Training loss per method (z_d: logits of the exit at depth d, N = the deepest; CE uses the class
+weights of `data.imbalance`; the KD loss is `DistillationLoss`: task + KD + logit MSE + hidden cosine):
+
+- distilvit: the KD loss of the student (a timm ViT with fewer blocks) against the teacher.
+- fcvit: sum over depths d of CE(z_d, label); no teacher term.
+- fcvit-probs (one shared head): CE(z_N, label) + a_chain * sum over the enabled depths j of
+  KL(softmax(z_{j+1}) detached || softmax(z_j)); depths are enabled top-down on integer optimiser
+  steps (`enabled_depths`: chain_warmup_steps, then one more every chain_every_steps).
+- full (the paper's open question, combining the three): a teacher-initialised DepthViT with a head
+  per depth, trained with the KD loss against the teacher at the last exit (z_N, last hidden state),
+  + sum over d < N of CE(z_d, label) + a_chain * the chained per-depth KL with the same schedule.
+  (The cascade is a chain of distilvit runs, see `distill_run`.)
+
 The teacher is frozen, kept in eval mode for the whole run, and left out of checkpoints.
 """
 
@@ -35,7 +48,9 @@ class DistillerModule(L.LightningModule):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)}")
-        self.student = student
+        # Lightning keeps each module's train/eval mode as it finds it, and students are built from
+        # loaded (eval-mode) artifacts: without this, dropout and drop-path would be off while training
+        self.student = student.train()
         self.teacher = teacher
         if teacher is not None:
             teacher.eval()
