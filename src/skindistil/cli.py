@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a ViT teacher (or any timm classifier) with Lightning"),
     "distill": ("distill", "distil a teacher: distilvit, fcvit, fcvit-probs, cascade or full"),
     "ablate": ("ablate", "train the student with each loss term removed in turn; BMA and retention per variant"),
+    "run": ("run", "the main job: prepare, teacher, students, evaluation, benchmark, report"),
     "demo": ("demo", "the main job on the embedded default (run --config quickstart)"),
     "evaluate": ("evaluate", "score a model on a split, or an ISIC-format predictions CSV against ground truth"),
     "benchmark": ("benchmark", "size, FLOPs, latency and throughput of models and backends; teacher/student ratios"),

@@ -1,0 +1,43 @@
+"""`skindistil run`: the main job from a recipe: prepare, teacher, students, evaluation, benchmark, report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser, default_config: str | None = None) -> None:
+    p.add_argument("--config", required=default_config is None, default=default_config,
+                   help="recipe: a YAML file or the name of a built-in one (quickstart, ham10000-scratch, "
+                        "paper-isic2019)" + (f"; default {default_config}" if default_config else ""))
+    p.add_argument("--data", help="images to use instead of the recipe's: a HAM10000 or ISIC 2019 folder, a "
+                                  "DermaMNIST .npz, a CSV of paths, an ImageFolder tree or a prepared DATA_DIR")
+    p.add_argument("--name", help="run name (RUN = OUT_DIR/NAME)")
+    p.add_argument("--out-dir", help="parent of run directories (default runs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. teacher.trainer.max_epochs=3 methods=[distilvit,cascade]")
+
+
+def recipe_path(config: str) -> Path:
+    """A YAML path as given, or a built-in recipe by name (skindistil/configs/NAME.yaml)."""
+    path = Path(config)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return Path(__file__).resolve().parents[1] / "configs" / f"{config}.yaml"
+
+
+def run(args: argparse.Namespace) -> int:
+    from skindistil.config import RunConfig, apply_overrides, load_yaml
+    from skindistil.pipeline import detect_source, run_pipeline
+
+    data = load_yaml(recipe_path(args.config))
+    if args.data:
+        kind, root = detect_source(args.data)
+        data.setdefault("data", {}).update({"source": kind, "root": root, "options": {}})
+    for key in ("name", "out_dir"):
+        if getattr(args, key):
+            data[key] = str(getattr(args, key))
+    cfg = RunConfig.from_dict(apply_overrides(data, list(args.overrides)))
+    run_pipeline(cfg, progress=not args.no_progress)
+    return 0

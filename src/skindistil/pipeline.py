@@ -1,0 +1,257 @@
+"""The main job: prepare -> train teacher -> distil -> evaluate -> benchmark -> report.
+
+Everything lands in RUN = out_dir/name:
+
+    RUN/config.yaml        the resolved RunConfig (re-runnable as is)
+    RUN/data/              the prepared dataset (unless data.source is "prepared")
+    RUN/teacher/           teacher run directory (checkpoints, logs, model/, eval/<split>/)
+    RUN/students/<method>/ one run directory per distillation method (cascade: cascade/depth-XX/)
+    RUN/benchmark/         bench.json, bench.md, bench.png
+    RUN/report.md, RUN/report.html, RUN/report_assets/
+
+Every stage checks for its outputs first, so a rerun skips finished stages and an interrupted
+training continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from rich.console import Console
+
+from skindistil.config import RunConfig, dump_yaml
+from skindistil.errors import ConfigError
+
+console = Console()
+
+
+@dataclass
+class ModelEntry:
+    """One trained model of the run, as the report lists it."""
+
+    label: str
+    run_dir: Path
+    role: str  # teacher | student | member
+    method: str
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "model"
+
+
+def detect_source(path: str | Path) -> tuple[str, str]:
+    """(source kind, root) for a folder or file given as --data: a prepared dataset, ISIC 2019, HAM10000,
+    a DermaMNIST .npz, a CSV of paths or an ImageFolder tree."""
+    path = Path(path)
+    if (path / "dataset.json").is_file():
+        return "prepared", str(path)
+    if (path / "HAM10000_metadata.csv").is_file():
+        return "ham10000", str(path)
+    if (path / "ISIC_2019_Training_GroundTruth.csv").is_file():
+        return "isic2019", str(path)
+    if path.suffix == ".npz" or (path.is_dir() and any(path.glob("*.npz"))):
+        return "dermamnist", str(path)
+    if path.suffix == ".csv" and path.is_file():
+        return "csv", str(path)
+    if path.is_dir() and any(child.is_dir() for child in path.iterdir()):
+        return "folder", str(path)
+    raise ConfigError(
+        f"--data {path}: not a prepared dataset, ISIC 2019 or HAM10000 folder, DermaMNIST .npz, CSV or ImageFolder tree"
+    )
+
+
+class Pipeline:
+    def __init__(self, cfg: RunConfig, *, progress: bool = True):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ stages
+
+    def run(self) -> Path:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(self.cfg.to_dict(), self.run_dir / "config.yaml")
+        data_dir = self._stage("prepare", self.prepare)
+        teacher = self._stage("teacher", lambda: self.train_teacher(data_dir))
+        students = self._stage("distil", lambda: self.distil(data_dir, teacher))
+        models = [teacher, *students]
+        self._stage("evaluate", lambda: self.evaluate(data_dir, models))
+        bench = self._stage("benchmark", lambda: self.benchmark(teacher, students))
+        report = self._stage("report", lambda: self.report(data_dir, models, bench))
+        console.print(f"[bold green]report[/bold green] {report} and {report.with_suffix('.html')}")
+        return report
+
+    def _stage(self, name: str, fn):
+        console.rule(f"[bold]{name}")
+        started = time.perf_counter()
+        result = fn()
+        self.timings[name] = time.perf_counter() - started
+        return result
+
+    def prepare(self) -> Path:
+        from skindistil.data.prepare import prepare_dataset
+        from skindistil.data.sources import build_source
+
+        data = self.cfg.data
+        if data.source == "prepared":
+            return Path(data.root)
+        out = self.run_dir / "data"
+        if (out / "dataset.json").is_file():
+            console.print(f"prepared dataset found: {out} (skipped)")
+            return out
+        source = build_source(data.source, data.root, **data.options)
+        result = prepare_dataset(source, out, short_side=data.short_side, fractions=tuple(data.split),
+                                 seed=data.seed, workers=data.workers, limit=data.limit, progress=self.progress)
+        console.print(f"prepared {result.num_images} images at {result.images_per_second:.0f} img/s -> {out}")
+        return out
+
+    def _done(self, run_dir: Path) -> bool:
+        return (run_dir / "model" / "config.json").is_file()
+
+    def train_teacher(self, data_dir: Path) -> ModelEntry:
+        from skindistil.training.teacher import train_classifier
+
+        cfg = copy.deepcopy(self.cfg.teacher)
+        cfg.name, cfg.out_dir, cfg.data.dir = "teacher", str(self.run_dir), str(data_dir)
+        cfg.trainer.progress = cfg.trainer.progress and self.progress
+        entry = ModelEntry("teacher", self.run_dir / "teacher", "teacher", "teacher")
+        if self._done(entry.run_dir):
+            console.print(f"teacher found: {entry.model_dir} (skipped)")
+        else:
+            train_classifier(cfg, resume=True)
+        return entry
+
+    def distil(self, data_dir: Path, teacher: ModelEntry) -> list[ModelEntry]:
+        from skindistil.training.distill_run import ALL_METHODS, distill
+
+        methods = list(dict.fromkeys(["distilvit", *self.cfg.methods]))
+        unknown = [m for m in methods if m not in ALL_METHODS]
+        if unknown:
+            raise ConfigError(f"methods: unknown {unknown}; choose from {', '.join(ALL_METHODS)}")
+        entries = []
+        for method in methods:
+            cfg = copy.deepcopy(self.cfg.distill)
+            cfg.method, cfg.teacher = method, str(teacher.model_dir)
+            cfg.name, cfg.out_dir, cfg.data.dir = method, str(self.run_dir / "students"), str(data_dir)
+            cfg.trainer.progress = cfg.trainer.progress and self.progress
+            if method == "cascade" and self.cfg.cascade_epochs:
+                cfg.trainer.max_epochs = self.cfg.cascade_epochs
+            run_dir = cfg.run_dir
+            if method == "cascade":
+                depth = _depth(teacher.model_dir)
+                members = [run_dir / "cascade" / f"depth-{k:02d}" for k in range(depth - 1, cfg.min_depth - 1, -1)]
+                if not all(self._done(m) for m in members):
+                    distill(cfg, resume=True)
+                entries += [ModelEntry(f"cascade@{_depth(m / 'model')}", m, "member", "cascade") for m in members]
+            else:
+                if self._done(run_dir):
+                    console.print(f"{method} found: {run_dir / 'model'} (skipped)")
+                else:
+                    distill(cfg, resume=True)
+                role = "student" if method == "distilvit" else "member"
+                entries.append(ModelEntry(method, run_dir, role, method))
+        return entries
+
+    def evaluate(self, data_dir: Path, models: list[ModelEntry]) -> None:
+        from skindistil.inference.evaluate import evaluate_model
+
+        split = self.cfg.split
+        for entry in models:
+            metrics_file = entry.run_dir / "eval" / split / "metrics.json"
+            if not metrics_file.is_file():
+                evaluate_model(entry.model_dir, data_dir, split, progress=self.progress,
+                               num_workers=self.cfg.teacher.data.num_workers)
+            import json
+
+            entry.metrics = json.loads(metrics_file.read_text())
+        self.evaluate_families(data_dir, models)
+
+    def evaluate_families(self, data_dir: Path, models: list[ModelEntry]) -> None:
+        """Per-depth BMA of every family (cascade members, per-depth exits) and early-exit curves."""
+        from skindistil.inference.early_exit import sweep_exits
+        from skindistil.inference.family import family_report
+
+        split, workers = self.cfg.split, self.cfg.teacher.data.num_workers
+        runs = list(dict.fromkeys(e.run_dir.parent.parent if e.method == "cascade" else e.run_dir
+                                  for e in models if e.role == "member"))
+        if runs and not (self.run_dir / "family" / "family.json").is_file():
+            family_report(runs, data_dir, split, out_dir=self.run_dir / "family", num_workers=workers,
+                          progress=self.progress)
+        for entry in models:
+            if entry.method in ("fcvit", "fcvit-probs", "full"):
+                out = entry.run_dir / "eval" / split
+                if not (out / "early_exit.json").is_file():
+                    sweep_exits(entry.model_dir, data_dir, split, out, num_workers=workers, progress=self.progress)
+
+    def benchmark(self, teacher: ModelEntry, students: list[ModelEntry]) -> dict:
+        import json
+
+        from skindistil.inference.bench import BenchSettings, run_benchmark, write_report
+
+        out = self.run_dir / "benchmark"
+        if (out / "bench.json").is_file():
+            console.print(f"benchmark found: {out} (skipped)")
+            return json.loads((out / "bench.json").read_text())
+        bench = self.cfg.benchmark
+        devices = ["cuda", "cpu"] if bench.device == "auto" and torch.cuda.is_available() else [
+            "cpu" if bench.device == "auto" else bench.device]
+        student = next(s for s in students if s.role == "student")
+        results = []
+        for device in devices:
+            settings = BenchSettings(device=device, batch_sizes=tuple(bench.batch_sizes),
+                                     backends=tuple(bench.backends), seconds=bench.seconds, repeats=20)
+            results.append(run_benchmark([str(teacher.model_dir), str(student.model_dir)], settings,
+                                         pair=[str(teacher.model_dir), str(student.model_dir)]))
+        merged = results[0]
+        for extra in results[1:]:
+            merged["results"] += extra["results"]
+            merged["ratios"] += extra["ratios"]
+        write_report(merged, out)
+        return merged
+
+    # ------------------------------------------------------------------ report
+
+    def report(self, data_dir: Path, models: list[ModelEntry], bench: dict) -> Path:
+        from skindistil.pipeline_report import build_report
+
+        assets = self.run_dir / "report_assets"
+        assets.mkdir(exist_ok=True)
+        document = build_report(self.cfg, self.run_dir, data_dir, models, bench, self.timings, assets)
+        md, _ = document.write(self.run_dir, "report")
+        return md
+
+
+def _depth(model_dir: Path) -> int:
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(config["architecture"]["kwargs"]["depth"])
+
+
+def epoch_history(run_dir: Path) -> dict[str, list[float]] | None:
+    """Training loss and validation BMA by epoch from a run's logs/metrics.csv."""
+    path = Path(run_dir) / "logs" / "metrics.csv"
+    if not path.is_file():
+        return None
+    frame = pd.read_csv(path)
+    needed = {"epoch", "train/loss_epoch", "val/bma"}
+    if not needed <= set(frame.columns):
+        return None
+    by_epoch = frame.groupby("epoch").max(numeric_only=True)
+    return {"epoch": by_epoch.index.to_numpy(dtype=int).tolist(),
+            "train_loss": by_epoch["train/loss_epoch"].to_numpy(dtype=float).tolist(),
+            "val_bma": by_epoch["val/bma"].to_numpy(dtype=float).tolist()}
+
+
+def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> Path:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        return Pipeline(cfg, progress=progress).run()

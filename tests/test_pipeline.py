@@ -1,0 +1,69 @@
+"""`skindistil run` end to end on a reduced quickstart: every report section with numbers; reruns skip work."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from skindistil.cli import main
+from skindistil.config import load_yaml
+from skindistil.pipeline import detect_source
+
+REDUCED = [
+    "data.root=240", "data.short_side=40",
+    "teacher.model.kwargs={embed_dim: 32, depth: 3, num_heads: 2, mlp_ratio: 2.0, patch_size: 8}",
+    "teacher.preprocess.image_size=32", "teacher.trainer.max_epochs=2", "teacher.data.num_workers=0",
+    "distill.keep=2", "distill.trainer.max_epochs=1", "distill.data.num_workers=0", "distill.min_depth=2",
+    "cascade_epochs=1", "benchmark.batch_sizes=[1,4]", "benchmark.seconds=0.3", "explain_images=1",
+]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    args = ["run", "--config", "configs/quickstart.yaml", "--out-dir", str(out), "--no-progress", *REDUCED]
+    assert main(args) == 0
+    return out / "quickstart", args
+
+
+def test_report_has_every_section_with_numbers(quick_run):
+    run_dir, _ = quick_run
+    report = (run_dir / "report.md").read_text()
+    for title in ("## Data", "## Teacher vs students", "## Training curves", "## Confusion matrices",
+                  "## Attention maps", "## Per-depth", "## Early exit", "## Run"):
+        assert title in report, title
+    table = report.split("## Teacher vs students")[1].split("##")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| teacher") or line.startswith("| distilvit")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert "n/a" not in cells, row
+        assert all(re.fullmatch(r"[\d.,]+", c) for c in cells[1:]), row
+    assert re.search(r"\d+\.\d% smaller, -?\d+\.\d% faster", report)
+    html = (run_dir / "report.html").read_text()
+    assert "<table>" in html and "not medical devices" in html
+    for image in re.findall(r"\]\((report_assets/[^)]+\.png)\)", report):
+        assert (run_dir / image).stat().st_size > 1000, image
+    for member in ("students/cascade/cascade/depth-02", "students/fcvit", "students/distilvit", "teacher"):
+        assert (run_dir / member / "model" / "model.safetensors").is_file(), member
+        assert (run_dir / member / "eval" / "test" / "metrics.json").is_file(), member
+    assert load_yaml(run_dir / "config.yaml")["teacher"]["trainer"]["max_epochs"] == 2
+
+
+def test_rerun_skips_finished_stages(quick_run, capsys):
+    run_dir, args = quick_run
+    weights = run_dir / "teacher" / "model" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "teacher found" in out and "distilvit found" in out and "benchmark found" in out
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_detect_source_recognises_the_shared_layouts(ham_root, uda_root, tmp_path):
+    assert detect_source(ham_root)[0] == "ham10000"
+    assert detect_source(uda_root)[0] == "isic2019"
+    with pytest.raises(Exception, match="not a prepared dataset"):
+        detect_source(tmp_path)
