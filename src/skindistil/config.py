@@ -60,6 +60,12 @@ def from_dict(cls, data: dict[str, Any]):
             value = from_dict(target, value)
         elif isinstance(value, list) and str(ftype).startswith("tuple"):
             value = tuple(value)
+        elif isinstance(value, str) and str(ftype).split(" ")[0] == "float":
+            # YAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{cls.__name__}.{name}: expected a number, got {value!r}") from None
         kwargs[name] = value
     return cls(**kwargs)
 
