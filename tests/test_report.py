@@ -13,6 +13,7 @@ from skindistil.data.vocab import HAM10000, ISIC2019
 from skindistil.errors import CSVError, DataError
 from skindistil.evaluation.metrics import AbsentClassWarning
 from skindistil.evaluation.report import (
+    PER_CLASS_COLUMNS,
     evaluate_arrays,
     read_predictions_csv,
     read_truth_csv,
@@ -214,17 +215,7 @@ def test_render_report_md_formats_nan_as_na():
         "headline": {"balanced_accuracy": 1.0, "macro_auc": float("nan")},
         "per_class": {
             "A": dict.fromkeys(
-                [
-                    "support",
-                    "sensitivity",
-                    "specificity",
-                    "ppv",
-                    "npv",
-                    "f1",
-                    "auc",
-                    "auc_sens_80",
-                    "average_precision",
-                ],
+                PER_CLASS_COLUMNS,
                 float("nan"),
             )
         },
