@@ -274,7 +274,8 @@ class SkinDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
-    def _loader(self, dataset: CachedImageDataset, batch_size: int, **kwargs) -> DataLoader:
+    def loader(self, dataset: CachedImageDataset, batch_size: int, **kwargs) -> DataLoader:
+        """A DataLoader over `dataset` with this module's workers, pinning and uint8-aware collate."""
         workers = self.num_workers
         return DataLoader(
             dataset,
@@ -299,7 +300,7 @@ class SkinDataModule(L.LightningDataModule):
             sampler = class_balanced_sampler(dataset.labels, self.num_classes, **shard)
         else:
             sampler = EpochSampler(len(dataset), shuffle=True, **shard)
-        return self._loader(dataset, self.batch_size, sampler=sampler)
+        return self.loader(dataset, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches are (images, labels, row indices): under DDP each rank takes a shard, and
@@ -307,13 +308,13 @@ class SkinDataModule(L.LightningDataModule):
         dataset = self.dataset("val", with_index=True)
         rank, world_size = self._shard()
         sampler = EpochSampler(len(dataset), rank=rank, world_size=world_size) if len(dataset) else None
-        return self._loader(dataset, self.eval_batch_size, sampler=sampler)
+        return self.loader(dataset, self.eval_batch_size, sampler=sampler)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"), self.eval_batch_size)
+        return self.loader(self.dataset("test"), self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset(self.predict_split, with_ids=True), self.eval_batch_size)
+        return self.loader(self.dataset(self.predict_split, with_ids=True), self.eval_batch_size)
 
     # ------------------------------------------------------------------ device-side augmentation
 

@@ -288,5 +288,5 @@ def _split_images(loaded: LoadedModel, data_dir, split: str, batch_size: int, nu
 
     datamodule = SkinDataModule(data_dir, loaded.preprocess, batch_size=batch_size, num_workers=num_workers,
                                 persistent_workers=False)
-    for images, *_ in datamodule._loader(datamodule.dataset(split), batch_size):
+    for images, *_ in datamodule.loader(datamodule.dataset(split), batch_size):
         yield images

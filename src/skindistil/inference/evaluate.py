@@ -47,7 +47,7 @@ def split_outputs(
         from skindistil.errors import DataError
 
         raise DataError(data_dir, f"dataset classes {list(datamodule.vocab)} differ from the model's {loaded.classes}")
-    loader = datamodule._loader(dataset, batch_size)
+    loader = datamodule.loader(dataset, batch_size)
     forward = loaded.model.forward_all if all_exits else loaded.model
     chunks, ids = [], []
     with Progress(disable=not progress, transient=True) as bar, torch.inference_mode():

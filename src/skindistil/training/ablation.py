@@ -108,7 +108,7 @@ def split_bma(model: torch.nn.Module, datamodule: SkinDataModule, split: str) ->
     """BMA of `model` on a whole split with the eval preprocessing (ISIC tie rule)."""
     device = next(model.parameters()).device
     preds, labels = [], []
-    for images, targets, *_ in datamodule._loader(datamodule.dataset(split), datamodule.eval_batch_size):
+    for images, targets, *_ in datamodule.loader(datamodule.dataset(split), datamodule.eval_batch_size):
         preds.append(decide(model(images.to(device)).float().softmax(dim=-1).cpu().numpy()))
         labels.append(targets.numpy())
     with warnings.catch_warnings():
