@@ -16,6 +16,7 @@ training continues from its last checkpoint.
 from __future__ import annotations
 
 import copy
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -169,8 +170,6 @@ class Pipeline:
             if not metrics_file.is_file():
                 evaluate_model(entry.model_dir, data_dir, split, progress=self.progress,
                                num_workers=self.cfg.teacher.data.num_workers)
-            import json
-
             entry.metrics = json.loads(metrics_file.read_text())
         self.evaluate_families(data_dir, models)
 
@@ -192,8 +191,6 @@ class Pipeline:
                     sweep_exits(entry.model_dir, data_dir, split, out, num_workers=workers, progress=self.progress)
 
     def benchmark(self, teacher: ModelEntry, students: list[ModelEntry]) -> dict:
-        import json
-
         from skindistil.inference.bench import BenchSettings, run_benchmark, write_report
 
         out = self.run_dir / "benchmark"
@@ -230,8 +227,6 @@ class Pipeline:
 
 
 def _depth(model_dir: Path) -> int:
-    import json
-
     config = json.loads((Path(model_dir) / "config.json").read_text())
     return int(config["architecture"]["kwargs"]["depth"])
 

@@ -6,14 +6,12 @@ import copy
 import warnings
 from pathlib import Path
 
-import lightning as L
-
-from skindistil.config import DistillConfig, dump_yaml
+from skindistil.config import DistillConfig
 from skindistil.errors import ConfigError
 from skindistil.models import DepthViT, extract_student, load_model
 from skindistil.models.artifact import resolve_model_dir
 from skindistil.training.distiller import METHODS, DistillerModule
-from skindistil.training.teacher import TrainResult, build_datamodule, finish_run, loss_class_weights
+from skindistil.training.teacher import TrainResult, finish_run, loss_class_weights, start_run
 from skindistil.training.trainer import build_trainer, fit
 
 ALL_METHODS = (*METHODS, "cascade")
@@ -27,11 +25,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False) -> list[TrainResult]:
         raise ConfigError("teacher: give the teacher's model/ or run directory (--teacher DIR)")
     teacher = load_model(cfg.teacher)
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg.to_dict(), run_dir / "config.yaml")
-    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(cfg, teacher.preprocess)
-    datamodule.setup("fit")
+    datamodule = start_run(cfg, teacher.preprocess)
     if datamodule.vocab.to_list() != teacher.classes:
         raise ConfigError(
             f"data.dir: the dataset's classes {datamodule.vocab.to_list()} differ from the teacher's {teacher.classes}"

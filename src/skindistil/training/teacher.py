@@ -61,15 +61,20 @@ def architecture(cfg: TrainConfig, num_classes: int) -> dict:
     return {"name": cfg.model.name, "kwargs": {**kwargs, "num_classes": num_classes}}
 
 
+def start_run(cfg: TrainConfig | DistillConfig, preprocess: PreprocessConfig) -> SkinDataModule:
+    """Create the run directory, record the resolved config, seed everything, set up the data."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg.to_dict(), cfg.run_dir / "config.yaml")
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg, preprocess)
+    datamodule.setup("fit")
+    return datamodule
+
+
 def train_classifier(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Train `cfg.model` on `cfg.data.dir`; select on validation BMA; write the run directory and model/."""
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg.to_dict(), run_dir / "config.yaml")
-    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-
-    datamodule = build_datamodule(cfg, cfg.preprocess)
-    datamodule.setup("fit")
+    datamodule = start_run(cfg, cfg.preprocess)
     classes = datamodule.vocab.to_list()
     arch = architecture(cfg, len(classes))
     model = create_teacher(arch["name"], num_classes=len(classes), pretrained=cfg.model.pretrained,
