@@ -8,11 +8,18 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from skindistil.cli import main
 from skindistil.config import PreprocessConfig
 from skindistil.errors import ConfigError, ModelError
-from skindistil.inference.backends import BackendUnavailable, build_backend
+from skindistil.inference.backends import (
+    BackendUnavailable,
+    LinearPatchEmbed,
+    TorchRunner,
+    build_backend,
+    linear_patch_embed,
+)
 from skindistil.inference.bench import (
     BenchSettings,
     PeakMemory,
@@ -167,6 +174,57 @@ def test_eager_backend_is_the_plain_model():
     assert torch.allclose(build_backend("bf16", model)(x).float(), expected, atol=0.1)
     with pytest.raises(ConfigError, match="unknown backend.*tensorrt.*choose from eager"):
         build_backend("tensorrt", model)
+
+
+def test_linear_patch_embed_is_the_convolution():
+    model = create_teacher("vit_base_patch16_224", 8, depth=2, embed_dim=32, num_heads=2, img_size=32, patch_size=8).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        expected_tokens = model.patch_embed(x)
+        expected = model(x)
+        assert linear_patch_embed(model)
+        assert isinstance(model.patch_embed, LinearPatchEmbed)
+        assert model.patch_embed.img_size == (32, 32) and model.patch_embed.num_patches == 16
+        assert torch.allclose(model.patch_embed(x), expected_tokens, atol=1e-5)
+        assert torch.allclose(model(x), expected, atol=1e-5)
+        with pytest.raises(ModelError, match="expected images of 32x32 px, got 40x40"):
+            model.patch_embed(torch.zeros(1, 3, 40, 40))
+    # a padding patch embedding is left alone: the plain matmul would not be exact there
+    padded = create_teacher(
+        "vit_base_patch16_224", 8, depth=1, embed_dim=32, num_heads=2, img_size=30, patch_size=8, dynamic_img_pad=True
+    )
+    assert not linear_patch_embed(padded)
+    assert isinstance(padded.patch_embed.proj, nn.Conv2d)
+
+
+def test_fast_backend_matches_eager_and_leaves_the_model_alone():
+    model = create_teacher("vit_base_patch16_224", 8, depth=2, embed_dim=32, num_heads=2, img_size=32, patch_size=8).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model(x)
+    logits = build_backend("fast", model)(x)  # 3 images: padded to 4 for the compiled graph, cut back to 3
+    assert logits.dtype == torch.float32 and logits.shape == (3, 8)
+    assert torch.allclose(logits, expected, atol=0.1)
+    assert (logits.argmax(1) == expected.argmax(1)).float().mean() >= 2 / 3
+    # the caller's model is untouched: still fp32, still the convolution
+    assert next(model.parameters()).dtype == torch.float32
+    assert isinstance(model.patch_embed.proj, nn.Conv2d)
+
+
+def test_runner_pads_batches_to_a_power_of_two():
+    seen = []
+
+    class Recorder(nn.Module):
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return x.flatten(1)[:, :2] * 2
+
+    x = torch.randn(5, 3, 2, 2)
+    padded = TorchRunner(Recorder(), torch.device("cpu"), pad_batches=True)
+    plain = TorchRunner(Recorder(), torch.device("cpu"))
+    assert torch.equal(padded(x), plain(x))
+    assert padded(x[:4]).shape == (4, 2)
+    assert seen == [8, 5, 4]
 
 
 def test_onnx_on_cuda_without_provider_is_unavailable():

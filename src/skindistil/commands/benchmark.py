@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_name_list,
         default=["eager"],
         metavar="NAME,...",
-        help="eager, bf16, compile, bf16-compile, onnx, onnx-int8 (default eager)",
+        help="eager, bf16, compile, bf16-compile, fast, onnx, onnx-int8 (default eager)",
     )
     parser.add_argument(
         "--pair", nargs=2, metavar=("TEACHER", "STUDENT"), help="the pair for the ratios (default: automatic)"

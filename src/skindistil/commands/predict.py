@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         default="torch",
-        help="torch (PyTorch fp32), onnx, onnx-int8, bf16, compile or bf16-compile (default torch)",
+        help="torch (PyTorch fp32), onnx, onnx-int8, bf16, compile, bf16-compile or fast (default torch)",
     )
     parser.add_argument(
         "--top-k",

@@ -464,7 +464,12 @@ def run_benchmark(
             label = bench_model.ref.label
             try:
                 runners[label] = build_backend(
-                    backend, bench_model.model, device, image_size=bench_model.image_size, threads=threads
+                    backend,
+                    bench_model.model,
+                    device,
+                    image_size=bench_model.image_size,
+                    threads=threads,
+                    pad_batches=False,  # a timed batch is the batch asked for
                 )
             except BackendUnavailable as exc:
                 skipped.append({"model": label, "backend": backend, "reason": str(exc)})

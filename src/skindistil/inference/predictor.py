@@ -192,7 +192,7 @@ class Predictor:
 
     model: a LoadedModel or an artifact path (model/ or run directory).
     backend: "torch" (PyTorch fp32, = "eager") or any name of `skindistil.inference.backends.BACKENDS`
-    ("onnx", "onnx-int8", "bf16", "compile", "bf16-compile"); the ONNX ones export the model first.
+    ("onnx", "onnx-int8", "bf16", "compile", "bf16-compile", "fast"); the ONNX ones export the model first.
     tta: average over flips (see the module docstring). workers: decoding threads (default: the CPU
     count, at most 8). threads: onnxruntime intra-op threads.
     """
