@@ -19,6 +19,7 @@ from skindistil.inference.backends import (
     TorchRunner,
     build_backend,
     linear_patch_embed,
+    warmup_batch_sizes,
 )
 from skindistil.inference.bench import (
     BenchSettings,
@@ -209,6 +210,15 @@ def test_fast_backend_matches_eager_and_leaves_the_model_alone():
     # the caller's model is untouched: still fp32, still the convolution
     assert next(model.parameters()).dtype == torch.float32
     assert isinstance(model.patch_embed.proj, nn.Conv2d)
+
+
+def test_warmup_batch_sizes_cover_every_padded_size():
+    assert warmup_batch_sizes("fast", 24) == [1, 2, 4, 8, 16, 32]
+    assert warmup_batch_sizes("compile", 1) == [1]
+    assert warmup_batch_sizes("eager", 32) == [1, 32]
+    assert warmup_batch_sizes("onnx", 1) == [1]
+    with pytest.raises(ConfigError, match="max_batch must be at least 1"):
+        warmup_batch_sizes("eager", 0)
 
 
 def test_runner_pads_batches_to_a_power_of_two():

@@ -310,6 +310,43 @@ def test_max_batch_1_serves_one_request_per_model_call(artifact, images):
     assert stats["batches"] == stats["requests"] == 6 and stats["max_batch_size"] == 1
 
 
+def test_server_warms_up_every_batch_size_before_serving(artifact):
+    app = create_app(artifact, max_batch=8)
+    predictor = app.state.service.predictor
+    seen, logits = [], predictor._logits
+    predictor._logits = lambda batch: seen.append(len(batch)) or logits(batch)
+    with TestClient(app) as client:
+        assert seen == [1, 8]  # eager: the kernels' first-call set-up, before any request
+        assert client.get("/v1/stats").json()["requests"] == 0
+        assert client.get("/v1/model").json()["serving"]["warmup_batch_sizes"] == [1, 8]
+
+
+def test_compiled_backend_compiles_at_start_up_only(artifact, images, reference):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    app = create_app(artifact, backend="compile", max_batch=4, max_wait_ms=50)
+    with TestClient(app) as client, ThreadPoolExecutor(3) as pool:
+        assert client.get("/v1/model").json()["serving"]["warmup_batch_sizes"] == [1, 2, 4]
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 3  # one per padded batch size
+        payloads = images[:7]
+        responses = list(pool.map(lambda p: client.post("/v1/predict", files=upload(p.read_bytes())), payloads))
+        sizes = {r.json()["batch_size"] for r in responses}
+        assert counters["stats"]["unique_graphs"] == graphs  # batches of 3 ran padded to 4: no new graph
+    assert max(sizes) > 1
+    for path, response in zip(payloads, responses, strict=True):
+        probs = np.array(list(response.json()["probabilities"].values()))
+        np.testing.assert_allclose(probs, reference(path), atol=1e-4)
+
+
+def test_serve_cli_offers_every_backend():
+    from skindistil.commands.serve import SERVE_BACKENDS
+    from skindistil.inference.backends import BACKENDS
+
+    assert ["torch", *BACKENDS] == SERVE_BACKENDS
+
+
 def test_decoding_threads_leave_the_cores_to_the_model(artifact, images):
     from skindistil.serve.app import MODEL_THREADS
 

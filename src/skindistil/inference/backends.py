@@ -224,14 +224,15 @@ class Backend:
     description: str
     runtime: str
     build: Callable[[nn.Module, torch.device, tuple[int, int], int | None, bool], InferenceFn]
+    compiled: bool = False  # torch.compile: one graph per (padded) batch size, built on first use
 
 
 BACKENDS: dict[str, Backend] = {}
 
 
-def register_backend(name: str, description: str, runtime: str = "torch"):
+def register_backend(name: str, description: str, runtime: str = "torch", compiled: bool = False):
     def decorator(build):
-        BACKENDS[name] = Backend(name, description, runtime, build)
+        BACKENDS[name] = Backend(name, description, runtime, build, compiled)
         return build
 
     return decorator
@@ -247,19 +248,21 @@ def _build_bf16(module, device, image_size, threads, pad_batches):
     return TorchRunner(module.eval().to(device), device, torch.bfloat16)
 
 
-@register_backend("compile", "torch.compile, fp32 (static shapes: one compilation per batch size)")
+@register_backend("compile", "torch.compile, fp32 (static shapes: one compilation per batch size)", compiled=True)
 def _build_compile(module, device, image_size, threads, pad_batches):
     compiled = torch.compile(module.eval().to(device), dynamic=False)
     return TorchRunner(compiled, device, pad_batches=pad_batches)
 
 
-@register_backend("bf16-compile", "torch.compile under bf16 autocast")
+@register_backend("bf16-compile", "torch.compile under bf16 autocast", compiled=True)
 def _build_bf16_compile(module, device, image_size, threads, pad_batches):
     compiled = torch.compile(module.eval().to(device), dynamic=False)
     return TorchRunner(compiled, device, torch.bfloat16, pad_batches=pad_batches)
 
 
-@register_backend("fast", "bf16 weights, patch embedding as one matmul, torch.compile (a copy of the model)")
+@register_backend(
+    "fast", "bf16 weights, patch embedding as one matmul, torch.compile (a copy of the model)", compiled=True
+)
 def _build_fast(module, device, image_size, threads, pad_batches):
     # a copy: the caller's module stays fp32 (a server explains with it, an evaluation compares with it)
     fast = copy.deepcopy(module).eval()
@@ -293,6 +296,19 @@ def _onnx_runner(module, device, image_size, threads, *, int8: bool) -> OnnxRunn
         if int8:
             path = quantize_int8(path, Path(tmp) / "model.int8.onnx")
         return OnnxRunner(path, device, threads)
+
+
+def warmup_batch_sizes(name: str, max_batch: int) -> list[int]:
+    """The batch sizes to run once before serving batches of 1..max_batch with backend `name`.
+
+    Compiled backends (which pad to powers of two): every power of two up to max_batch rounded up, so
+    no request waits for a compilation. Others: 1 and max_batch (first-call set-up of the kernels).
+    """
+    if max_batch < 1:
+        raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
+    if BACKENDS[name].compiled:
+        return [1 << k for k in range((max_batch - 1).bit_length() + 1)]
+    return sorted({1, max_batch})
 
 
 def check_backends(names) -> list[str]:

@@ -225,6 +225,18 @@ class Predictor:
     def classes(self) -> list[str]:
         return self.loaded.classes
 
+    def warm_up(self, max_batch: int | None = None) -> list[int]:
+        """Run the model once at each batch size `warmup_batch_sizes` names for batches up to max_batch
+        (default: batch_size), so that no later call pays for compilation or kernel set-up. Returns
+        those sizes (TTA then runs 4x as many views per call, which are powers of two as well)."""
+        from skindistil.inference.backends import warmup_batch_sizes
+
+        sizes = warmup_batch_sizes(self.backend, max_batch or self.batch_size)
+        size = self.loaded.preprocess.image_size
+        for batch in sizes:
+            self.probabilities(torch.zeros(batch, 3, size, size))
+        return sizes
+
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
         """Probabilities [B, C] (float32) for a preprocessed batch [B, 3, S, S]."""
         images = images.to(self._batch_device)

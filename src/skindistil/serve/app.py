@@ -51,6 +51,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from skindistil import __version__
 from skindistil.data.imageio import read_image
 from skindistil.errors import ConfigError, ImageError
+from skindistil.inference.backends import warmup_batch_sizes
 from skindistil.inference.explain import METHODS, explain_png
 from skindistil.inference.predictor import Predictor
 from skindistil.models.artifact import CARD_FILE, WEIGHTS_FILE, LoadedModel, jsonable, load_model, model_card
@@ -139,6 +140,7 @@ class ServingConfig(BaseModel):
     max_pixels: int
     min_side: int
     max_aspect: float
+    warmup_batch_sizes: list[int] = Field(description="batch sizes the model ran at start-up, before any request")
 
 
 class ModelResponse(BaseModel):
@@ -415,6 +417,7 @@ class ModelService:
             max_pixels=limits.max_pixels,
             min_side=limits.min_side,
             max_aspect=limits.max_aspect,
+            warmup_batch_sizes=warmup_batch_sizes(self.predictor.backend, max_batch),
         )
         self.started_at: float | None = None
         self._decode_pool = None
@@ -433,6 +436,13 @@ class ModelService:
         )
         # one explanation at a time: they share one copy of the network
         self._explain_pool = ThreadPoolExecutor(1, thread_name_prefix="skindistil-explain")
+        # before the first request: compiled backends build their graphs, the others set up kernels
+        started = time.perf_counter()
+        sizes = await asyncio.get_running_loop().run_in_executor(self._explain_pool, self._warm_up)
+        log.info(
+            "%s backend warmed up for batch sizes %s in %.1f s",
+            self.predictor.backend, ", ".join(map(str, sizes)), time.perf_counter() - started,
+        )
         await self.batcher.start()
         self.started_at = time.monotonic()
 
@@ -449,6 +459,10 @@ class ModelService:
         return self.batcher.running
 
     # ------------------------------------------------------------------------------------ work
+
+    def _warm_up(self) -> list[int]:
+        torch.set_num_threads(MODEL_THREADS)
+        return self.predictor.warm_up(self.batcher.max_batch)
 
     def _run_batch(self, images: list[torch.Tensor]) -> np.ndarray:
         torch.set_num_threads(MODEL_THREADS)  # for this thread; the decoding threads lowered the default
