@@ -142,3 +142,29 @@ def test_preprocessing_removes_a_black_dermoscope_border(tmp_path, ham_root):
     batch = loaded.preprocess_images([image, framed])
     assert batch.shape == (2, 3, 32, 32) and batch.dtype == torch.float32
     assert torch.equal(batch[0], batch[1])
+
+
+def test_split_preprocessing_is_the_eval_transform_bit_for_bit(tmp_path, ham_root, uda_root):
+    from skindistil.data.imageio import border_crop_box, read_image
+    from skindistil.data.transforms import build_eval_transform
+
+    pre = PreprocessConfig(image_size=48)
+    save_artifact(_vit(depth=1), tmp_path, classes=CLASSES, preprocess=pre)
+    loaded = load_model(tmp_path)
+    paths = sorted((ham_root / "images").glob("*.jpg"))[:12] + sorted((uda_root / "images").glob("*.jpg"))[:4]
+    arrays = [np.asarray(read_image(p)) for p in paths]
+    arrays.append(np.pad(arrays[0], ((20, 20), (30, 30), (0, 0))))  # a black frame: the full border search
+    transform = build_eval_transform(pre)
+    expected_batch = []
+    for rgb in arrays:
+        x0, y0, x1, y1 = border_crop_box(rgb)
+        # the grey-level search the fast path skips, written out: its answer must be the same box
+        gray = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+        if (gray > 20).all():
+            assert (x0, y0, x1, y1) == (0, 0, rgb.shape[1], rgb.shape[0])
+        expected = transform(torch.from_numpy(rgb[y0:y1, x0:x1].copy()).permute(2, 0, 1))
+        prepared = loaded.prepare_image(rgb)
+        assert prepared.dtype == torch.uint8 and prepared.shape == (3, 48, 48)
+        assert torch.equal(loaded.normalize(prepared[None])[0], expected)
+        expected_batch.append(expected)
+    assert torch.equal(loaded.preprocess_images(arrays), torch.stack(expected_batch))

@@ -316,3 +316,21 @@ def build_eval_transform(cfg: PreprocessConfig) -> v2.Compose:
             v2.Normalize(mean=list(cfg.mean), std=list(cfg.std)),
         ]
     )
+
+
+def eval_resize_crop(image: Tensor, cfg: PreprocessConfig) -> Tensor:
+    """uint8 CHW -> uint8 [3, image_size, image_size]: the geometric half of `build_eval_transform`
+    (the same torchvision kernels, so the same pixels)."""
+    interpolation = v2.InterpolationMode(cfg.interpolation)
+    resized = TF.resize(image, [cfg.resize_size], interpolation=interpolation, antialias=True)
+    return TF.center_crop(resized, [cfg.image_size])
+
+
+def normalize_uint8(images: Tensor, cfg: PreprocessConfig) -> Tensor:
+    """uint8 [..., 3, H, W] -> float32 scaled to [0, 1] and normalised: the rest of
+    `build_eval_transform`, the same operations in the same order (so bit-identical values), on a
+    whole batch at once and on the batch's device."""
+    x = images.to(torch.float32).mul_(1.0 / 255)
+    mean = torch.as_tensor(cfg.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    std = torch.as_tensor(cfg.std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return x.sub_(mean).div_(std)

@@ -339,12 +339,23 @@ class LoadedModel:
         """Raw images (paths, PIL images, HWC uint8 arrays) -> the model's input batch [N, 3, S, S].
 
         Applies the artifact's eval policy: black-border crop (when the model was trained with it),
-        shorter side to preprocess.resize_size, centre crop preprocess.image_size, scale, normalise.
+        shorter side to preprocess.resize_size, centre crop preprocess.image_size, scale, normalise
+        (the values of `build_eval_transform`, bit for bit). In two halves for servers and loaders:
+        `prepare_image` (per image, uint8) and `normalize` (per batch).
         """
-        from skindistil.data.transforms import build_eval_transform
+        return self.normalize(torch.stack([self.prepare_image(img) for img in images]))
 
-        transform = build_eval_transform(self.preprocess)
-        return torch.stack([transform(self._crop(_as_array(img))) for img in images])
+    def prepare_image(self, image) -> torch.Tensor:
+        """One raw image -> uint8 [3, S, S]: border crop, resize, centre crop (no float work yet)."""
+        from skindistil.data.transforms import eval_resize_crop
+
+        return eval_resize_crop(self._crop(_as_array(image)), self.preprocess)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, S, S] from `prepare_image` -> the float32 model input, on the images' device."""
+        from skindistil.data.transforms import normalize_uint8
+
+        return normalize_uint8(images, self.preprocess)
 
     def _crop(self, rgb: np.ndarray) -> torch.Tensor:
         from skindistil.data.imageio import border_crop_box

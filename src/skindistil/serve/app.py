@@ -472,7 +472,8 @@ class ModelService:
         """Decode (and preprocess) one upload in a pool thread; any failure is the upload's: a 4xx."""
         try:
             image = decode_upload(data, name, self.limits)
-            return self.loaded.preprocess_images([image])[0] if preprocess else image
+            # uint8: the batch is normalised at once, on the model's device (Predictor.probabilities)
+            return self.loaded.prepare_image(image) if preprocess else image
         except ApiError:
             raise
         except Exception as exc:
