@@ -1,27 +1,31 @@
 """Load test of `skindistil serve`: N concurrent clients for T seconds, micro-batching on and off.
 
     .venv/bin/python benchmarks/load_serve.py                     # 6-block width-384 ViT at 224 px, random init
-    .venv/bin/python benchmarks/load_serve.py --model runs/student/model --clients 32 --seconds 30
+    .venv/bin/python benchmarks/load_serve.py --model runs/student/model --clients 32 --rounds 5
     .venv/bin/python benchmarks/load_serve.py --backends torch,bf16,fast --out load.json
     .venv/bin/python benchmarks/load_serve.py --device cuda --backends fast
 
-The server runs in this process (uvicorn in a thread, 127.0.0.1, a free port) twice per backend on the
-same model: with batching (--max-batch, default 32) and without (max batch 1); each server warms its
-backend up before it accepts requests (compiled backends build their graphs then, outside the window).
-Each time, --clients clients post
-real HAM10000 images to /v1/predict as fast as they are answered (pre-built HTTP/1.1 requests on raw
-asyncio streams, one keep-alive connection each, so the load generator takes little of the shared
-cores; spread over --client-processes processes so that they do not compete with the server for its
-interpreter lock): --warmup seconds first, then --seconds measured. Reported per mode: throughput (answers per
-second inside the window), p50/p99 latency, errors (non-200 answers and transport failures) and the
-server's mean batch size; then the speedup of batching per backend, and the best batched
-configuration against the best batch-1 one. Traffic goes to 127.0.0.1 only.
+The servers run in this process (uvicorn in threads, 127.0.0.1, free ports), two per backend on the
+same model: with batching (--max-batch, default 32) and without (max batch 1). All of them start, and
+warm their backends up (compiled backends build their graphs then), before anything is measured. Then
+--rounds rounds each give every server one window of load in turn, so a change in the machine's load
+(a shared VM is noisy) hits every configuration alike: --clients clients post real HAM10000 images to
+/v1/predict as fast as they are answered, for --warmup seconds and then --seconds measured. The
+clients send pre-built HTTP/1.1 requests over raw asyncio streams, one keep-alive connection each, so
+the load generator takes little of the shared cores; they run in --client-processes processes so that
+they do not compete with the server for its interpreter lock.
+
+Reported per configuration, over its windows: throughput (answers per second), each window's
+throughput, p50/p99 latency, errors (non-200 answers and transport failures) and the server's mean
+batch size; then the speedup of batching per backend, and the best batched configuration against the
+best batch-1 one. Traffic goes to 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -170,15 +174,30 @@ def run_load(url: str, images: list[bytes], clients: int, processes: int, warmup
         after = http.get("/v1/stats").json()
     for worker in workers:
         worker.join()
-    latencies = np.array([x for lat, _ in collected for x in lat]) * 1000
-    batches = after["batches"] - before["batches"]
+    return {
+        "seconds": seconds,
+        "latencies_ms": [x * 1000 for lat, _ in collected for x in lat],
+        "errors": sum(err for _, err in collected),
+        "model_requests": after["requests"] - before["requests"],
+        "batches": after["batches"] - before["batches"],
+    }
+
+
+def combine_windows(windows: list[dict]) -> dict:
+    """One configuration's figures over its measured windows: answers per second over all of them,
+    latency percentiles over all answers, errors, the server's mean batch size, and the throughput
+    of each window (its spread shows the machine's noise)."""
+    latencies = np.array([x for w in windows for x in w["latencies_ms"]])
+    seconds = sum(w["seconds"] for w in windows)
+    batches = sum(w["batches"] for w in windows)
     return {
         "requests": len(latencies),
         "throughput": len(latencies) / seconds,
+        "window_throughputs": [len(w["latencies_ms"]) / w["seconds"] for w in windows],
         "p50_ms": float(np.percentile(latencies, 50)) if len(latencies) else float("nan"),
         "p99_ms": float(np.percentile(latencies, 99)) if len(latencies) else float("nan"),
-        "errors": sum(err for _, err in collected),
-        "mean_batch_size": (after["requests"] - before["requests"]) / batches if batches else 0.0,
+        "errors": sum(w["errors"] for w in windows),
+        "mean_batch_size": sum(w["model_requests"] for w in windows) / batches if batches else 0.0,
     }
 
 
@@ -197,8 +216,15 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="processes the clients are spread over (default: a quarter of the CPUs, at least 1, at most --clients)",
     )
-    parser.add_argument("--seconds", type=float, default=15.0, help="measured seconds per mode (default 15)")
-    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first (default 3)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per window (default 5)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each window (default 2)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds; each measures one window of every configuration in turn, so that a change in the "
+        "machine's load hits all of them alike (default 3)",
+    )
     parser.add_argument("--max-batch", type=int, default=32, help="batching mode's max batch (default 32)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="batching mode's max wait (default 5)")
     parser.add_argument(
@@ -230,25 +256,46 @@ def main(argv: list[str] | None = None) -> int:
             f"{loaded.config.get('num_parameters', 0):,} parameters; backends {args.backends} on {args.device}; "
             f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; {args.clients} clients in {processes} "
             f"process(es), "
-            f"{args.warmup:g} s warm-up + {args.seconds:g} s per mode; {len(images)} images from {args.images}",
+            f"{args.rounds} round(s) of {args.warmup:g} s warm-up + {args.seconds:g} s per configuration; "
+            f"{len(images)} images from {args.images}",
             flush=True,
         )
-        results = []
-        for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
-            for mode, max_batch in (("batching", args.max_batch), ("no batching", 1)):
+        configs = [
+            (backend, mode, max_batch)
+            for backend in [b.strip() for b in args.backends.split(",") if b.strip()]
+            for mode, max_batch in (("batching", args.max_batch), ("no batching", 1))
+        ]
+        windows: dict[tuple, list] = {config: [] for config in configs}
+        with contextlib.ExitStack() as stack:
+            urls = {}
+            for backend, mode, max_batch in configs:
                 app = create_app(loaded, backend=backend, max_batch=max_batch, max_wait_ms=args.max_wait_ms, device=args.device)
                 # the timeout covers the start-up warm-up (a compiled backend compiles every batch size)
-                with serve_in_background(app, log_level="error", timeout=1800) as url:
-                    figures = run_load(url, images, args.clients, processes, args.warmup, args.seconds)
-                results.append({"backend": backend, "mode": mode, "max_batch": max_batch, **figures})
-                print(f"{backend}, {mode}: {figures}", flush=True)
+                urls[backend, mode, max_batch] = stack.enter_context(serve_in_background(app, log_level="error", timeout=1800))
+            for round_index in range(args.rounds):
+                for config in configs:
+                    window = run_load(urls[config], images, args.clients, processes, args.warmup, args.seconds)
+                    windows[config].append(window)
+                    print(
+                        f"round {round_index + 1}/{args.rounds}, {config[0]}, {config[1]}: "
+                        f"{len(window['latencies_ms']) / window['seconds']:.1f} req/s, {window['errors']} errors",
+                        flush=True,
+                    )
+        results = [
+            {"backend": backend, "mode": mode, "max_batch": max_batch, **combine_windows(windows[backend, mode, max_batch])}
+            for backend, mode, max_batch in configs
+        ]
 
     print()
-    print("| backend | mode | max batch | clients | throughput (req/s) | p50 (ms) | p99 (ms) | errors | mean batch |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| backend | mode | max batch | clients | throughput (req/s) | windows (req/s) | p50 (ms) | p99 (ms) "
+        "| errors | mean batch |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
+        spread = f"{min(r['window_throughputs']):.1f}-{max(r['window_throughputs']):.1f}"
         print(
-            f"| {r['backend']} | {r['mode']} | {r['max_batch']} | {args.clients} | {r['throughput']:.1f} | "
+            f"| {r['backend']} | {r['mode']} | {r['max_batch']} | {args.clients} | {r['throughput']:.1f} | {spread} | "
             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['mean_batch_size']:.1f} |"
         )
     print()
