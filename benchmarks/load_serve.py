@@ -1,6 +1,7 @@
 """Load test of `skindistil serve`: N concurrent clients for T seconds, micro-batching on and off.
 
-    .venv/bin/python benchmarks/load_serve.py                     # 6-block width-384 ViT at 224 px, random init
+    .venv/bin/python benchmarks/load_serve.py                     # the ham10000-scratch student's shape
+    .venv/bin/python benchmarks/load_serve.py --image-size 224 --backends torch,bf16,onnx-int8
     .venv/bin/python benchmarks/load_serve.py --model runs/student/model --clients 32 --rounds 5
     .venv/bin/python benchmarks/load_serve.py --backends torch,bf16,fast --out load.json
     .venv/bin/python benchmarks/load_serve.py --device cuda --backends fast
@@ -207,7 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=6, help="default model: blocks (default 6)")
     parser.add_argument("--width", type=int, default=384, help="default model: embedding width (default 384)")
     parser.add_argument("--heads", type=int, default=6, help="default model: attention heads (default 6)")
-    parser.add_argument("--image-size", type=int, default=224, help="default model: input size (default 224)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=128,
+        help="default model: input size (default 128: with 6 blocks of width 384, the student that "
+        "configs/ham10000-scratch.yaml distils)",
+    )
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help=f"folder of JPEGs (default {DEFAULT_IMAGES})")
     parser.add_argument("--num-images", type=int, default=64, help="distinct images cycled through (default 64)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
