@@ -38,6 +38,30 @@ def ham_small(ham_root, tmp_path_factory) -> Path:
     return out
 
 
+def serving_artifact(out_dir: Path) -> Path:
+    """The tiny model the serving tests use: a random 2-block ViT at 32 px with the ISIC 2019 classes;
+    a large head makes its probabilities clearly non-uniform."""
+    import torch
+
+    from skindistil.config import PreprocessConfig
+    from skindistil.data.vocab import ISIC2019
+    from skindistil.models import create_teacher, save_artifact
+
+    torch.manual_seed(0)
+    model = create_teacher(
+        "vit_base_patch16_224", num_classes=8, embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=32
+    )
+    torch.nn.init.normal_(model.head.weight, std=1.0)
+    return save_artifact(
+        model,
+        out_dir / "lesions" / "model",
+        classes=list(ISIC2019.names),
+        preprocess=PreprocessConfig(image_size=32),
+        metrics={"test": {"balanced_accuracy": 0.5}},
+        extra={"role": "student"},
+    )
+
+
 def tiny_train_config(data_dir, out_dir, name="teacher", **trainer):
     """A tiny ViT teacher recipe for 64 px images that trains in seconds on 2 CPU cores."""
     from skindistil.config import TrainConfig

@@ -22,10 +22,11 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import serving_artifact
 from skindistil.cli import main
 from skindistil.config import PreprocessConfig
 from skindistil.data.vocab import ISIC2019
-from skindistil.models import create_teacher, load_model, save_artifact
+from skindistil.models import load_model
 from skindistil.serve import MicroBatcher, create_app
 from skindistil.serve.app import weights_version
 from skindistil.serve.batching import NotRunning, Overloaded
@@ -35,20 +36,7 @@ CLASSES = list(ISIC2019.names)
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    """A random 2-block ViT at 32 px; a large head makes the probabilities clearly non-uniform."""
-    torch.manual_seed(0)
-    model = create_teacher(
-        "vit_base_patch16_224", num_classes=8, embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=32
-    )
-    torch.nn.init.normal_(model.head.weight, std=1.0)
-    return save_artifact(
-        model,
-        tmp_path_factory.mktemp("serve") / "lesions" / "model",
-        classes=CLASSES,
-        preprocess=PreprocessConfig(image_size=32),
-        metrics={"test": {"balanced_accuracy": 0.5}},
-        extra={"role": "student"},
-    )
+    return serving_artifact(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -325,16 +313,16 @@ def test_compiled_backend_compiles_at_start_up_only(artifact, images, reference)
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    app = create_app(artifact, backend="compile", max_batch=4, max_wait_ms=50)
+    # a long wait: three requests sent together become one batch of 3, a size no graph was built for
+    app = create_app(artifact, backend="compile", max_batch=4, max_wait_ms=2000)
     with TestClient(app) as client, ThreadPoolExecutor(3) as pool:
         assert client.get("/v1/model").json()["serving"]["warmup_batch_sizes"] == [1, 2, 4]
         graphs = counters["stats"]["unique_graphs"]
         assert graphs >= 3  # one per padded batch size
-        payloads = images[:7]
+        payloads = images[:3]
         responses = list(pool.map(lambda p: client.post("/v1/predict", files=upload(p.read_bytes())), payloads))
-        sizes = {r.json()["batch_size"] for r in responses}
-        assert counters["stats"]["unique_graphs"] == graphs  # batches of 3 ran padded to 4: no new graph
-    assert max(sizes) > 1
+        assert [r.json()["batch_size"] for r in responses] == [3, 3, 3]
+        assert counters["stats"]["unique_graphs"] == graphs  # the batch of 3 ran padded to 4: no new graph
     for path, response in zip(payloads, responses, strict=True):
         probs = np.array(list(response.json()["probabilities"].values()))
         np.testing.assert_allclose(probs, reference(path), atol=1e-4)

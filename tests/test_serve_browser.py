@@ -7,11 +7,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from skindistil.config import PreprocessConfig
-from skindistil.data.vocab import ISIC2019
-from skindistil.models import create_teacher, save_artifact
+from conftest import serving_artifact
 from skindistil.serve import create_app, serve_in_background
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -38,19 +35,7 @@ def chromium_path() -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory):
-    torch.manual_seed(0)
-    model = create_teacher(
-        "vit_base_patch16_224", num_classes=8, embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=32
-    )
-    torch.nn.init.normal_(model.head.weight, std=1.0)
-    artifact = save_artifact(
-        model,
-        tmp_path_factory.mktemp("browser") / "lesions" / "model",
-        classes=list(ISIC2019.names),
-        preprocess=PreprocessConfig(image_size=32),
-        metrics={"test": {"balanced_accuracy": 0.5}},
-        extra={"role": "student"},
-    )
+    artifact = serving_artifact(tmp_path_factory.mktemp("browser"))
     with serve_in_background(create_app(artifact)) as url:
         yield url
 
