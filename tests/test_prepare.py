@@ -15,7 +15,13 @@ from PIL import Image
 
 import skindistil.data.prepare as prepare_module
 from skindistil import cli
-from skindistil.data.prepare import MANIFEST_COLUMNS, cache_file_for, load_manifest, prepare_dataset
+from skindistil.data.prepare import (
+    MANIFEST_COLUMNS,
+    MANIFEST_METADATA,
+    cache_file_for,
+    load_manifest,
+    prepare_dataset,
+)
 from skindistil.data.sources import ImageFolderSource, build_source
 from skindistil.errors import DataError, ImageError
 
@@ -71,10 +77,12 @@ def test_prepare_real_ham_writes_cache_and_manifest(ham_prepared):
     result, out = ham_prepared
     manifest, info = load_manifest(out)
     assert result.num_images == len(manifest) == 60 and result.num_decoded == 60
-    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert list(manifest.columns) == [*MANIFEST_COLUMNS, *MANIFEST_METADATA]
     assert info["classes"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
     assert info["source"] == "ham10000" and info["short_side"] == 256 and info["num_images"] == 60
-    assert info["splits"] == {"seed": 42, "fractions": [0.7, 0.15, 0.15], "folds": 3, "predefined": False}
+    assert info["splits"] == {"seed": 42, "fractions": [0.7, 0.15, 0.15], "folds": 3, "predefined": False,
+                              "drawn_from_train": []}
+    assert (manifest["lesion_id"] == manifest["group"]).all() and set(manifest["sex"]) <= {"male", "female", ""}
     assert set(manifest["class_name"]) == set(info["classes"])  # --limit keeps every class
     # No lesion on two sides; folds cover train+val only.
     assert (manifest.groupby("group")["split"].nunique() == 1).all()

@@ -48,24 +48,21 @@ class ModelEntry:
 
 
 def detect_source(path: str | Path) -> tuple[str, str]:
-    """(source kind, root) for a folder or file given as --data: a prepared dataset, ISIC 2019, HAM10000,
-    a DermaMNIST .npz, a CSV of paths or an ImageFolder tree."""
+    """(source kind, root) for a folder or file given as --data: a prepared dataset, or any layout
+    `skindistil.data.sources.detect_source` recognises (ISIC 2016-2024, HAM10000, DermaMNIST, a CSV of
+    paths, an ImageFolder tree with or without train/val/test folders). ConfigError when none fits."""
+    from skindistil.data.sources import detect_source as detect_layout
+    from skindistil.errors import DataError
+
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"--data {path}: not found")
     if (path / "dataset.json").is_file():
         return "prepared", str(path)
-    if (path / "HAM10000_metadata.csv").is_file():
-        return "ham10000", str(path)
-    if (path / "ISIC_2019_Training_GroundTruth.csv").is_file():
-        return "isic2019", str(path)
-    if path.suffix == ".npz" or (path.is_dir() and any(path.glob("*.npz"))):
-        return "dermamnist", str(path)
-    if path.suffix == ".csv" and path.is_file():
-        return "csv", str(path)
-    if path.is_dir() and any(child.is_dir() for child in path.iterdir()):
-        return "folder", str(path)
-    raise ConfigError(
-        f"--data {path}: not a prepared dataset, ISIC 2019 or HAM10000 folder, DermaMNIST .npz, CSV or ImageFolder tree"
-    )
+    try:
+        return detect_layout(path), str(path)
+    except DataError as exc:
+        raise ConfigError(f"--data {exc.where}: not a prepared dataset (no dataset.json), and {exc.reason}") from None
 
 
 class Pipeline:

@@ -12,6 +12,7 @@ from PIL import Image
 from skindistil.config import RunConfig
 from skindistil.evaluation.document import Document
 from skindistil.evaluation.plots import plot_training_curves
+from skindistil.evaluation.report import headline_rows, incomplete_warning
 
 DISCLAIMER = ("Research software: these models are not medical devices and their outputs are not diagnoses. "
               "Figures below are measured in this run on the data it names.")
@@ -51,7 +52,12 @@ def build_report(cfg: RunConfig, run_dir: Path, data_dir: Path, models, bench: d
     teacher_bma = teacher.metrics["headline"]["balanced_accuracy"]
     speed = _speed_table(bench)
     section = doc.section(f"Teacher vs students ({split} split)")
-    header = ["model", "depth", "params", "size (MB)", "BMA", "accuracy", "macro F1", "retention %"]
+    warning = incomplete_warning(teacher.metrics)
+    if warning:
+        section.text(warning)
+    bma = dict(headline_rows(teacher.metrics))
+    bma_label = next(k for k in bma if k.startswith("balanced_accuracy")).replace("balanced_accuracy", "BMA")
+    header = ["model", "depth", "params", "size (MB)", bma_label, "accuracy", "macro F1", "retention %"]
     speed_cols = sorted({(d, b) for (_, d, b) in speed})
     header += [f"{d} ms/img @ {b}" for d, b in speed_cols]
     rows = []

@@ -135,13 +135,18 @@ def _print_summary(metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from skindistil.evaluation.report import headline_rows, incomplete_warning
+
     console = Console()
     table = Table(title=metrics["title"])
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in metrics["headline"].items():
+    for key, value in headline_rows(metrics):
         table.add_row(key, "n/a" if value != value else f"{value:.4f}")
     console.print(table)
+    warning = incomplete_warning(metrics)
+    if warning:
+        console.print(f"[bold red]{warning}[/]", highlight=False)
     for note in metrics["notes"]:
         console.print(f"note: {note}")
     console.print(f"wrote {Path(metrics['files']['metrics']).parent}")

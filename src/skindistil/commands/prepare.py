@@ -6,6 +6,9 @@ Examples:
     skindistil prepare --source isic2019 --root data/ISIC2019 --out prepared/isic --on-error skip
     skindistil prepare --source dermamnist --root dermamnist_224.npz --out prepared/derma
     skindistil prepare --source csv --root my_images/labels.csv --out prepared/mine --limit 200
+    skindistil prepare --source isic2018 --root data/ISIC2018 --out prepared/isic2018
+    skindistil prepare --source isic2020 --labels diagnosis --root data/siim-isic-2020 --out prepared/isic2020
+    skindistil prepare --source isic2024 --root data/isic-2024-challenge --out prepared/isic2024
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, choices=available_sources(), help="dataset layout")
     parser.add_argument(
         "--root",
-        help="dataset folder (isic2019, ham10000, folder), .npz file (dermamnist) or CSV file (csv)",
+        help="dataset folder (isic2016-isic2024, ham10000, folder), .npz file (dermamnist) or CSV file (csv)",
     )
     parser.add_argument("--out", required=True, metavar="DATA_DIR", help="prepared dataset folder to write")
     parser.add_argument("--short-side", type=int, default=256, help="cached shorter side in pixels (default 256)")
@@ -83,10 +86,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     group = parser.add_argument_group("source options (only where they apply)")
-    group.add_argument("--labels", choices=("dx", "isic2019"), help="ham10000: 7 dx classes or 8 ISIC 2019 classes")
-    group.add_argument("--ground-truth", help="isic2019/ham10000: ISIC 2019 ground-truth CSV (default: in --root)")
-    group.add_argument("--metadata", help="isic2019/ham10000: metadata CSV with lesion_id (default: in --root)")
-    group.add_argument("--image-dir", dest="image_dirs", action="append", help="isic2019/ham10000: image folder (repeatable)")
+    group.add_argument("--labels", help="ham10000: dx (7 classes, default) or isic2019 (8 classes); "
+                                        "isic2020: target (benign/malignant, default) or diagnosis")
+    group.add_argument("--ground-truth", help="isic20XX/ham10000: ground-truth CSV (default: the challenge's "
+                                              "training file in --root; give a validation or test file to prepare those)")
+    group.add_argument("--metadata", help="isic2017/2018/2019, ham10000: metadata or lesion-groupings CSV "
+                                          "(default: in --root)")
+    group.add_argument("--image-dir", dest="image_dirs", action="append",
+                       help="isic20XX/ham10000: image folder (repeatable; isic2024: instead of train-image.hdf5)")
     group.add_argument("--class-names", help="csv/folder: comma-separated class order (default: sorted names)")
 
 
@@ -131,6 +138,8 @@ def _print_summary(result, console: Console) -> None:
         f"decoded {result.num_decoded}, reused from cache {result.num_reused}, "
         f"{result.images_per_second:.1f} img/s, total {result.timings['total']:.1f} s"
     )
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
     if result.problems:
         console.print(f"[yellow]skipped {len(result.problems)} item(s)[/] (all listed in prepare_report.json):")
         for problem in result.problems[:_SHOWN_PROBLEMS]:

@@ -10,8 +10,9 @@ def add_arguments(p: argparse.ArgumentParser, default_config: str | None = None)
     p.add_argument("--config", required=default_config is None, default=default_config,
                    help="recipe: a YAML file or the name of a built-in one (quickstart, ham10000-scratch, "
                         "paper-isic2019)" + (f"; default {default_config}" if default_config else ""))
-    p.add_argument("--data", help="images to use instead of the recipe's: a HAM10000 or ISIC 2019 folder, a "
-                                  "DermaMNIST .npz, a CSV of paths, an ImageFolder tree or a prepared DATA_DIR")
+    p.add_argument("--data", help="images to use instead of the recipe's: an ISIC 2016-2020 or 2024 challenge folder, "
+                                  "a HAM10000 folder, a DermaMNIST .npz, a CSV of paths, an ImageFolder tree "
+                                  "(train/val/test folders are splits) or a prepared DATA_DIR")
     p.add_argument("--name", help="run name (RUN = OUT_DIR/NAME)")
     p.add_argument("--out-dir", help="parent of run directories (default runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -2,8 +2,9 @@
 
 Layout of a prepared DATA_DIR (format 1):
 
-    dataset.json          source, classes, preprocessing, split settings, per-split class counts
-    manifest.csv          one row per image (MANIFEST_COLUMNS); `cache_file` is relative to DATA_DIR
+    dataset.json          source, classes, preprocessing, split settings, per-split class counts, notes
+    manifest.csv          one row per image (MANIFEST_COLUMNS, then the patient/lesion METADATA_FIELDS:
+                          age, sex, site, patient_id, lesion_id); `cache_file` is relative to DATA_DIR
     cache/<hh>/<id>.npy   uint8 HWC RGB, shorter side = short_side (<hh>: 2 hex chars of sha1(id))
     cache/journal.jsonl   one JSON line per cached image (its source hash and geometry)
     prepare_report.json   skipped items, counts, timings
@@ -45,7 +46,7 @@ from rich.progress import (
 )
 
 from skindistil.data.imageio import DEFAULT_MAX_PIXELS, border_crop_box, resize_shorter
-from skindistil.data.records import Problem, Record
+from skindistil.data.records import METADATA_FIELDS, Problem, Record
 from skindistil.data.sources import ON_ERROR_CHOICES, Source
 from skindistil.data.splits import (
     DEFAULT_FRACTIONS,
@@ -69,6 +70,8 @@ MANIFEST_COLUMNS = [
     "orig_width", "orig_height", "crop_x0", "crop_y0", "crop_x1", "crop_y1",
     "width", "height", "sha256", "cache_file",
 ]  # fmt: skip
+# Written after MANIFEST_COLUMNS; optional when reading (datasets prepared before they existed lack them).
+MANIFEST_METADATA = list(METADATA_FIELDS)
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -82,6 +85,7 @@ class PrepareResult:
     num_reused: int
     counts: dict[str, dict[str, int]]
     problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     images_per_second: float = 0.0
 
@@ -134,7 +138,8 @@ def prepare_dataset(
     `on_error` and `max_pixels` here govern both parsing and decoding (they override the source's
     own). With ``on_error="fail"`` the first bad row or image raises its DataError/ImageError, after
     the work done so far is journaled (a rerun resumes); with ``"skip"`` bad items are left out and
-    listed in prepare_report.json. Splits: the source's predefined ones if it has them (DermaMNIST),
+    listed in prepare_report.json. Splits: the source's predefined ones if it has them (DermaMNIST, a
+    split-folder tree; a split it lacks is drawn from train by `fractions`, grouped and stratified),
     else grouped-stratified train/val/test by `fractions`; `folds` adds k-fold ids over train+val
     (the test split stays held out). `limit` keeps a class-stratified subset of that many images.
     `workers` None = all cores; 0 or 1 = in this process. Worker processes are started, not forked,
@@ -158,10 +163,11 @@ def prepare_dataset(
 
     # A private copy, so the caller's source keeps its own settings and problem list.
     source = copy.copy(source)
-    source.on_error, source.max_pixels, source.problems = on_error, int(max_pixels), []
+    source.on_error, source.max_pixels, source.problems, source.notes = on_error, int(max_pixels), [], []
     records = source.records()
     vocab = source.vocab
     problems = list(source.problems)
+    notes = list(source.notes)
     records = _drop_invalid(records, vocab, on_error, problems)
     if limit is not None:
         records = [records[i] for i in stratified_subset([r.label for r in records], limit, seed)]
@@ -191,7 +197,8 @@ def prepare_dataset(
         raise DataError(source.fingerprint(), "no image could be prepared (see the skipped items)")
     labels = np.array([r.label for r, _ in kept], dtype=np.int64)
     groups = [r.group for r, _ in kept]
-    split, predefined = _assign_splits(source, [r for r, _ in kept], labels, groups, fractions, seed)
+    split, predefined, drawn = _assign_splits(source, [r for r, _ in kept], labels, groups, fractions, seed)
+    notes += [f"no predefined {name} split: {name} drawn from train (grouped, stratified by --split)" for name in drawn]
     fold = np.full(len(kept), -1, dtype=np.int64)
     if folds:
         pool = np.flatnonzero(split != "test")
@@ -201,6 +208,7 @@ def prepare_dataset(
     write_started = time.perf_counter()
     manifest = _manifest_frame(kept, vocab, split, fold)
     counts = {name: vocab.counts(labels[split == name].tolist()) for name in SPLIT_NAMES}
+    notes += split_class_notes(counts)
     reused = sum(1 for _, entry in kept if entry.get("reused"))
     _write_csv_atomic(data_dir / MANIFEST_CSV, manifest)
     _finish_cache(data_dir, [entry for _, entry in kept])
@@ -214,6 +222,7 @@ def prepare_dataset(
         "num_reused": reused,
         "num_skipped": len(problems),
         "problems": [p.to_dict() for p in problems],
+        "notes": notes,
         "counts": counts,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "images_per_second": round(images_per_second, 1),
@@ -235,9 +244,11 @@ def prepare_dataset(
             "fractions": None if predefined else list(fractions),
             "folds": folds,
             "predefined": predefined,
+            "drawn_from_train": drawn,
         },
         "counts": counts,
         "num_images": len(kept),
+        "notes": notes,
     }
     _write_json_atomic(data_dir / DATASET_JSON, dataset)
     return PrepareResult(
@@ -247,9 +258,37 @@ def prepare_dataset(
         num_reused=reused,
         counts=counts,
         problems=problems,
+        notes=notes,
         timings=timings,
         images_per_second=images_per_second,
     )
+
+
+def split_class_notes(counts: dict[str, dict[str, int]]) -> list[str]:
+    """What a user must know about classes missing from splits, from {split: {class: count}}.
+
+    Fewer than two classes overall, or a class without training images: training refuses the dataset.
+    A class absent from val or test: that split's balanced accuracy can only average the others (the
+    evaluation report marks it incomplete).
+    """
+    classes = list(next(iter(counts.values())))
+    present = [c for c in classes if any(split.get(c, 0) for split in counts.values())]
+    notes = []
+    if len(present) < 2:
+        notes.append(f"only {len(present)} class(es) with images ({', '.join(present) or 'none'}): no classifier "
+                     "can be trained or scored on this dataset")
+    for name, split_counts in counts.items():
+        if not sum(split_counts.values()):
+            continue
+        missing = [c for c in classes if not split_counts.get(c, 0)]
+        if not missing:
+            continue
+        if name == "train":
+            notes.append(f"train has no image of class(es) {', '.join(missing)}: training on this dataset is refused")
+        else:
+            notes.append(f"{name} has no image of class(es) {', '.join(missing)}: its balanced accuracy averages "
+                         f"the other {len(classes) - len(missing)} classes and is reported as incomplete")
+    return notes
 
 
 def load_manifest(data_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -274,11 +313,14 @@ def load_manifest(data_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     manifest_path = data_dir / MANIFEST_CSV
     if not manifest_path.is_file():
         raise DataError(data_dir, f"prepared dataset without {MANIFEST_CSV}; prepare it again")
-    text_columns = ["image_id", "class_name", "group", "split", "source", "sha256", "cache_file", "fold"]
+    text_columns = ["image_id", "class_name", "group", "split", "source", "sha256", "cache_file", "fold", *MANIFEST_METADATA]
     frame = pd.read_csv(manifest_path, dtype=dict.fromkeys(text_columns, str), keep_default_na=False)
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(manifest_path, f"missing column(s) {', '.join(missing)}")
+    for name in MANIFEST_METADATA:
+        if name not in frame.columns:
+            frame[name] = ""
     if len(frame) != info.get("num_images"):
         raise DataError(manifest_path, f"{len(frame)} rows but dataset.json says {info.get('num_images')} images")
     frame["fold"] = pd.to_numeric(frame["fold"].mask(frame["fold"] == "")).astype("Int64")
@@ -308,17 +350,31 @@ def _drop_invalid(records: list[Record], vocab: ClassVocab, on_error: str, probl
     return kept
 
 
-def _assign_splits(source, records, labels, groups, fractions, seed) -> tuple[np.ndarray, bool]:
-    """(split name per record, whether the source's predefined splits were kept)."""
+def _assign_splits(source, records, labels, groups, fractions, seed) -> tuple[np.ndarray, bool, list[str]]:
+    """(split name per record, whether the source's predefined splits were kept, the splits drawn from train).
+
+    Predefined splits without val or test (a tree of train/ and test/ only) keep what they have; each
+    missing split is drawn from train with the share `fractions` gives it, grouped and stratified.
+    """
     given = [r.split for r in records]
     if all(s is None for s in given):
-        return split_train_val_test(labels, groups, fractions, seed), False
+        return split_train_val_test(labels, groups, fractions, seed), False, []
     if any(s is None for s in given):
         raise DataError(source.fingerprint(), "some records carry a predefined split and others do not")
     unknown = sorted(set(given) - set(SPLIT_NAMES))
     if unknown:
         raise DataError(source.fingerprint(), f"unknown predefined split(s) {unknown}; expected {', '.join(SPLIT_NAMES)}")
-    return np.asarray(given, dtype=object), True
+    split = np.asarray(given, dtype=object)
+    if not (split == "train").any():
+        raise DataError(source.fingerprint(), "the predefined splits hold no train images")
+    drawn = [name for name in SPLIT_NAMES if name != "train" and not (split == name).any()]
+    drawn = [name for name in drawn if fractions[SPLIT_NAMES.index(name)] > 0]
+    if drawn:
+        names = ["train", *drawn]
+        shares = np.array([fractions[SPLIT_NAMES.index(name)] for name in names])
+        pool = np.flatnonzero(split == "train")
+        split[pool] = split_train_val_test(labels[pool], [groups[i] for i in pool], shares / shares.sum(), seed, names)
+    return split, True, drawn
 
 
 def _manifest_frame(kept: list[tuple[Record, dict]], vocab: ClassVocab, split: np.ndarray, fold: np.ndarray) -> pd.DataFrame:
@@ -344,9 +400,10 @@ def _manifest_frame(kept: list[tuple[Record, dict]], vocab: ClassVocab, split: n
                 "height": entry["height"],
                 "sha256": entry["sha256"],
                 "cache_file": entry["cache_file"],
+                **{name: record.meta.get(name, "") for name in MANIFEST_METADATA},
             }
         )
-    frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    frame = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *MANIFEST_METADATA])
     frame["fold"] = frame["fold"].astype("Int64")
     return frame
 

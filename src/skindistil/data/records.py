@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# Patient and lesion metadata kept per image in the manifest (for subgroup analysis), under these names
+# whatever each dataset calls them: age (years, as given: ISIC rounds to 5), sex, site (anatomical
+# site), patient_id, lesion_id. A missing value is "".
+METADATA_FIELDS = ("age", "sex", "site", "patient_id", "lesion_id")
+_MISSING_VALUES = frozenset({"", "nan", "na", "n/a", "none", "null", "unknown"})
+
 
 @dataclass(frozen=True)
 class Record:
@@ -13,7 +19,8 @@ class Record:
     `source` locates the pixels: a file path, or a source-specific reference such as
     ``file.npz#train/17`` or ``synthetic://seed/17``; the source object that produced the record
     knows how to open it. `group` is the lesion id (None when unknown): images of one group never
-    land on two sides of a split. `split` is a predefined split (DermaMNIST), else None.
+    land on two sides of a split. `split` is a predefined split (DermaMNIST, a split-folder tree), else
+    None. `meta` holds source-specific fields; the METADATA_FIELDS among them go to the manifest.
     """
 
     image_id: str
@@ -33,3 +40,25 @@ class Problem:
 
     def to_dict(self) -> dict[str, str]:
         return {"where": self.where, "reason": self.reason}
+
+
+def standard_metadata(**values: object) -> dict[str, str]:
+    """The METADATA_FIELDS given as keywords, cleaned: stripped text, missing markers ("", "nan", "NA",
+    "unknown", ...) as "", whole numbers without a decimal part ("55.0" -> "55"). Unknown names raise."""
+    unknown = sorted(set(values) - set(METADATA_FIELDS))
+    if unknown:
+        raise ValueError(f"not metadata fields: {unknown}; expected {', '.join(METADATA_FIELDS)}")
+    out = {}
+    for name, value in values.items():
+        text = "" if value is None else str(value).strip()
+        if text.lower() in _MISSING_VALUES:
+            text = ""
+        elif name == "age":
+            try:
+                number = float(text)
+            except ValueError:
+                pass
+            else:
+                text = str(int(number)) if number.is_integer() else text
+        out[name] = text
+    return out

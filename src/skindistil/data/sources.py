@@ -7,6 +7,11 @@ A source is a small picklable object (prepare calls `open` in worker processes):
   out and a Problem is appended to `problems`.
 - `open(record)` decodes the record's pixels to an RGB PIL image (ImageError naming the file).
 - `fingerprint()` is a stable one-line description written into dataset.json.
+- `notes` (filled by `records()`) are what the user must know about how the layout was read (a class
+  renamed, rows left out on purpose, no lesion grouping); prepare prints them and writes them into
+  dataset.json.
+- `detect(path)` (a classmethod) says whether a folder or file is this layout; `detect_source` tries
+  every source in `DETECTION_ORDER`, which is how `run --data` picks one.
 
 New layouts subclass `Source` and register with ``@register_source("name")``; `build_source`
 constructs one by name.
@@ -29,7 +34,7 @@ import pandas as pd
 from PIL import Image
 
 from skindistil.data.imageio import DEFAULT_MAX_PIXELS, read_image
-from skindistil.data.records import Problem, Record
+from skindistil.data.records import Problem, Record, standard_metadata
 from skindistil.data.vocab import HAM10000, ISIC2019, ClassVocab
 from skindistil.errors import CSVError, DataError, ImageError
 
@@ -37,7 +42,15 @@ ON_ERROR_CHOICES = ("fail", "skip")
 
 _REGISTRY: dict[str, type[Source]] = {}
 # Sources defined outside this module, imported on first use so this module never imports upward.
-_LAZY_SOURCES = {"synthetic": "skindistil.data.synthetic"}
+_LAZY_SOURCES = {
+    "synthetic": "skindistil.data.synthetic",
+    **dict.fromkeys(("isic2016", "isic2017", "isic2018", "isic2020", "isic2024"), "skindistil.data.isic_challenges"),
+}
+# The order `detect_source` tries layouts in: specific files first, the ImageFolder tree last. HAM10000
+# comes before ISIC 2019 because a HAM10000 folder may also hold ISIC 2019's ground truth for its images.
+DETECTION_ORDER = (
+    "ham10000", "isic2019", "isic2018", "isic2017", "isic2016", "isic2020", "isic2024", "dermamnist", "csv", "folder",
+)
 
 
 def register_source(name: str):
@@ -68,12 +81,41 @@ def source_class(kind: str) -> type[Source]:
 
 
 def source_options(kind: str) -> list[str] | None:
-    """Options the constructor of source `kind` takes by keyword besides root (None: any, via **kwargs)."""
-    params = list(inspect.signature(source_class(kind).__init__).parameters.values())[2:]  # skip self, root
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
+    """Options the constructor of source `kind` takes by keyword besides root (None: any, via **kwargs).
+
+    A constructor that passes **kwargs on to its parent's accepts the parent's options too.
+    """
+    return _init_options(source_class(kind))
+
+
+def _init_options(cls: type) -> list[str] | None:
+    params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # skip self, root
     keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [p.name for p in params if p.kind in keyword]
+    names = [p.name for p in params if p.kind in keyword]
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return names
+    parent = next((base for base in cls.__mro__[1:] if "__init__" in vars(base)), object)
+    inherited = _init_options(parent) if parent is not object else None
+    return None if inherited is None else [*names, *(n for n in inherited if n not in names)]
+
+
+def detect_source(path: str | Path) -> str:
+    """The name of the first source in `DETECTION_ORDER` that recognises `path` (a folder or file).
+
+    Raises DataError naming the path when none does (the message lists the layouts looked for).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "not found")
+    for kind in DETECTION_ORDER:
+        if source_class(kind).detect(path):
+            return kind
+    raise DataError(
+        path,
+        "not a recognised dataset: expected an ISIC 2016/2017/2018 (task 3), 2019, 2020 or 2024 folder with its "
+        "ground-truth CSV, a HAM10000 folder (HAM10000_metadata.csv), a DermaMNIST .npz, a CSV of paths or an "
+        "ImageFolder tree (<class>/<images>, or train|val|test/<class>/<images>)",
+    )
 
 
 def build_source(kind: str, root: str | Path | None, **options) -> Source:
@@ -113,6 +155,12 @@ class Source(abc.ABC):
         self.on_error = on_error
         self.max_pixels = int(max_pixels)
         self.problems: list[Problem] = []
+        self.notes: list[str] = []
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        """Whether `path` is a dataset in this source's layout (False unless a source says otherwise)."""
+        return False
 
     @abc.abstractmethod
     def records(self) -> list[Record]:
@@ -218,24 +266,37 @@ def find_isic_image(index: dict[str, Path], image: str) -> Path | None:
     return None
 
 
-def read_isic2019_ground_truth(path: Path, report) -> list[tuple[int, str, int]]:
-    """Parse an ISIC 2019 ground-truth CSV (image, MEL..SCC one-hot, optional UNK).
+def read_onehot_ground_truth(
+    path: Path,
+    columns: Sequence[str],
+    what: str,
+    report,
+    *,
+    id_column: str = "image",
+    unknown_column: str | None = None,
+    none_label: int | None = None,
+) -> list[tuple[int, str, int]]:
+    """Parse a one-hot ground-truth CSV (ISIC 2017-2019 style: an id column, one 0/1 column per class).
 
-    Returns (row, image, label index in the ISIC 2019 vocabulary) per valid row. A row is invalid
-    when a class value is not 0/1, UNK is 1 (UNK is never a class), no class or several classes are
-    1, the image name is empty or repeats an earlier row; `report(where, reason)` is called for it.
+    Returns (row, image, index into `columns`) per valid row. With `none_label`, a row whose class
+    columns are all 0 gets that label (ISIC 2017: neither melanoma nor seborrheic keratosis = nevus).
+    `unknown_column`, when the file has it, must be 0 (ISIC 2019's UNK is never a class). A row is
+    invalid when a value is not 0/1, the unknown column is 1, not exactly one class is 1 (or more than
+    one with `none_label`), the id is empty or repeats an earlier row; `report(where, reason)` is
+    called for it.
     """
-    names = ISIC2019.names
-    table = read_csv_table(path, ["image", *names], "ISIC 2019 ground truth")
-    onehot_columns = [*names, "UNK"] if "UNK" in table.columns else list(names)
+    names = list(columns)
+    table = read_csv_table(path, [id_column, *names], what)
+    with_unknown = unknown_column is not None and unknown_column in table.columns
+    onehot_columns = [*names, unknown_column] if with_unknown else names
     values = table[onehot_columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
     valid_value = (values == 0) | (values == 1)
     rows: list[tuple[int, str, int]] = []
     first_row: dict[str, int] = {}
-    for i, (row, image) in enumerate(zip(table.index, table["image"], strict=True)):
+    for i, (row, image) in enumerate(zip(table.index, table[id_column], strict=True)):
         where = row_where(path, row)
         if not image:
-            report(where, "empty 'image' value")
+            report(where, f"empty {id_column!r} value")
             continue
         if image in first_row:
             report(where, f"duplicate image id {image!r} (first at row {first_row[image]})")
@@ -245,16 +306,26 @@ def read_isic2019_ground_truth(path: Path, report) -> list[tuple[int, str, int]]
             column = onehot_columns[int(np.argmin(valid_value[i]))]
             report(where, f"image {image}: column {column!r} holds {table.at[row, column]!r}, expected 0 or 1")
             continue
-        if len(onehot_columns) > len(names) and values[i, -1] == 1:
-            report(where, f"image {image} is labelled UNK, which is not a class")
+        if with_unknown and values[i, -1] == 1:
+            report(where, f"image {image} is labelled {unknown_column}, which is not a class")
             continue
         ones = np.flatnonzero(values[i, : len(names)] == 1)
+        if len(ones) == 0 and none_label is not None:
+            rows.append((row, image, none_label))
+            continue
         if len(ones) != 1:
             set_to = ", ".join(names[j] for j in ones) or "none"
-            report(where, f"image {image} must have exactly one class set to 1 (set: {set_to})")
+            rule = "at most one class" if none_label is not None else "exactly one class"
+            report(where, f"image {image} must have {rule} set to 1 (set: {set_to})")
             continue
         rows.append((row, image, int(ones[0])))
     return rows
+
+
+def read_isic2019_ground_truth(path: Path, report) -> list[tuple[int, str, int]]:
+    """Parse an ISIC 2019 ground-truth CSV (image, MEL..SCC one-hot, optional UNK): (row, image, label
+    index in the ISIC 2019 vocabulary) per valid row; see `read_onehot_ground_truth`."""
+    return read_onehot_ground_truth(path, ISIC2019.names, "ISIC 2019 ground truth", report, unknown_column="UNK")
 
 
 def _require_root(root: Path | None, kind: str) -> Path:
@@ -308,8 +379,9 @@ class ISIC2019Source(Source):
                 self._problem(row_where(self.ground_truth, row), f"image {image!r} not found under {self.root}", DataError)
                 continue
             meta = dict(metadata.get(image, {}))
-            group = meta.pop("lesion_id", "") or None
-            records.append(Record(image, str(path), label, group=group, meta=meta))
+            meta.update(standard_metadata(age=meta.get("age_approx"), sex=meta.get("sex"),
+                                          site=meta.get("anatom_site_general"), lesion_id=meta.get("lesion_id")))
+            records.append(Record(image, str(path), label, group=meta["lesion_id"] or None, meta=meta))
         return records
 
     def _read_metadata(self) -> dict[str, dict[str, str]]:
@@ -328,6 +400,10 @@ class ISIC2019Source(Source):
             first_row[image] = row
             out[image] = fields
         return out
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return (path / cls.GROUND_TRUTH).is_file()
 
     def fingerprint(self) -> str:
         return f"isic2019:{self.ground_truth}"
@@ -403,7 +479,9 @@ class HAM10000Source(Source):
             if path is None:
                 self._problem(where, f"image {image!r} not found under {self.root}", DataError)
                 continue
-            records.append(Record(image, str(path), label, group=lesion or None, meta=fields))
+            meta = {**fields, **standard_metadata(age=fields.get("age"), sex=fields.get("sex"),
+                                                  site=fields.get("localization"), lesion_id=lesion)}
+            records.append(Record(image, str(path), label, group=lesion or None, meta=meta))
         return records
 
     def _image_folder_names(self) -> list[str]:
@@ -411,6 +489,10 @@ class HAM10000Source(Source):
             p.name for p in self.root.iterdir() if p.is_dir() and p.name.lower().startswith("ham10000_images")
         ) if self.root.is_dir() else []
         return [*self.IMAGE_FOLDERS, *parts]
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return (path / cls.METADATA).is_file()
 
     def fingerprint(self) -> str:
         return f"ham10000:{self.metadata}:labels={self.labels}"
@@ -506,6 +588,10 @@ class DermaMNISTSource(Source):
         if pixels.ndim == 3 and pixels.shape[2] == 1:
             pixels = pixels[..., 0]
         return Image.fromarray(pixels).convert("RGB")
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return path.suffix == ".npz" or (path.is_dir() and any(path.glob("*.npz")))
 
     def fingerprint(self) -> str:
         return f"dermamnist:{self.npz_path}"
@@ -608,17 +694,34 @@ class CSVSource(Source):
             records.append(Record(image_id, str(path), vocab.index(label), group=group, meta={"row": row}))
         return records
 
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return path.suffix.lower() == ".csv" and path.is_file()
+
     def fingerprint(self) -> str:
         return f"csv:{self.root}"
 
 
+# Top-level folder names that mean a predefined split, never a class (compared case-insensitively).
+SPLIT_FOLDERS = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val",
+    "test": "test", "testing": "test",
+}  # fmt: skip
+
+
 @register_source("folder")
 class ImageFolderSource(Source):
-    """An ImageFolder tree: root/<class name>/<images> (sub-folders of a class are searched too).
+    """An ImageFolder tree: root/<class name>/<images> (sub-folders of a class are searched too), or
+    one with predefined splits: root/<split>/<class name>/<images>.
 
-    The vocabulary is the sorted names of class folders holding images, unless `class_names` fixes
-    it. Hidden files and files without an image extension are ignored; an image id is the file's
-    path relative to root, without extension.
+    A top-level folder named train/training, val/valid/validation or test/testing (any case) is a
+    split, never a class: when there is one, every top-level folder holding images must be one, the
+    classes are the folders one level below, and each record carries its split (prepare keeps them;
+    a split the tree lacks is drawn from train). The vocabulary is the sorted names of class folders
+    holding images (in any split), unless `class_names` fixes it. Hidden files and files without an
+    image extension are ignored; images lying directly where class folders are expected are an error.
+    An image id is the file's path relative to root, without extension.
     """
 
     def __init__(
@@ -633,19 +736,45 @@ class ImageFolderSource(Source):
         _require_root(self.root, self.name)
         self._vocab = ClassVocab(class_names) if class_names else None
 
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return path.is_dir() and any(child.is_dir() and not child.name.startswith(".") for child in path.iterdir())
+
     @property
     def vocab(self) -> ClassVocab:
         if self._vocab is None:
-            found = [d.name for d in self._class_folders() if self._images_in(d)]
+            found = sorted({d.name for _, base in self.layout() for d in _subfolders(base) if self._images_in(d)})
             if not found:
-                raise DataError(self.root, "no class folder with images (expected root/<class>/<images>)")
+                for _, base in self.layout():
+                    if _loose_images(base):
+                        raise DataError(base, self._loose_reason(base, _loose_images(base)))
+                expected = "<split>/<class>/<images>" if self.layout()[0][0] else "<class>/<images>"
+                raise DataError(self.root, f"no class folder with images (expected root/{expected})")
             self._vocab = ClassVocab(found)
         return self._vocab
 
-    def _class_folders(self) -> list[Path]:
+    def layout(self) -> list[tuple[str | None, Path]]:
+        """(split, folder holding the class folders): [(None, root)] for a plain tree, else one per split."""
         if not self.root.is_dir():
             raise DataError(self.root, "image folder not found")
-        return sorted(d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        top = _subfolders(self.root)
+        splits = [d for d in top if d.name.lower() in SPLIT_FOLDERS]
+        if not splits:
+            return [(None, self.root)]
+        others = [d.name for d in top if d not in splits and self._images_in(d)]
+        if others:
+            raise DataError(
+                self.root,
+                f"mixes split folders ({', '.join(d.name for d in splits)}) with other folders holding images "
+                f"({', '.join(others)}); use root/<split>/<class>/<images> or root/<class>/<images>, not both",
+            )
+        by_split: dict[str, list[str]] = {}
+        for d in splits:
+            by_split.setdefault(SPLIT_FOLDERS[d.name.lower()], []).append(d.name)
+        clashes = [names for names in by_split.values() if len(names) > 1]
+        if clashes:
+            raise DataError(self.root, f"folders {' and '.join(clashes[0])} name the same split")
+        return [(SPLIT_FOLDERS[d.name.lower()], d) for d in splits]
 
     @staticmethod
     def _images_in(folder: Path) -> list[Path]:
@@ -657,30 +786,65 @@ class ImageFolderSource(Source):
 
     def records(self) -> list[Record]:
         vocab = self.vocab
-        folders = {d.name: d for d in self._class_folders()}
-        for name in sorted(set(folders) - set(vocab.names)):
-            if self._images_in(folders[name]):
-                reason = f"folder is not one of the given classes {', '.join(vocab.names)}"
-            else:
-                reason = "class folder has no images"
-            self._problem(str(folders[name]), reason, DataError)
+        layout = self.layout()
         records = []
-        first_path: dict[str, Path] = {}
-        for label, name in enumerate(vocab.names):
-            if name not in folders:
-                self._problem(str(self.root / name), "class folder not found", DataError)
-                continue
-            images = self._images_in(folders[name])
-            if not images:
-                self._problem(str(folders[name]), "class folder has no images", DataError)
-            for path in images:
-                image_id = path.relative_to(self.root).with_suffix("").as_posix()
-                if image_id in first_path:
-                    self._problem(str(path), f"duplicate image id {image_id!r} (also {first_path[image_id].name})", DataError)
+        seen_classes: set[str] = set()
+        for split, base in layout:
+            loose = _loose_images(base)
+            if loose:
+                self._problem(str(base), self._loose_reason(base, loose), DataError)
+            folders = {d.name: d for d in _subfolders(base)}
+            for name in sorted(set(folders) - set(vocab.names)):
+                if self._images_in(folders[name]):
+                    reason = f"folder is not one of the given classes {', '.join(vocab.names)}"
+                else:
+                    reason = "class folder has no images"
+                self._problem(str(folders[name]), reason, DataError)
+            for label, name in enumerate(vocab.names):
+                if name not in folders:
+                    if split is None:
+                        self._problem(str(base / name), "class folder not found", DataError)
+                        seen_classes.add(name)  # reported
                     continue
-                first_path[image_id] = path
-                records.append(Record(image_id, str(path), label))
-        return records
+                images = self._images_in(folders[name])
+                seen_classes.add(name)
+                if not images:
+                    self._problem(str(folders[name]), "class folder has no images", DataError)
+                for path in images:
+                    image_id = path.relative_to(self.root).with_suffix("").as_posix()
+                    records.append(Record(image_id, str(path), label, split=split))
+        for name in vocab.names:
+            if name not in seen_classes:
+                # a split-folder tree may lack a class in val or test (prepare reports it), never in every split
+                self._problem(f"{self.root}/<split>/{name}", "class folder not found in any split", DataError)
+        return self._unique(records)
+
+    @staticmethod
+    def _loose_reason(base: Path, loose: list[str]) -> str:
+        return (f"{len(loose)} image(s) lie directly here, outside any class folder (e.g. {loose[0]}); expected "
+                f"{base}/<class>/<images> (a challenge download such as SIIM-ISIC 2020 or ISIC 2024 needs its "
+                "ground-truth CSV next to this folder)")
+
+    def _unique(self, records: list[Record]) -> list[Record]:
+        """Records with distinct image ids (`a.jpg` and `a.png` in one folder share the id `a`)."""
+        kept: dict[str, Record] = {}
+        for record in records:
+            if record.image_id in kept:
+                first = Path(kept[record.image_id].source).name
+                self._problem(record.source, f"duplicate image id {record.image_id!r} (also {first})", DataError)
+                continue
+            kept[record.image_id] = record
+        return list(kept.values())
 
     def fingerprint(self) -> str:
         return f"folder:{self.root}"
+
+
+def _loose_images(folder: Path) -> list[str]:
+    """Names of the image files directly inside `folder` (not in a sub-folder), sorted."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in FOLDER_IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))

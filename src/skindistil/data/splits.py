@@ -26,10 +26,30 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from skindistil.errors import ConfigError
+from skindistil.errors import ConfigError, DataError
 
 SPLIT_NAMES = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
+
+
+def check_trainable(train_counts: dict[str, int], where: str) -> None:
+    """Refuse a training set no classifier should be trained on; `train_counts` is {class: images} in
+    the vocabulary's order, `where` names the dataset in the error.
+
+    Raises DataError when fewer than two classes exist, or when a class of the vocabulary has no
+    training image (its output could never be learnt, yet it would be predicted and scored).
+    """
+    if len(train_counts) < 2:
+        raise DataError(where, f"only {len(train_counts)} class ({', '.join(train_counts)}): a classifier needs at "
+                               "least two; is a split folder (train/test) or the wrong folder taken as the class?")
+    missing = [name for name, count in train_counts.items() if count == 0]
+    if len(train_counts) - len(missing) < 2:
+        present = [name for name in train_counts if name not in missing]
+        raise DataError(where, f"the train split holds images of {len(present)} class(es) only "
+                               f"({', '.join(present) or 'none'}); a classifier needs at least two")
+    if missing:
+        raise DataError(where, f"the train split has no image of class(es) {', '.join(missing)}: their outputs "
+                               "could never be learnt; add images or prepare without those classes")
 
 
 def check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:

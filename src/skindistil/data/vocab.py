@@ -51,5 +51,13 @@ class ClassVocab:
 ISIC2019 = ClassVocab(["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"])
 # HAM10000 `dx` codes, alphabetical as in the dataset's documentation.
 HAM10000 = ClassVocab(["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"])
+# ISIC 2018 task 3, as the challenge names and orders them. AKIEC (actinic keratosis and Bowen's disease)
+# is not renamed AK: ISIC 2019 relabelled those images as AK or SCC (HAM10000's 228 AKIEC images in the
+# shared data: 91 AK, 137 SCC), so no ISIC 2019 name fits the class.
+ISIC2018 = ClassVocab(["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"])
+# ISIC 2017 part 3 in ISIC 2019's names and order: seborrheic keratosis belongs to BKL.
+ISIC2017 = ClassVocab(["MEL", "NV", "BKL"])
+# Benign vs malignant (ISIC 2016, SIIM-ISIC 2020 and ISIC 2024 targets: 0 = benign, 1 = malignant).
+BINARY = ClassVocab(["benign", "malignant"])
 # Cancer vs non-cancer view used by the reports.
-CANCER_CLASSES = frozenset({"MEL", "BCC", "SCC", "mel", "bcc"})
+CANCER_CLASSES = frozenset({"MEL", "BCC", "SCC", "mel", "bcc", "malignant", "melanoma"})

@@ -298,7 +298,8 @@ def classification_metrics(
 ) -> dict[str, object]:
     """Every metric of a classifier's scores on one labelled set, as plain Python values.
 
-    Keys: ``classes``, ``num_samples``, ``undecided`` (rows with tied top scores), ``absent_classes``,
+    Keys: ``classes``, ``num_samples``, ``undecided`` (rows with tied top scores), ``absent_classes``
+    (no truth sample), ``complete`` (no class absent: the means cover every class),
     ``headline`` (balanced_accuracy, accuracy, macro/weighted precision, recall and F1, macro_auc,
     macro_auc_sens_80, macro_average_precision, ece: macro means over classes whose value is
     defined), ``per_class`` (class -> support, sensitivity, specificity, ppv, npv, f1, auc,
@@ -370,6 +371,7 @@ def classification_metrics(
         "num_samples": int(len(labels)),
         "undecided": int(undecided.sum()),
         "absent_classes": absent,
+        "complete": not absent,
         "headline": headline,
         "per_class": per_class,
         "confusion_matrix": {

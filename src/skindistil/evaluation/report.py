@@ -133,12 +133,36 @@ PER_CLASS_COLUMNS = (
 )
 
 
+def incomplete_warning(metrics: dict) -> str | None:
+    """The warning an evaluation on a set lacking some classes carries wherever its scores are shown
+    (None when every class has truth samples)."""
+    absent, names = metrics.get("absent_classes") or [], metrics["classes"]
+    if not absent:
+        return None
+    return (f"INCOMPLETE: no truth samples of {', '.join(absent)}. Balanced accuracy and the macro means "
+            f"average the {len(names) - len(absent)} classes present, not all {len(names)}: they are not "
+            "comparable with scores on a set holding every class.")
+
+
+def headline_rows(metrics: dict) -> list[tuple[str, float]]:
+    """(metric, value) of the headline; on an incomplete set the class-averaged metrics say over how many
+    classes they average."""
+    absent, k = metrics.get("absent_classes") or [], len(metrics["classes"])
+    averaged = ("balanced_accuracy", "macro_")
+    return [(f"{name} ({k - len(absent)} of {k} classes)" if absent and name.startswith(averaged) else name, value)
+            for name, value in metrics["headline"].items()]
+
+
 def render_report_md(metrics: dict, title: str) -> str:
     """Markdown report of a `classification_metrics` result: headline, per-class, confusion matrix and
-    cancer-view tables, then notes. Undefined values print as n/a."""
+    cancer-view tables, then notes. Undefined values print as n/a. A set lacking some classes gets
+    `incomplete_warning` under the title and labelled class-averaged metrics."""
     names = metrics["classes"]
     sections = [f"# {title}\n\n{metrics['num_samples']} samples, {len(names)} classes."]
-    sections.append("## Headline\n\n" + _md_table(["metric", "value"], metrics["headline"].items()))
+    warning = incomplete_warning(metrics)
+    if warning:
+        sections.append(f"**{warning}**")
+    sections.append("## Headline\n\n" + _md_table(["metric", "value"], headline_rows(metrics)))
 
     per_class = [[name, *(metrics["per_class"][name][c] for c in PER_CLASS_COLUMNS)] for name in names]
     sections.append("## Per class\n\n" + _md_table(["class", *PER_CLASS_COLUMNS], per_class))

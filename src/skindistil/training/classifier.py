@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from skindistil.config import OptimConfig
 from skindistil.training.collect import PredictionCollector
 from skindistil.training.optim import configure_optimizers
+from skindistil.training.trainer import CLASSES_KEY
 from skindistil.training.validation import log_validation_metrics
 
 
@@ -50,6 +51,9 @@ class ClassifierModule(L.LightningModule):
 
     def on_validation_epoch_end(self):
         log_validation_metrics(self, self.val_predictions, self.class_names)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint[CLASSES_KEY] = list(self.class_names)  # a resume on other classes is refused
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.model, self.optim_cfg)

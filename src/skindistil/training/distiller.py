@@ -27,6 +27,7 @@ from skindistil.distill.losses import DistillationLoss, chained_depth_kl, enable
 from skindistil.models.depth import vit_logits_and_hidden
 from skindistil.training.collect import PredictionCollector
 from skindistil.training.optim import configure_optimizers
+from skindistil.training.trainer import CLASSES_KEY
 from skindistil.training.validation import log_validation_metrics
 
 METHODS = ("distilvit", "fcvit", "fcvit-probs", "full")
@@ -129,6 +130,7 @@ class DistillerModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         # the frozen teacher is an input of the run, not part of its state
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint[CLASSES_KEY] = list(self.class_names)  # a resume on other classes is refused
 
     def on_load_checkpoint(self, checkpoint):
         if self.teacher is not None:

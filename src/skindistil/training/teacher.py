@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from skindistil.config import DistillConfig, PreprocessConfig, TrainConfig, dump_yaml
 from skindistil.data.datamodule import SkinDataModule
 from skindistil.data.sampling import inverse_frequency_weights
+from skindistil.data.splits import check_trainable
 from skindistil.errors import ConfigError
 from skindistil.models import create_teacher, save_artifact
 from skindistil.training.classifier import ClassifierModule
@@ -62,12 +64,20 @@ def architecture(cfg: TrainConfig, num_classes: int) -> dict:
 
 
 def start_run(cfg: TrainConfig | DistillConfig, preprocess: PreprocessConfig) -> SkinDataModule:
-    """Create the run directory, record the resolved config, seed everything, set up the data."""
+    """Create the run directory, record the resolved config, seed everything, set up the data, and
+    refuse a training set with fewer than two classes or a class without images (`check_trainable`)."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg.to_dict(), cfg.run_dir / "config.yaml")
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg, preprocess)
     datamodule.setup("fit")
+    names = datamodule.vocab.names
+    check_trainable(dict(zip(names, datamodule.class_counts("train").tolist(), strict=True)), str(cfg.data.dir))
+    val_counts = datamodule.class_counts("val")
+    absent = [name for name, count in zip(names, val_counts, strict=True) if count == 0]
+    if val_counts.sum() and absent:
+        warnings.warn(f"{cfg.data.dir}: the val split has no image of {', '.join(absent)}: the validation BMA that "
+                      f"selects the best checkpoint averages the other {len(names) - len(absent)} classes", stacklevel=2)
     return datamodule
 
 

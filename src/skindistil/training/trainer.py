@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from skindistil.config import TrainerConfig
-from skindistil.errors import ModelError
+from skindistil.errors import ConfigError, ModelError
 from skindistil.training.callbacks import RNGStateCallback, TrainThroughput
 
 MONITOR = "val/bma"
@@ -97,10 +97,28 @@ def load_checkpoint_state(path: str | Path, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+# Checkpoint key under which the modules record their class names (see `check_resume_classes`).
+CLASSES_KEY = "skindistil_classes"
+
+
+def check_resume_classes(checkpoint: dict, classes, path: str | Path) -> None:
+    """Refuse to resume a checkpoint trained on other classes (names or order) than the data's.
+
+    Checkpoints written before the classes were recorded pass (their head shape is still checked by
+    the state-dict load)."""
+    recorded = checkpoint.get(CLASSES_KEY)
+    if recorded is not None and list(recorded) != list(classes):
+        raise ConfigError(f"{path}: checkpoint was trained on classes {list(recorded)}, the data has {list(classes)}; "
+                          "resume with the dataset it was trained on, or start a new run")
+
+
 def fit(trainer: L.Trainer, module: L.LightningModule, datamodule, run_dir: Path, *, resume: bool) -> None:
-    """`trainer.fit`, continuing from RUN/checkpoints/last.ckpt when `resume` and it exists."""
+    """`trainer.fit`, continuing from RUN/checkpoints/last.ckpt when `resume` and it exists (and was
+    trained on the module's classes)."""
     ckpt_path = None
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     if resume and last.exists():
         ckpt_path = check_checkpoint(last)
+        check_resume_classes(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True),
+                             module.class_names, ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
