@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,6 +246,4 @@ def epoch_history(run_dir: Path) -> dict[str, list[float]] | None:
 
 
 def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> Path:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        return Pipeline(cfg, progress=progress).run()
+    return Pipeline(cfg, progress=progress).run()
