@@ -262,7 +262,21 @@ def resolve_model_dir(path: str | Path) -> Path:
         return path / "model"
     if not path.exists():
         raise ModelError(f"{path}: no such model directory")
+    members = cascade_members(path)
+    if members:
+        listed = ", ".join(str(m) for m in members)
+        raise ModelError(
+            f"{path} is a cascade run of {len(members)} models, one per depth: pass one of them ({listed}), "
+            f"or score them all with `skindistil evaluate --family {path}`"
+        )
     raise ModelError(f"{path}: no {CONFIG_FILE} here or in {path / 'model'} (expected a model/ or run directory)")
+
+
+def cascade_members(path: str | Path) -> list[Path]:
+    """The member run directories of a cascade run (RUN/cascade/depth-XX holding model/config.json),
+    deepest first; empty for any other directory."""
+    found = [d for d in Path(path).glob("cascade/depth-*") if (d / "model" / CONFIG_FILE).is_file()]
+    return sorted(found, key=lambda d: d.name, reverse=True)
 
 
 def build_model(config: dict, where: str = CONFIG_FILE) -> nn.Module:
