@@ -77,6 +77,8 @@ class Pipeline:
     # ------------------------------------------------------------------ stages
 
     def run(self) -> Path:
+        if self.cfg.sized_for not in ("any", "gpu"):
+            raise ConfigError(f"sized_for: {self.cfg.sized_for!r} is not one of any, gpu")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(self.cfg.to_dict(), self.run_dir / "config.yaml")
         data_dir = self._stage("prepare", self.prepare)
@@ -126,8 +128,29 @@ class Pipeline:
         if self._done(entry.run_dir):
             console.print(f"teacher found: {entry.model_dir} (skipped)")
         else:
+            self.announce_duration(cfg, data_dir)
             train_classifier(cfg, resume=True)
         return entry
+
+    def announce_duration(self, cfg, data_dir: Path) -> None:
+        """Say, before training starts, how long the teacher will take here; warn when a recipe sized for a
+        GPU runs on the CPU."""
+        from skindistil.data.prepare import load_manifest
+        from skindistil.training.estimate import estimate_training, format_duration
+
+        manifest, info = load_manifest(data_dir)
+        estimate = estimate_training(cfg, int((manifest["split"] == "train").sum()), len(info["classes"]))
+        console.print(
+            f"teacher: {estimate.steps:,} steps at {estimate.seconds_per_step:.2f} s per step on {estimate.device} "
+            f"(measured): about {format_duration(estimate.seconds)} before data loading and validation",
+            markup=False,
+        )
+        if self.cfg.sized_for == "gpu" and estimate.device == "cpu":
+            console.print(
+                f"[bold yellow]warning:[/bold yellow] recipe {self.cfg.name!r} is sized for a GPU and this run is on "
+                f"the CPU: the teacher alone takes about {format_duration(estimate.seconds)} here. For minutes on a "
+                "CPU use configs/quickstart.yaml, or lower teacher.trainer.max_epochs and the model size."
+            )
 
     def distil(self, data_dir: Path, teacher: ModelEntry) -> list[ModelEntry]:
         from skindistil.training.distill_run import ALL_METHODS, distill
