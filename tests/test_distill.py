@@ -20,6 +20,7 @@ from skindistil.commands.common import resolve_config
 from skindistil.commands.distill import FLAG_KEYS
 from skindistil.config import DistillConfig, LossConfig
 from skindistil.data.datamodule import SkinDataModule
+from skindistil.errors import ModelError
 from skindistil.inference.early_exit import (
     FULL_DEPTH,
     exit_confidences,
@@ -156,6 +157,11 @@ def test_cascade_writes_one_member_per_depth_and_resumes(distilled):
         assert len(loaded.model.blocks) == depth
         assert loaded.config["provenance"]["cascade_depth"] == depth
         assert loaded.config["provenance"]["kept_blocks"] == list(range(depth))
+    # the cascade's run directory is no single model: the error names every member and the family command
+    with pytest.raises(ModelError) as refused:
+        load_model(cfg.run_dir)
+    assert str(members / "depth-03") in str(refused.value) and str(members / "depth-02") in str(refused.value)
+    assert f"evaluate --family {cfg.run_dir}" in str(refused.value)
     # each member is distilled from the one above it, which stays frozen in eval mode
     assert len(spy.snapshots) == 2 and not any(mode or grad for mode, grad in spy.steps)
     assert [len(t.blocks) for t, _ in spy.snapshots] == [4, 3]

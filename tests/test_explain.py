@@ -247,3 +247,18 @@ def test_explain_cli(artifact, ham_root, tmp_path, capsys):
     assert "not one of the model's classes" in capsys.readouterr().err
     assert main(["explain", "--model", str(artifact), str(tmp_path / "missing.jpg"), "--out", str(out)]) == 1
     assert "file not found" in capsys.readouterr().err
+
+
+def test_overlay_has_a_colour_scale_from_image_minimum_to_maximum():
+    from skindistil.inference.explain import overlay_figure
+
+    heat = np.arange(16, dtype=np.float32).reshape(4, 4)
+    fig = overlay_figure(np.full((32, 32, 3), 0.5), heat, "t")
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 1
+    bar = bars[0]
+    assert "relevance" in bar.get_ylabel()
+    assert bar.get_ylim() == (0.0, 1.0)
+    # the map drawn under the scale is the heat rescaled to [0, 1]
+    overlay = fig.axes[1].get_images()[-1].get_array()
+    assert float(overlay.min()) == 0.0 and float(overlay.max()) == 1.0

@@ -67,3 +67,35 @@ def test_detect_source_recognises_the_shared_layouts(ham_root, uda_root, tmp_pat
     assert detect_source(uda_root)[0] == "isic2019"
     with pytest.raises(Exception, match="not a prepared dataset"):
         detect_source(tmp_path)
+
+
+def test_gpu_recipe_on_cpu_warns_with_the_measured_duration(ham_small, tmp_path, capsys):
+    import copy
+    import dataclasses
+
+    from skindistil.config import RunConfig
+    from skindistil.pipeline import Pipeline
+    from skindistil.training.estimate import estimate_training
+
+    cfg = RunConfig.from_dict(load_yaml("configs/ham10000-scratch.yaml"))
+    assert cfg.sized_for == "gpu"
+    teacher = copy.deepcopy(cfg.teacher)  # shrunk so the measurement takes a moment; the recipe's epochs stay
+    teacher.model.kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8}
+    teacher.preprocess = dataclasses.replace(teacher.preprocess, image_size=32)
+    teacher.data.batch_size = 16
+    estimate = estimate_training(teacher, num_train=100, num_classes=8, steps=1)
+    assert estimate.device == "cpu" and estimate.seconds_per_step > 0
+    assert estimate.steps == 7 * teacher.trainer.max_epochs  # ceil(100 / 16) batches per epoch
+    capsys.readouterr()
+    Pipeline(cfg, progress=False).announce_duration(teacher, ham_small)
+    out = " ".join(capsys.readouterr().out.split())
+    train_images = sum(1 for line in (ham_small / "manifest.csv").read_text().splitlines() if ",train," in line)
+    steps = -(-train_images // 16) * teacher.trainer.max_epochs
+    assert f"teacher: {steps:,} steps" in out and "(measured)" in out
+    assert "sized for a GPU" in out and "configs/quickstart.yaml" in out
+    cfg.sized_for = "any"
+    Pipeline(cfg, progress=False).announce_duration(teacher, ham_small)
+    assert "sized for a GPU" not in capsys.readouterr().out
+    cfg.sized_for = "laptop"
+    with pytest.raises(Exception, match="sized_for"):
+        Pipeline(cfg, progress=False).run()

@@ -67,8 +67,12 @@ def test_csv_output_is_isic_format(artifact, images, tmp_path):
     ids, scores, ignored = read_predictions_csv(out, CLASSES)  # what `skindistil evaluate` reads
     assert ids == [p.stem for p in images] and not ignored
     np.testing.assert_allclose(scores, Predictor(artifact).predict(images), atol=1e-6)
-    assert pd.read_csv(errors_csv_path(out)).empty
+    # every input was predicted: no error sidecar, and a stale one from an earlier run is removed
     assert errors_csv_path(out).name == "predictions.errors.csv"
+    assert not errors_csv_path(out).exists()
+    errors_csv_path(out).write_text("where,reason\nold.jpg,an earlier run's failure\n")
+    assert _predict("--model", artifact, *images, "--out", out) == 0
+    assert not errors_csv_path(out).exists()
 
 
 def test_folders_and_csv_lists(artifact, images, tmp_path):

@@ -58,3 +58,40 @@ def test_offline_hub_download_names_the_local_file_alternative(monkeypatch, tmp_
 def test_missing_local_file_is_reported_not_looked_up_on_the_hub(tmp_path):
     with pytest.raises(ModelError, match="not found"):
         create_teacher(num_classes=8, pretrained=str(tmp_path / "absent.safetensors"), **TINY)
+
+
+def test_unreachable_hub_is_detected_before_any_download_retry(monkeypatch, tmp_path):
+    import socket
+
+    import huggingface_hub.constants as hub_constants
+
+    import skindistil.models.teacher as teacher
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens on this port: connections are refused at once
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    assert teacher.hub_reachable(timeout=1.0) is False
+
+    seen = {}
+
+    def fake_build(name, pretrained, kwargs):  # stands in for timm's download
+        seen["offline"] = hub_constants.HF_HUB_OFFLINE
+        raise OSError("no cached weights")
+
+    monkeypatch.setattr(teacher, "_build", fake_build)
+    with pytest.raises(ModelError, match="Hugging Face Hub is unreachable.*--pretrained /path/to/model.safetensors"):
+        create_teacher("vit_tiny_patch16_224", num_classes=8, pretrained="vit_tiny_patch16_224.augreg_in21k")
+    # timm ran with huggingface_hub in offline mode (cache only, no retries) and the flag was restored
+    assert seen["offline"] is True and hub_constants.HF_HUB_OFFLINE is False
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(1)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{listening.getsockname()[1]}")
+    try:
+        assert teacher.hub_reachable(timeout=1.0) is True
+    finally:
+        listening.close()

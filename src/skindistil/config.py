@@ -277,3 +277,4 @@ class RunConfig(RunSection):
     split: str = "test"
     benchmark: BenchConfig = dataclasses.field(default_factory=BenchConfig)
     explain_images: int = 4
+    sized_for: str = "any"  # "gpu": a recipe meant for a GPU warns, with the measured duration, when run on a CPU

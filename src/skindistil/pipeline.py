@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +74,8 @@ class Pipeline:
     # ------------------------------------------------------------------ stages
 
     def run(self) -> Path:
+        if self.cfg.sized_for not in ("any", "gpu"):
+            raise ConfigError(f"sized_for: {self.cfg.sized_for!r} is not one of any, gpu")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(self.cfg.to_dict(), self.run_dir / "config.yaml")
         data_dir = self._stage("prepare", self.prepare)
@@ -124,8 +125,29 @@ class Pipeline:
         if self._done(entry.run_dir):
             console.print(f"teacher found: {entry.model_dir} (skipped)")
         else:
+            self.announce_duration(cfg, data_dir)
             train_classifier(cfg, resume=True)
         return entry
+
+    def announce_duration(self, cfg, data_dir: Path) -> None:
+        """Say, before training starts, how long the teacher will take here; warn when a recipe sized for a
+        GPU runs on the CPU."""
+        from skindistil.data.prepare import load_manifest
+        from skindistil.training.estimate import estimate_training, format_duration
+
+        manifest, info = load_manifest(data_dir)
+        estimate = estimate_training(cfg, int((manifest["split"] == "train").sum()), len(info["classes"]))
+        console.print(
+            f"teacher: {estimate.steps:,} steps at {estimate.seconds_per_step:.2f} s per step on {estimate.device} "
+            f"(measured): about {format_duration(estimate.seconds)} before data loading and validation",
+            markup=False,
+        )
+        if self.cfg.sized_for == "gpu" and estimate.device == "cpu":
+            console.print(
+                f"[bold yellow]warning:[/bold yellow] recipe {self.cfg.name!r} is sized for a GPU and this run is on "
+                f"the CPU: the teacher alone takes about {format_duration(estimate.seconds)} here. For minutes on a "
+                "CPU use configs/quickstart.yaml, or lower teacher.trainer.max_epochs and the model size."
+            )
 
     def distil(self, data_dir: Path, teacher: ModelEntry) -> list[ModelEntry]:
         from skindistil.training.distill_run import ALL_METHODS, distill
@@ -244,6 +266,4 @@ def epoch_history(run_dir: Path) -> dict[str, list[float]] | None:
 
 
 def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> Path:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        return Pipeline(cfg, progress=progress).run()
+    return Pipeline(cfg, progress=progress).run()

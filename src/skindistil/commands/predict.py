@@ -4,7 +4,7 @@
     skindistil predict --model runs/student lesions.csv --out predictions.json --top-k 3
 
 Output: ISIC challenge CSV (image = file stem, one probability column per class in the model's order)
-with a sidecar FILE.errors.csv, or JSON with the top-k classes and an `errors` section; without --out
+with a sidecar FILE.errors.csv when an input failed, or JSON with the top-k classes and an `errors` section; without --out
 a table of the top-k classes is printed. Unreadable inputs are listed with the reason on stderr and the rest are
 predicted. Exit code 0 if any image was predicted, 1 if none.
 """

@@ -192,9 +192,16 @@ def attention_rollout(
 
 
 def render_overlay(image: np.ndarray, heat: np.ndarray, title: str, alpha: float = 0.5) -> bytes:
-    """PNG bytes of `image` (HxWx3 float in [0, 1]) beside the same image under the heat map
-    `heat` [gh, gw] (rescaled to [0, 1] between its minimum and maximum, bilinearly upsampled), with
-    `title` above both."""
+    """PNG bytes of `overlay_figure(image, heat, title, alpha)` at 100 dpi (800x440 px)."""
+    buffer = io.BytesIO()
+    overlay_figure(image, heat, title, alpha).savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def overlay_figure(image: np.ndarray, heat: np.ndarray, title: str, alpha: float = 0.5):
+    """A matplotlib Figure: `image` (HxWx3 float in [0, 1]) beside the same image under the heat map
+    `heat` [gh, gw] (rescaled to [0, 1] between its minimum and maximum, bilinearly upsampled), with a
+    colour scale for the map and `title` above both."""
     from matplotlib.figure import Figure
 
     height, width = image.shape[:2]
@@ -207,14 +214,15 @@ def render_overlay(image: np.ndarray, heat: np.ndarray, title: str, alpha: float
     right.imshow(image)
     # the extent of imshow's default pixel-centred grid, so the map covers exactly the image
     extent = (-0.5, width - 0.5, height - 0.5, -0.5)
-    right.imshow(scaled, cmap="jet", alpha=alpha, vmin=0, vmax=1, extent=extent, interpolation="bilinear")
+    layer = right.imshow(scaled, cmap="jet", alpha=alpha, vmin=0, vmax=1, extent=extent, interpolation="bilinear")
     right.set_title("relevance overlay")
+    scale = fig.colorbar(layer, ax=right, fraction=0.046, pad=0.02)
+    scale.set_label("relevance (0 = image minimum, 1 = maximum)")
+    scale.solids.set_alpha(1)  # the scale shows the colours themselves, not blended with the image
     for ax in (left, right):
         ax.set_axis_off()
     fig.suptitle(title)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    return fig
 
 
 def _display_image(loaded: LoadedModel, batch: Tensor) -> np.ndarray:

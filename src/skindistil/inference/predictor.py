@@ -124,7 +124,7 @@ def errors_csv_path(out: str | Path) -> Path:
 
 
 def write_errors_csv(path: str | Path, errors: Sequence[Problem]) -> Path:
-    """Write `where,reason` rows (header only when there are none)."""
+    """Write `where,reason` rows."""
     path = Path(path)
     pd.DataFrame([e.to_dict() for e in errors], columns=["where", "reason"]).to_csv(path, index=False)
     return path
@@ -136,8 +136,8 @@ def write_predictions(
     """Write `result` to `out` (.csv or .json); returns the files written.
 
     .csv: ISIC challenge format (`image` = file stem, one probability column per class in the
-    artifact's order) plus the sidecar FILE.errors.csv (`where,reason`; header only when every input
-    was predicted). .json: {"classes", "predictions": [{"image", "path", "top_k": [{"class", "prob"}],
+    artifact's order) plus, only when some input failed, the sidecar FILE.errors.csv (`where,reason`;
+    a stale one from an earlier run is removed). .json: {"classes", "predictions": [{"image", "path", "top_k": [{"class", "prob"}],
     "probs": {class: prob}}], "errors": [{"where", "reason"}], **meta}.
     """
     from skindistil.evaluation.report import write_predictions_csv
@@ -149,7 +149,11 @@ def write_predictions(
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".csv":
         write_predictions_csv(out, result.ids, result.probs, result.classes)
-        return [out, write_errors_csv(errors_csv_path(out), result.errors)]
+        sidecar = errors_csv_path(out)
+        if result.errors:
+            return [out, write_errors_csv(sidecar, result.errors)]
+        sidecar.unlink(missing_ok=True)  # an earlier run's failures must not read as this run's
+        return [out]
     predictions = [
         {
             "image": image_id,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,9 @@ def _save_weights(model: nn.Module, path: Path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # safetensors creates its file 0600; every artifact file reads alike
     tmp.replace(path)  # a crash never leaves a half-written model.safetensors behind
 
 
@@ -258,7 +262,21 @@ def resolve_model_dir(path: str | Path) -> Path:
         return path / "model"
     if not path.exists():
         raise ModelError(f"{path}: no such model directory")
+    members = cascade_members(path)
+    if members:
+        listed = ", ".join(str(m) for m in members)
+        raise ModelError(
+            f"{path} is a cascade run of {len(members)} models, one per depth: pass one of them ({listed}), "
+            f"or score them all with `skindistil evaluate --family {path}`"
+        )
     raise ModelError(f"{path}: no {CONFIG_FILE} here or in {path / 'model'} (expected a model/ or run directory)")
+
+
+def cascade_members(path: str | Path) -> list[Path]:
+    """The member run directories of a cascade run (RUN/cascade/depth-XX holding model/config.json),
+    deepest first; empty for any other directory."""
+    found = [d for d in Path(path).glob("cascade/depth-*") if (d / "model" / CONFIG_FILE).is_file()]
+    return sorted(found, key=lambda d: d.name, reverse=True)
 
 
 def build_model(config: dict, where: str = CONFIG_FILE) -> nn.Module:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from torch import nn
 
@@ -81,7 +84,40 @@ def _build_from_hub(arch: str, tag: str, kwargs: dict) -> nn.Module:
     if "." in tag and tag not in timm.list_pretrained(f"{arch}.*"):
         known = ", ".join(timm.list_pretrained(f"{arch}.*")) or "none"
         raise ModelError(f"unknown pretrained tag {tag!r}; timm knows: {known}")
+    online = hub_reachable()
     try:
-        return _build(tag, True, kwargs)
+        # offline, huggingface_hub still serves weights already in its cache, and fails at once otherwise
+        # instead of retrying for about a minute
+        with contextlib.nullcontext() if online else _hub_offline():
+            return _build(tag, True, kwargs)
     except OSError as exc:  # huggingface_hub's offline, connection and HTTP errors are all OSErrors
-        raise ModelError(f"cannot fetch pretrained weights {tag!r} ({type(exc).__name__}: offline?); {OFFLINE_HINT}") from None
+        why = "the Hugging Face Hub is unreachable" if not online else f"{type(exc).__name__}: {exc}"
+        raise ModelError(f"cannot fetch pretrained weights {tag!r} ({why}); {OFFLINE_HINT}") from None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when HF_HUB_OFFLINE is set or one TCP connection to the hub endpoint (HF_ENDPOINT, default
+    huggingface.co:443) fails within `timeout` seconds; a DNS failure answers at once."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from skindistil.config import TrainerConfig
 from skindistil.errors import ConfigError, ModelError
+from skindistil.quiet import silence_third_party_noise
 from skindistil.training.callbacks import RNGStateCallback, TrainThroughput
 
 MONITOR = "val/bma"
@@ -26,6 +27,7 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
 
 
 def build_trainer(cfg: TrainerConfig, run_dir: Path, *, extra_callbacks=(), monitor: str = MONITOR) -> L.Trainer:
+    silence_third_party_noise()
     run_dir = Path(run_dir)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",

@@ -1,0 +1,36 @@
+"""Every command example in README.md's Commands section parses with skindistil's own parser, and every
+subcommand has one (.ci/readme_commands.py --run runs them all, top to bottom)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from conftest import REPO
+from skindistil.cli import COMMANDS
+
+
+def _checker():
+    spec = importlib.util.spec_from_file_location("readme_commands", REPO / ".ci" / "readme_commands.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_readme_command_parses_and_every_subcommand_has_an_example():
+    checker = _checker()
+    commands = checker.readme_commands((REPO / "README.md").read_text(encoding="utf-8"))
+    assert checker.parse_all(commands) == []
+    shown = {argv[0] for argv in map(checker.skindistil_argv, commands) if argv}
+    assert shown == set(COMMANDS), set(COMMANDS) ^ shown
+    # the serve example waits for readiness before its request and stops the server after it
+    serve = next(i for i, line in enumerate(commands) if line.startswith("skindistil serve"))
+    assert commands[serve].endswith("&")
+    assert "/health" in commands[serve + 2] and any(line.startswith("kill") for line in commands[serve:])
+
+
+def test_the_checker_catches_a_stale_option():
+    checker = _checker()
+    text = "## Commands\n```bash\nskindistil predict --model runs/m x.jpg --no-such-option\n```\n## End\n"
+    commands = checker.readme_commands(text)
+    assert commands == ["skindistil predict --model runs/m x.jpg --no-such-option"]
+    assert checker.parse_all(commands) == commands
