@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from skindistil.data.imageio import DEFAULT_MAX_PIXELS, read_image
+from skindistil.data.discovery import discover_images, is_hidden_or_os_metadata, resolve_listed_path
+from skindistil.data.imageio import DEFAULT_MAX_PIXELS, read_image, to_rgb
 from skindistil.data.records import Problem, Record
 from skindistil.data.vocab import HAM10000, ISIC2019, ClassVocab
 from skindistil.errors import CSVError, DataError, ImageError
@@ -133,9 +134,8 @@ class Source(abc.ABC):
 
 # --------------------------------------------------------------------------- shared helpers
 
-# Extensions ISIC and HAM10000 images come in; an ImageFolder tree may also hold these others.
+# Extensions ISIC and HAM10000 images come in (an ImageFolder tree may hold any of discovery.IMAGE_SUFFIXES).
 ISIC_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
-FOLDER_IMAGE_SUFFIXES = ISIC_IMAGE_SUFFIXES | {".bmp", ".tif", ".tiff", ".webp"}
 
 
 def row_where(path: Path, row: int) -> str:
@@ -505,7 +505,7 @@ class DermaMNISTSource(Source):
             raise ImageError(record.source, f"image is {width}x{height}, over the limit of {self.max_pixels:,} pixels")
         if pixels.ndim == 3 and pixels.shape[2] == 1:
             pixels = pixels[..., 0]
-        return Image.fromarray(pixels).convert("RGB")
+        return to_rgb(Image.fromarray(pixels), record.source)
 
     def fingerprint(self) -> str:
         return f"dermamnist:{self.npz_path}"
@@ -551,7 +551,8 @@ def _relative_image_id(path_value: str) -> str:
 class CSVSource(Source):
     """A CSV with columns path,label[,group][,image_id]; `root` is the CSV file.
 
-    Paths are relative to the CSV's folder (absolute paths are kept). The vocabulary is the sorted
+    Paths are relative to the CSV's folder (absolute paths are kept; backslashes of lists written on
+    Windows are folder separators, see `resolve_listed_path`). The vocabulary is the sorted
     set of label names unless `class_names` fixes it (then other labels are errors). The image id
     is the `image_id` column if present, else the path without its extension.
     """
@@ -600,7 +601,11 @@ class CSVSource(Source):
                 self._problem(where, f"duplicate image id {image_id!r} (first at row {first_row[image_id]})")
                 continue
             first_row[image_id] = row
-            path = folder / path_value
+            try:
+                path = resolve_listed_path(path_value, folder, where)
+            except DataError as exc:
+                self._problem(exc.where, exc.reason, DataError)
+                continue
             if not path.is_file():
                 self._problem(where, f"image file {str(path)!r} not found", DataError)
                 continue
@@ -617,8 +622,10 @@ class ImageFolderSource(Source):
     """An ImageFolder tree: root/<class name>/<images> (sub-folders of a class are searched too).
 
     The vocabulary is the sorted names of class folders holding images, unless `class_names` fixes
-    it. Hidden files and files without an image extension are ignored; an image id is the file's
-    path relative to root, without extension.
+    it. Images are found by `discover_images`: hidden and OS metadata files and folders (``._*``,
+    ``__MACOSX``, ``.DS_Store``, ...) are left out; other files without an image extension, and files
+    outside the class folders, are listed in `problems` (not taken, whatever `on_error` says); an
+    unreadable folder is an error. An image id is the file's path relative to root, without extension.
     """
 
     def __init__(
@@ -645,15 +652,11 @@ class ImageFolderSource(Source):
     def _class_folders(self) -> list[Path]:
         if not self.root.is_dir():
             raise DataError(self.root, "image folder not found")
-        return sorted(d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        return sorted(d for d in self.root.iterdir() if d.is_dir() and not is_hidden_or_os_metadata(d.name))
 
     @staticmethod
     def _images_in(folder: Path) -> list[Path]:
-        return sorted(
-            p
-            for p in folder.rglob("*")
-            if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-        )
+        return discover_images([folder]).files
 
     def records(self) -> list[Record]:
         vocab = self.vocab
@@ -664,13 +667,20 @@ class ImageFolderSource(Source):
             else:
                 reason = "class folder has no images"
             self._problem(str(folders[name]), reason, DataError)
+        for path in sorted(self.root.iterdir()):
+            if not path.is_dir() and not is_hidden_or_os_metadata(path.name):
+                self.problems.append(Problem(str(path), "not taken: outside the class folders (root/<class>/<images>)"))
         records = []
         first_path: dict[str, Path] = {}
         for label, name in enumerate(vocab.names):
             if name not in folders:
                 self._problem(str(self.root / name), "class folder not found", DataError)
                 continue
-            images = self._images_in(folders[name])
+            found = discover_images([folders[name]])
+            self.problems.extend(found.skipped)
+            for problem in found.unsearched:
+                self._problem(problem.where, problem.reason, DataError)
+            images = found.files
             if not images:
                 self._problem(str(folders[name]), "class folder has no images", DataError)
             for path in images:
