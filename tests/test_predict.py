@@ -14,10 +14,10 @@ from PIL import Image, ImageOps
 import skindistil
 from skindistil.cli import main
 from skindistil.config import PreprocessConfig
+from skindistil.data.discovery import discover_images
 from skindistil.data.vocab import ISIC2019
 from skindistil.errors import ConfigError, CSVError, ImageError
 from skindistil.evaluation.report import read_predictions_csv
-from skindistil.data.discovery import discover_images
 from skindistil.inference.predictor import Predictor, errors_csv_path
 from skindistil.models import save_artifact
 

@@ -27,10 +27,11 @@ def safe_file_stem(image_id: str) -> str:
 
     A plain id (ASCII letters, digits, '.', '_', '-', starting with a letter or digit, at most
     `MAX_PLAIN_LENGTH` characters) is its own stem: ``ISIC_0024306`` -> ``ISIC_0024306``. Any other
-    id has each other character replaced by '_', is cut to 100 characters and gets '-' and the first
-    12 hex digits of the SHA-1 of the id (UTF-8): ``mel/ISIC_0001`` -> ``mel_ISIC_0001-<12 hex>``, so
-    two ids never share a stem (and a changed id never reuses an old file). The stem never holds a
-    path separator, never starts with '.', and is at most 113 ASCII characters.
+    id has each other character replaced by '_', is cut to 100 characters, loses leading '.' and '-'
+    (``image`` if nothing is left) and gets '-' and the first 12 hex digits of the SHA-1 of the id
+    (UTF-8): ``mel/ISIC_0001`` -> ``mel_ISIC_0001-<12 hex>``, so two ids never share a stem (and a
+    changed id never reuses an old file). The stem never holds a path separator, never starts with
+    '.' or '-', and is at most 113 ASCII characters.
 
     Ids differing only in letter case are distinct stems, which a case-insensitive file system
     (macOS, Windows defaults) stores as one file.
@@ -38,7 +39,8 @@ def safe_file_stem(image_id: str) -> str:
     if _PLAIN.fullmatch(image_id) and len(image_id) <= MAX_PLAIN_LENGTH:
         return image_id
     digest = hashlib.sha1(image_id.encode("utf-8")).hexdigest()[:_DIGEST_LENGTH]
-    return f"{_UNSAFE.sub('_', image_id)[:_KEPT_LENGTH]}-{digest}"
+    readable = _UNSAFE.sub("_", image_id)[:_KEPT_LENGTH].lstrip(".-") or "image"
+    return f"{readable}-{digest}"
 
 
 def unique_file_stems(paths: Sequence[str | Path]) -> list[str]:
