@@ -167,3 +167,44 @@ def test_broken_links_and_folders_are_named(original, tmp_path):
         read_image(link)
     with pytest.raises(ImageError, match="a folder, not an image file"):
         read_image(tmp_path)
+
+
+def test_a_16_bit_png_is_the_same_image_as_its_8_bit_twin_everywhere(original, tmp_path):
+    """The reported case: prepare, predict, serve and /v1/explain saw a 16-bit grey PNG as all white."""
+    from fastapi.testclient import TestClient
+
+    from conftest import serving_artifact
+    from skindistil.cli import main
+    from skindistil.data.prepare import load_manifest, prepare_dataset
+    from skindistil.data.sources import build_source
+    from skindistil.inference.predictor import Predictor
+    from skindistil.serve import create_app
+
+    _, rgb = original
+    grey = _grey(rgb)
+    tree = tmp_path / "tree"
+    for cls in ("a", "b"):
+        (tree / cls).mkdir(parents=True)
+        Image.fromarray(grey).save(tree / cls / "twin8.png")
+        Image.fromarray(grey.astype(np.uint16) * 257).save(tree / cls / "twin16.png")
+    twins = [tree / "a" / "twin8.png", tree / "a" / "twin16.png"]
+    assert Image.open(twins[1]).mode == "I;16"
+
+    prepare_dataset(build_source("folder", tree), tmp_path / "data", short_side=64, workers=0, progress=False)
+    manifest, _ = load_manifest(tmp_path / "data")
+    cached = {row.image_id: np.load(tmp_path / "data" / row.cache_file) for row in manifest.itertuples()}
+    assert np.array_equal(cached["a/twin8"], cached["a/twin16"]) and cached["a/twin16"].mean() < 250
+
+    artifact = serving_artifact(tmp_path)
+    probs = Predictor(artifact).predict(twins)
+    np.testing.assert_allclose(probs[1], probs[0], atol=1e-6)
+    assert main(["predict", "--no-progress", "--model", str(artifact), *map(str, twins),
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    assert np.array_equal(*np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1, usecols=range(1, 9)))
+
+    with TestClient(create_app(artifact)) as client:
+        served = [client.post("/v1/predict", files={"file": (p.name, p.read_bytes(), "image/png")}).json()
+                  for p in twins]
+        assert served[0]["probabilities"] == served[1]["probabilities"]
+        explained = [client.post("/v1/explain", files={"file": (p.name, p.read_bytes(), "image/png")}) for p in twins]
+        assert explained[0].status_code == 200 and explained[0].content == explained[1].content
