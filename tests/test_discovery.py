@@ -4,6 +4,7 @@ Windows metadata, stray files, broken links, phone photos (HEIC) and CSVs writte
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 
@@ -63,15 +64,12 @@ def test_discovery_ignores_os_metadata_and_lists_what_it_does_not_take(images, t
     photos, real = _unzipped_on_macos(images, tmp_path)
     found = discover_images([photos])
     assert found.files == sorted([*real, photos / "gone.jpg"])  # the broken link is taken: decoding names it
-    assert {p.where: p.reason for p in found.skipped} == {
-        str(photos / "notes.txt"): found.skipped[0].reason,
-        str(photos / "scan.dcm"): found.skipped[1].reason,
-    }
+    assert [p.where for p in found.skipped] == [
+        str(photos / "notes.txt"), str(photos / "scan.dcm"), str(photos / "visit2" / "again")]
     assert "extension '.txt' is not an image extension" in found.skipped[0].reason
     assert "extension '.dcm' is not an image extension" in found.skipped[1].reason
-    assert [(p.where, p.reason) for p in found.unsearched] == [
-        (str(photos / "visit2" / "again"), f"folder already searched (it is {photos.resolve()})")
-    ]
+    assert found.skipped[2].reason == f"not taken: folder already searched (it is {photos.resolve()})"
+    assert found.unsearched == []
     # 4 AppleDouble twins, __MACOSX/, .DS_Store, Thumbs.db, desktop.ini
     assert found.ignored == 8
     # named directly, an AppleDouble file is listed, not decoded
@@ -169,3 +167,28 @@ def test_prepare_an_image_folder_unzipped_on_macos(images, tmp_path):
         (str(tree / "labels.csv"), "not taken"), (str(tree / "mel" / "README.txt"), "not taken")]
     report = json.loads((tmp_path / "data" / "prepare_report.json").read_text())
     assert report["problems"] == [p.to_dict() for p in result.problems]
+
+
+def test_an_unreadable_folder_is_named(images, tmp_path, monkeypatch):
+    tree = tmp_path / "tree"
+    for cls in ("nv", "mel"):
+        (tree / cls / "locked").mkdir(parents=True)
+        shutil.copy(images[0 if cls == "nv" else 1], tree / cls / images[0 if cls == "nv" else 1].name)
+    scandir = os.scandir
+
+    def denied(path):  # as for a folder without read permission (the tests run as root, which ignores modes)
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr("skindistil.data.discovery.os.scandir", denied)
+    found = discover_images([tree / "nv"])
+    assert found.files == [tree / "nv" / images[0].name]
+    assert [(p.where, p.reason) for p in found.unsearched] == [
+        (str(tree / "nv" / "locked"), "folder cannot be read (Permission denied)")]
+    # images may hide there: prepare fails naming the folder (or, skipping, lists it)
+    with pytest.raises(DataError, match=r"mel/locked: folder cannot be read \(Permission denied\)"):
+        build_source("folder", tree).records()
+    source = build_source("folder", tree, on_error="skip")
+    assert len(source.records()) == 2
+    assert [p.where for p in source.problems] == [str(tree / "mel" / "locked"), str(tree / "nv" / "locked")]

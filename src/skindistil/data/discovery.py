@@ -46,10 +46,10 @@ _WINDOWS_ABSOLUTE = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\|//)")
 class Discovery:
     """What `discover_images` found.
 
-    files: the image files to read, in order, each once. skipped: the files (and empty or impossible
-    cells of path lists) not taken, each with the reason. unsearched: folders that could not be
-    searched (unreadable) or were reached twice through links, with the reason. ignored: how many
-    hidden or operating-system metadata entries were left out silently.
+    files: the image files to read, in order, each once. skipped: the files (and folders reached a
+    second time through links, and empty or impossible cells of path lists) not taken, each with the
+    reason. unsearched: folders that could not be read, with the reason (images may hide there).
+    ignored: how many hidden or operating-system metadata entries were left out silently.
     """
 
     files: list[Path] = field(default_factory=list)
@@ -81,22 +81,22 @@ def discover_images(inputs: Iterable[str | Path], *, read_lists: bool = False) -
     Raises CSVError for a path list that cannot be read or has no path column.
     """
     found = Discovery()
+    taken: dict[str, Path] = {}  # real path -> the path as found, first one kept
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            _walk(path, found)
+            for real, file in _walk(path, found):
+                taken.setdefault(real, file)
         elif read_lists and path.suffix.lower() == ".csv" and path.is_file():
             listed, empty = read_path_list(path)
-            found.files.extend(listed)
+            for file in listed:
+                taken.setdefault(os.path.realpath(file), file)
             found.skipped.extend(empty)
         elif path.name.startswith("._") or path.name.lower() in (*OS_METADATA_NAMES, ".ds_store"):
             found.skipped.append(Problem(str(path), _metadata_reason(path.name)))
-        else:
-            found.files.append(path)  # named directly: a missing or unreadable file is reported when decoded
-    unique: dict[Path, Path] = {}
-    for p in found.files:
-        unique.setdefault(Path(os.path.realpath(p)), p)
-    found.files = list(unique.values())
+        else:  # named directly: a missing or unreadable file is reported when decoded
+            taken.setdefault(os.path.realpath(path), path)
+    found.files = list(taken.values())
     return found
 
 
@@ -152,32 +152,42 @@ def resolve_listed_path(value: str, base: str | Path, where: str) -> Path:
     return Path(base) / value.replace("\\", "/")
 
 
-def _walk(root: Path, found: Discovery) -> None:
-    taken: list[Path] = []
+def _walk(root: Path, found: Discovery) -> list[tuple[str, Path]]:
+    """(real path, path) of the image files under `root`, sorted by path; records the rest in `found`.
+
+    Links are followed, each real folder searched once. Works on strings and `os.scandir` entries
+    (whose link test costs no system call): Path objects per file took 3x as long on 7,000 files.
+    """
+    taken: list[tuple[str, str]] = []
     seen_folders: set[str] = set()
-
-    def unreadable(error: OSError) -> None:
-        found.unsearched.append(Problem(str(error.filename), f"folder cannot be read ({error.strerror})"))
-
-    for folder, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
+    pending = [str(root)]
+    while pending:
+        folder = pending.pop()
         real = os.path.realpath(folder)
         if real in seen_folders:  # a link back up the tree, or a second link to one folder
-            found.unsearched.append(Problem(folder, f"folder already searched (it is {real})"))
-            dirnames.clear()
+            found.skipped.append(Problem(folder, f"not taken: folder already searched (it is {real})"))
             continue
         seen_folders.add(real)
-        kept_dirs = [d for d in dirnames if not is_hidden_or_os_metadata(d)]
-        found.ignored += len(dirnames) - len(kept_dirs)
-        dirnames[:] = sorted(kept_dirs)
-        for name in filenames:
-            path = Path(folder) / name
-            if is_hidden_or_os_metadata(name):
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as exc:
+            found.unsearched.append(Problem(folder, f"folder cannot be read ({exc.strerror})"))
+            continue
+        subfolders = []
+        for entry in entries:
+            if is_hidden_or_os_metadata(entry.name):
                 found.ignored += 1
-            elif os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                taken.append(path)
+            elif entry.is_dir():  # follows links
+                subfolders.append(entry.path)
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+                link = entry.is_symlink()
+                taken.append((os.path.realpath(entry.path) if link else os.path.join(real, entry.name), entry.path))
             else:
-                found.skipped.append(Problem(str(path), _not_an_image_reason(name)))
-    found.files.extend(sorted(taken))
+                found.skipped.append(Problem(entry.path, _not_an_image_reason(entry.name)))
+        pending.extend(sorted(subfolders, reverse=True))  # depth first, in name order
+    taken.sort(key=lambda pair: pair[1].split(os.sep))  # the order of sorted Paths
+    return [(real, Path(path)) for real, path in taken]
 
 
 def _not_an_image_reason(name: str) -> str:
