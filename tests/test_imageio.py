@@ -147,6 +147,11 @@ def test_wide_integer_and_float_images_are_refused_by_name(original, tmp_path):
             read_image(path)
     with pytest.raises(ImageError, match="lesion: float64 array: floating-point pixels"):
         as_rgb_array(rgb / 255.0, "lesion")
+    # older Pillow opened 16-bit grey PNGs as mode I: a PNG holds at most 16 bits, so that is 16-bit data
+    wide = Image.fromarray(grey.astype(np.int32) * 257)
+    assert wide.mode == "I"
+    wide.format = "PNG"
+    assert _mad(to_rgb(wide), grey) == 0
 
 
 def test_heic_is_decoded_with_pillow_heif_and_refused_by_name_without(original, tmp_path, monkeypatch):
