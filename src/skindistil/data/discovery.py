@@ -68,11 +68,6 @@ def is_hidden_or_os_metadata(name: str) -> bool:
     return name.startswith(".") or name.lower() in OS_METADATA_NAMES
 
 
-def is_image_name(name: str) -> bool:
-    """True when `name` has an image extension (`IMAGE_SUFFIXES`, any case) and is not OS metadata."""
-    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not is_hidden_or_os_metadata(name)
-
-
 def discover_images(inputs: Iterable[str | Path], *, read_lists: bool = False) -> Discovery:
     """Expand files, folders (recursively) and, with `read_lists`, CSV path lists into image files.
 
