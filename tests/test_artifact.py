@@ -11,7 +11,7 @@ from PIL import Image
 
 import skindistil
 from skindistil.config import PreprocessConfig
-from skindistil.errors import ModelError
+from skindistil.errors import ImageError, ModelError
 from skindistil.models import (
     DepthViT,
     create_teacher,
@@ -130,8 +130,17 @@ def test_predict_on_real_images_from_paths_pil_and_arrays(tmp_path, ham_root):
     np.testing.assert_allclose(loaded.predict([Image.fromarray(a) for a in arrays]), probs, atol=1e-6)
     np.testing.assert_allclose(loaded.predict(arrays), probs, atol=1e-6)
     assert loaded.predict([]).shape == (0, 8)
-    with pytest.raises(ModelError, match="expected a path, PIL image or HxWx3 uint8 array"):
-        loaded.predict([np.zeros((4, 4), dtype=np.uint8)])
+    # one path (str or Path), one PIL image, one array: one image, never iterated over
+    for one in (str(paths[1]), paths[1], Image.fromarray(arrays[1]), arrays[1]):
+        np.testing.assert_allclose(loaded.predict(one), probs[1:2], atol=1e-6)
+    np.testing.assert_allclose(loaded.predict(np.stack(arrays[:2])), probs[:2], atol=1e-6)  # N x H x W x 3
+    # a greyscale array is decoded as the greyscale image it is
+    grey = np.asarray(Image.open(paths[0]).convert("L"))
+    np.testing.assert_allclose(loaded.predict(grey), loaded.predict(Image.fromarray(grey).convert("RGB")), atol=1e-6)
+    with pytest.raises(ImageError, match="image 0: float32 array: floating-point pixels have no defined white"):
+        loaded.predict([arrays[0].astype(np.float32)])
+    with pytest.raises(ImageError, match="cannot read int as an image"):
+        loaded.predict([7])
 
 
 def test_preprocessing_removes_a_black_dermoscope_border(tmp_path, ham_root):

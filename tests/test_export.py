@@ -30,7 +30,7 @@ def artifact(tmp_path):
 
 @pytest.fixture(scope="module")
 def ham_images(ham_root):
-    return collect_images([ham_root / "images"], limit=20)
+    return collect_images([ham_root / "images"], limit=20).files
 
 
 def test_export_cli_int8_on_ham_images(artifact, ham_root, capsys):
@@ -61,7 +61,7 @@ def test_export_cli_int8_on_ham_images(artifact, ham_root, capsys):
     with pytest.raises(ModelError, match=r"expected images \[B, 3, H, W\]"):
         runner(np.zeros((3, 32, 32), dtype=np.float32))
     # int8 agreement recomputed from the two files on the same preprocessed images
-    images = loaded.preprocess_images(collect_images([ham_root / "images"], limit=20)).numpy()
+    images = loaded.preprocess_images(collect_images([ham_root / "images"], limit=20).files).numpy()
     agreement = top1_agreement(runner(images), OnnxRunner(artifact / "model.int8.onnx")(images))
     assert agreement == pytest.approx(int8["top1_agreement"])
 

@@ -14,10 +14,11 @@ from PIL import Image, ImageOps
 import skindistil
 from skindistil.cli import main
 from skindistil.config import PreprocessConfig
+from skindistil.data.discovery import discover_images
 from skindistil.data.vocab import ISIC2019
 from skindistil.errors import ConfigError, CSVError, ImageError
 from skindistil.evaluation.report import read_predictions_csv
-from skindistil.inference.predictor import Predictor, collect_inputs, errors_csv_path
+from skindistil.inference.predictor import Predictor, errors_csv_path
 from skindistil.models import save_artifact
 
 CLASSES = list(ISIC2019.names)
@@ -90,21 +91,25 @@ def test_folders_and_csv_lists(artifact, images, tmp_path):
     by_image = tmp_path / "by_image.csv"
     pd.DataFrame({"image": [images[6], ""]}).to_csv(by_image, index=False)
 
-    paths, problems = collect_inputs([photos, listing, by_image, images[0]])
+    found = discover_images([photos, listing, by_image, images[0]], read_lists=True)
+    paths = found.files
     # folder recursively and sorted; the CSV's relative path resolved from its folder; repeats dropped
     assert [p.stem for p in paths] == [images[i].stem for i in (0, 1, 2, 3, 5, 6)]
-    assert [(p.where, p.reason) for p in problems] == [(f"{by_image}:3", "empty 'image' cell")]
+    assert [p.where for p in found.skipped] == [str(photos / "notes.txt"), f"{by_image} row 3"]
+    assert "'.txt' is not an image extension" in found.skipped[0].reason
+    assert found.skipped[1].reason == "empty 'image' cell"
 
     out = tmp_path / "out.json"
     assert _predict("--model", artifact, photos, listing, by_image, "--out", out) == 0
     document = json.loads(out.read_text())
     assert [p["image"] for p in document["predictions"]] == [p.stem for p in paths]
-    assert document["errors"] == [{"where": f"{by_image}:3", "reason": "empty 'image' cell"}]
+    assert document["errors"] == []
+    assert document["skipped"] == [p.to_dict() for p in found.skipped]
 
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"file": ["x.jpg"]}).to_csv(bad, index=False)
     with pytest.raises(CSVError, match="expected one of path, image"):
-        collect_inputs([bad])
+        discover_images([bad], read_lists=True)
 
 
 def test_json_top_k(artifact, images, tmp_path):
@@ -141,15 +146,15 @@ def test_unreadable_files_are_listed_and_the_rest_predicted(artifact, images, tm
     assert reasons[str(corrupt)].startswith(("corrupt image", "not an image"))
     assert "truncated" in reasons[str(truncated)]
     err = capsys.readouterr().err
-    assert f"skipped {missing}: file not found" in err
-    assert "predicted 3 image(s), 3 failed" in err
+    assert f"failed {missing}: file not found" in err
+    assert "predicted 3 image(s), 3 failed, 0 not taken" in err
 
     json_out = tmp_path / "predictions.json"
     assert _predict("--model", artifact, good[0], missing, "--out", json_out) == 0
     assert json.loads(json_out.read_text())["errors"] == [{"where": str(missing), "reason": "file not found"}]
 
     assert _predict("--model", artifact, corrupt, missing, "--out", tmp_path / "none.csv") == 1
-    assert "predicted 0 image(s), 2 failed" in capsys.readouterr().err
+    assert "predicted 0 image(s), 2 failed, 0 not taken" in capsys.readouterr().err
 
 
 def test_tta_is_a_flip_invariant_distribution(artifact, images):

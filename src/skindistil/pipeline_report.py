@@ -158,6 +158,7 @@ def _family_sections(doc, cfg, run_dir, data_dir, models, assets) -> None:
 
 
 def _attention_section(doc, cfg, data_dir, manifest, models, assets) -> None:
+    from skindistil.data.names import safe_file_stem
     from skindistil.inference.explain import explain_png
     from skindistil.models import load_model
 
@@ -172,7 +173,7 @@ def _attention_section(doc, cfg, data_dir, manifest, models, assets) -> None:
         for _, row in test.iterrows():
             image = Image.fromarray(np.load(Path(data_dir) / row["cache_file"]))
             png, top, prob = explain_png(loaded, image, "rollout")
-            name = f"attention_{entry.label}_{row['image_id']}.png"
+            name = f"attention_{safe_file_stem(entry.label)}_{safe_file_stem(row['image_id'])}.png"
             (assets / name).write_bytes(png)
             section.figure(f"report_assets/{name}",
                            f"{entry.label} on {row['image_id']} (true {row['class_name']}): {top} {prob:.2f}")

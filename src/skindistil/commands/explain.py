@@ -49,9 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from skindistil.data.discovery import discover_images
     from skindistil.errors import ConfigError
     from skindistil.inference.explain import explain_images
-    from skindistil.inference.predictor import collect_inputs
     from skindistil.models.artifact import load_model
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -62,11 +62,17 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.class_name is not None and args.method == "rollout":
         err.print("note: rollout is class-agnostic; --class only changes grad-rollout maps", markup=False)
-    paths, problems = collect_inputs(args.images)
+    found = discover_images(args.images, read_lists=True)
+    problems = []
     written = explain_images(
-        loaded, paths, args.out, args.method, args.class_name, args.head_fusion, on_error=problems.append
+        loaded, found.files, args.out, args.method, args.class_name, args.head_fusion, on_error=problems.append
     )
+    for problem in found.not_taken:
+        err.print(f"not taken {problem.where}: {problem.reason}", markup=False)
     for problem in problems:
-        err.print(f"skipped {problem.where}: {problem.reason}", markup=False)
-    err.print(f"wrote {len(written)} PNG(s) to {args.out}, {len(problems)} failed", markup=False)
+        err.print(f"failed {problem.where}: {problem.reason}", markup=False)
+    err.print(
+        f"wrote {len(written)} PNG(s) to {args.out}, {len(problems)} failed, {len(found.not_taken)} not taken",
+        markup=False,
+    )
     return 0 if written else 1

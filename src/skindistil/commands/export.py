@@ -38,7 +38,10 @@ def run(args: argparse.Namespace) -> int:
     from skindistil.inference.export import collect_images, export_artifact
 
     console = Console()
-    images = collect_images(args.images, args.max_images) if args.images else []
+    found = collect_images(args.images, args.max_images) if args.images else None
+    for problem in found.not_taken if found else []:
+        console.print(f"not taken {problem.where}: {problem.reason}", markup=False, highlight=False)
+    images = found.files if found else []
     record = export_artifact(
         args.model,
         out=args.out,

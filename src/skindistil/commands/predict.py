@@ -3,10 +3,13 @@
     skindistil predict --model runs/student/model photos/ more.jpg --out predictions.csv --tta
     skindistil predict --model runs/student lesions.csv --out predictions.json --top-k 3
 
-Output: ISIC challenge CSV (image = file stem, one probability column per class in the model's order)
-with a sidecar FILE.errors.csv when an input failed, or JSON with the top-k classes and an `errors` section; without --out
-a table of the top-k classes is printed. Unreadable inputs are listed with the reason on stderr and the rest are
-predicted. Exit code 0 if any image was predicted, 1 if none.
+Inputs are found by `skindistil.data.discovery.discover_images`: folders recursively, hidden and OS
+metadata files (._*, __MACOSX, .DS_Store, Thumbs.db, desktop.ini) left out, every other file not
+taken listed with the reason. Output: ISIC challenge CSV (image = file stem, one probability column
+per class in the model's order) with a sidecar FILE.errors.csv when an input failed or was not taken,
+or JSON with the top-k classes and `errors` / `skipped` sections; without --out a table of the top-k
+classes is printed. Unreadable inputs and files not taken are listed with the reason on stderr and the
+rest are predicted. Exit code 0 if any image was predicted, 1 if none.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "inputs",
         nargs="+",
         metavar="INPUT",
-        help="image files, folders (searched recursively for jpg/jpeg/png/bmp/tif/webp) or CSVs with a "
-        "'path' or 'image' column (paths relative to the CSV's folder)",
+        help="image files, folders (searched recursively for jpg/jpeg/png/bmp/tif/webp/heic/heif/avif) or "
+        "CSVs with a 'path' or 'image' column (paths relative to the CSV's folder)",
     )
     parser.add_argument(
         "--out",
@@ -65,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from skindistil.data.discovery import discover_images
     from skindistil.errors import ConfigError
     from skindistil.inference.backends import BACKENDS
-    from skindistil.inference.predictor import BACKEND_ALIASES, Predictor, collect_inputs, write_predictions
+    from skindistil.inference.predictor import BACKEND_ALIASES, Predictor, write_predictions
 
     if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
         raise ConfigError(f"--out {args.out}: the output file must end in .csv or .json")
@@ -80,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         on_torch = backend in BACKENDS and BACKENDS[backend].runtime == "torch"
         device = "cuda" if on_torch and torch.cuda.is_available() else "cpu"
 
-    paths, problems = collect_inputs(args.inputs)
+    found = discover_images(args.inputs, read_lists=True)
+    paths = found.files
     predictor = Predictor(
         args.model,
         device=device,
@@ -95,10 +100,12 @@ def run(args: argparse.Namespace) -> int:
         result = predictor.predict_files(
             paths, on_progress=lambda done, total: progress.update(task, completed=done)
         )
-    result.errors = problems + result.errors
+    result.skipped = found.not_taken
 
+    for problem in result.skipped:
+        err.print(f"not taken {problem.where}: {problem.reason}", markup=False, highlight=False)
     for problem in result.errors:
-        err.print(f"skipped {problem.where}: {problem.reason}", markup=False, highlight=False)
+        err.print(f"failed {problem.where}: {problem.reason}", markup=False, highlight=False)
     duplicates = sorted(i for i, n in Counter(result.ids).items() if n > 1)
     if duplicates:
         err.print(
@@ -112,7 +119,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         written = write_predictions(result, args.out, top_k=args.top_k, meta=meta)
         err.print(f"wrote {', '.join(map(str, written))}", markup=False, highlight=False)
-    err.print(f"predicted {len(result.ids)} image(s), {len(result.errors)} failed", highlight=False)
+    summary = f"predicted {len(result.ids)} image(s), {len(result.errors)} failed, {len(result.skipped)} not taken"
+    if found.ignored:
+        summary += f" ({found.ignored} hidden or OS metadata file(s) ignored)"
+    err.print(summary, highlight=False)
     return 0 if len(result.ids) else 1
 
 

@@ -24,7 +24,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import re
 import signal
 import threading
 import time
@@ -46,6 +45,7 @@ from rich.progress import (
 )
 
 from skindistil.data.imageio import DEFAULT_MAX_PIXELS, border_crop_box, resize_shorter
+from skindistil.data.names import safe_file_stem
 from skindistil.data.records import METADATA_FIELDS, Problem, Record
 from skindistil.data.sources import ON_ERROR_CHOICES, Source
 from skindistil.data.splits import (
@@ -72,7 +72,6 @@ MANIFEST_COLUMNS = [
 ]  # fmt: skip
 # Written after MANIFEST_COLUMNS; optional when reading (datasets prepared before they existed lack them).
 MANIFEST_METADATA = list(METADATA_FIELDS)
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass
@@ -103,12 +102,11 @@ class _Settings:
 def cache_file_for(image_id: str) -> str:
     """Cache path of an image, relative to DATA_DIR: cache/<hh>/<name>.npy.
 
-    <hh> spreads files over 256 folders. Ids that are not plain file names (slashes, spaces, ...)
-    are sanitised and suffixed with a hash of the id so that two ids never share a file.
+    <hh> (two hex digits of the id's SHA-1) spreads files over 256 folders; <name> is
+    `safe_file_stem(image_id)`, so ids with slashes, spaces, ... never share a file.
     """
     digest = hashlib.sha1(image_id.encode("utf-8")).hexdigest()
-    name = image_id if _SAFE_NAME.fullmatch(image_id) else f"{re.sub(r'[^A-Za-z0-9._-]', '_', image_id)}-{digest[:12]}"
-    return f"{CACHE_DIR}/{digest[:2]}/{name}.npy"
+    return f"{CACHE_DIR}/{digest[:2]}/{safe_file_stem(image_id)}.npy"
 
 
 def default_workers() -> int:

@@ -33,7 +33,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from skindistil.data.imageio import DEFAULT_MAX_PIXELS, read_image
+from skindistil.data.discovery import (
+    IMAGE_SUFFIXES,
+    discover_images,
+    is_hidden_or_os_metadata,
+    resolve_listed_path,
+)
+from skindistil.data.imageio import DEFAULT_MAX_PIXELS, read_image, to_rgb
 from skindistil.data.records import Problem, Record, standard_metadata
 from skindistil.data.vocab import HAM10000, ISIC2019, ClassVocab
 from skindistil.errors import CSVError, DataError, ImageError
@@ -181,9 +187,8 @@ class Source(abc.ABC):
 
 # --------------------------------------------------------------------------- shared helpers
 
-# Extensions ISIC and HAM10000 images come in; an ImageFolder tree may also hold these others.
+# Extensions ISIC and HAM10000 images come in (an ImageFolder tree may hold any of discovery.IMAGE_SUFFIXES).
 ISIC_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
-FOLDER_IMAGE_SUFFIXES = ISIC_IMAGE_SUFFIXES | {".bmp", ".tif", ".tiff", ".webp"}
 
 
 def row_where(path: Path, row: int) -> str:
@@ -587,7 +592,7 @@ class DermaMNISTSource(Source):
             raise ImageError(record.source, f"image is {width}x{height}, over the limit of {self.max_pixels:,} pixels")
         if pixels.ndim == 3 and pixels.shape[2] == 1:
             pixels = pixels[..., 0]
-        return Image.fromarray(pixels).convert("RGB")
+        return to_rgb(Image.fromarray(pixels), record.source)
 
     @classmethod
     def detect(cls, path: Path) -> bool:
@@ -637,7 +642,8 @@ def _relative_image_id(path_value: str) -> str:
 class CSVSource(Source):
     """A CSV with columns path,label[,group][,image_id]; `root` is the CSV file.
 
-    Paths are relative to the CSV's folder (absolute paths are kept). The vocabulary is the sorted
+    Paths are relative to the CSV's folder (absolute paths are kept; backslashes of lists written on
+    Windows are folder separators, see `resolve_listed_path`). The vocabulary is the sorted
     set of label names unless `class_names` fixes it (then other labels are errors). The image id
     is the `image_id` column if present, else the path without its extension.
     """
@@ -686,7 +692,11 @@ class CSVSource(Source):
                 self._problem(where, f"duplicate image id {image_id!r} (first at row {first_row[image_id]})")
                 continue
             first_row[image_id] = row
-            path = folder / path_value
+            try:
+                path = resolve_listed_path(path_value, folder, where)
+            except DataError as exc:
+                self._problem(exc.where, exc.reason, DataError)
+                continue
             if not path.is_file():
                 self._problem(where, f"image file {str(path)!r} not found", DataError)
                 continue
@@ -719,9 +729,12 @@ class ImageFolderSource(Source):
     split, never a class: when there is one, every top-level folder holding images must be one, the
     classes are the folders one level below, and each record carries its split (prepare keeps them;
     a split the tree lacks is drawn from train). The vocabulary is the sorted names of class folders
-    holding images (in any split), unless `class_names` fixes it. Hidden files and files without an
-    image extension are ignored; images lying directly where class folders are expected are an error.
-    An image id is the file's path relative to root, without extension.
+    holding images (in any split), unless `class_names` fixes it. Images are found by
+    `discover_images`: hidden and OS metadata files and folders (``._*``, ``__MACOSX``, ``.DS_Store``,
+    ...) are left out; other files without an image extension, and non-image files outside the class
+    folders, are listed in `problems` (not taken, whatever `on_error` says); images lying directly
+    where class folders are expected, and an unreadable folder, are errors. An image id is the file's
+    path relative to root, without extension.
     """
 
     def __init__(
@@ -738,7 +751,7 @@ class ImageFolderSource(Source):
 
     @classmethod
     def detect(cls, path: Path) -> bool:
-        return path.is_dir() and any(child.is_dir() and not child.name.startswith(".") for child in path.iterdir())
+        return path.is_dir() and any(child.is_dir() and not is_hidden_or_os_metadata(child.name) for child in path.iterdir())
 
     @property
     def vocab(self) -> ClassVocab:
@@ -778,21 +791,23 @@ class ImageFolderSource(Source):
 
     @staticmethod
     def _images_in(folder: Path) -> list[Path]:
-        return sorted(
-            p
-            for p in folder.rglob("*")
-            if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-        )
+        return discover_images([folder]).files
 
     def records(self) -> list[Record]:
         vocab = self.vocab
         layout = self.layout()
         records = []
         seen_classes: set[str] = set()
+        for path in sorted(self.root.iterdir()) if layout[0][0] is not None else ():
+            if path.is_file() and not is_hidden_or_os_metadata(path.name):
+                self.problems.append(Problem(str(path), "not taken: outside the split folders (root/<split>/<class>/<images>)"))
         for split, base in layout:
             loose = _loose_images(base)
             if loose:
                 self._problem(str(base), self._loose_reason(base, loose), DataError)
+            for path in sorted(base.iterdir()):
+                if path.is_file() and not is_hidden_or_os_metadata(path.name) and path.name not in loose:
+                    self.problems.append(Problem(str(path), "not taken: outside the class folders (<class>/<images>)"))
             folders = {d.name: d for d in _subfolders(base)}
             for name in sorted(set(folders) - set(vocab.names)):
                 if self._images_in(folders[name]):
@@ -806,7 +821,11 @@ class ImageFolderSource(Source):
                         self._problem(str(base / name), "class folder not found", DataError)
                         seen_classes.add(name)  # reported
                     continue
-                images = self._images_in(folders[name])
+                found = discover_images([folders[name]])
+                self.problems.extend(found.skipped)
+                for problem in found.unsearched:
+                    self._problem(problem.where, problem.reason, DataError)
+                images = found.files
                 seen_classes.add(name)
                 if not images:
                     self._problem(str(folders[name]), "class folder has no images", DataError)
@@ -843,8 +862,8 @@ class ImageFolderSource(Source):
 def _loose_images(folder: Path) -> list[str]:
     """Names of the image files directly inside `folder` (not in a sub-folder), sorted."""
     return sorted(p.name for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in FOLDER_IMAGE_SUFFIXES and not p.name.startswith("."))
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden_or_os_metadata(p.name))
 
 
 def _subfolders(folder: Path) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not is_hidden_or_os_metadata(d.name))

@@ -273,14 +273,18 @@ def explain_images(
 ) -> list[Path]:
     """Write OUT_DIR/<stem>_<method>.png (image | overlay) for each image file; returns the files written.
 
+    <stem> is the file's stem, or, for files sharing a stem (``mel/x.jpg``, ``nv/x.jpg``), a name made
+    from the whole path (`skindistil.data.names.unique_file_stems`), so no output overwrites another.
     An unreadable image raises ImageError, or, with `on_error`, is reported to it and skipped.
     """
     from skindistil.data.imageio import read_image
+    from skindistil.data.names import unique_file_stems
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in map(Path, paths):
+    paths = [Path(p) for p in paths]
+    for path, stem in zip(paths, unique_file_stems(paths), strict=True):
         try:
             image = read_image(path)
         except ImageError as exc:
@@ -289,7 +293,7 @@ def explain_images(
             on_error(Problem(exc.where, exc.reason))
             continue
         png, _, _ = explain_png(loaded, image, method, class_name, head_fusion)
-        target = out_dir / f"{path.stem}_{method}.png"
+        target = out_dir / f"{stem}_{method}.png"
         target.write_bytes(png)
         written.append(target)
     return written

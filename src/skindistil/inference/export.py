@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from skindistil.data.discovery import IMAGE_SUFFIXES, Discovery, discover_images
 from skindistil.errors import ConfigError, ImageError, ModelError
 from skindistil.inference.backends import OnnxRunner
 from skindistil.inference.bench import summarize_times, time_calls
@@ -27,7 +28,6 @@ OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # scaled_dot_product_attention has an ONNX translation from opset 14
 EXPORT_INFO_FILE = "export.json"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def export_onnx(
@@ -114,24 +114,26 @@ def top1_agreement(logits_a, logits_b) -> float:
     return float(np.mean(a.argmax(axis=1) == b.argmax(axis=1)))
 
 
-def collect_images(items: Sequence[str | Path], limit: int | None = None) -> list[Path]:
-    """Image files from files and directories (a directory gives its image files, sorted by name).
+def collect_images(items: Sequence[str | Path], limit: int | None = None) -> Discovery:
+    """Image files from files, folders and CSV path lists, by `discover_images` (folders searched
+    recursively, OS metadata left out, other files not taken listed in `skipped`).
 
-    At most `limit` files in all. A missing path, or a directory without images, is an ImageError.
+    At most `limit` files in all. A missing path, or a folder without images, is an ImageError.
     """
-    found: list[Path] = []
+    found = Discovery()
     for item in items:
         path = Path(item)
-        if path.is_dir():
-            images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            if not images:
-                raise ImageError(str(path), f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this directory")
-            found.extend(images)
-        elif path.is_file():
-            found.append(path)
-        else:
+        if not path.exists():
             raise ImageError(str(path), "no such file or directory")
-    return found[:limit] if limit is not None else found
+        part = discover_images([path], read_lists=True)
+        if path.is_dir() and not part.files:
+            raise ImageError(str(path), f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+        found.files.extend(part.files)
+        found.skipped.extend(part.skipped)
+        found.unsearched.extend(part.unsearched)
+        found.ignored += part.ignored
+    found.files = found.files[:limit] if limit is not None else found.files
+    return found
 
 
 def _run_batched(fn, inputs: torch.Tensor, batch_size: int) -> np.ndarray:

@@ -27,70 +27,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from skindistil.data.imageio import as_image_list
 from skindistil.data.records import Problem
-from skindistil.errors import ConfigError, CSVError, ImageError, SkinDistilError
+from skindistil.errors import ConfigError, ImageError, SkinDistilError
 from skindistil.models.artifact import LoadedModel, load_model
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-# Columns of an input CSV that hold image paths, in order of preference.
-PATH_COLUMNS = ("path", "image")
 # TTA views as the image axes to flip: identity, horizontal, vertical, both (see the module docstring).
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 # `backend="torch"` is the plain PyTorch module in fp32 (the registry's "eager").
 BACKEND_ALIASES = {"torch": "eager"}
-
-
-# ------------------------------------------------------------------------------------------- inputs
-
-
-def collect_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Problem]]:
-    """Expand command-line inputs into image paths, in order, each file once.
-
-    A directory gives its image files (suffixes `IMAGE_SUFFIXES`, any case) recursively, sorted by
-    path. A file ending in .csv gives the paths in its `path` column (else its `image` column),
-    relative paths taken from the CSV's folder. Any other path is taken as an image as is, so a
-    missing or unreadable file is reported when it is decoded. Returns (paths, problems): empty
-    cells of a CSV are problems; a CSV without a path column raises CSVError.
-    """
-    paths: list[Path] = []
-    problems: list[Problem] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            paths.extend(
-                sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            )
-        elif path.suffix.lower() == ".csv" and path.is_file():
-            listed, empty = _paths_from_csv(path)
-            paths.extend(listed)
-            problems.extend(empty)
-        else:
-            paths.append(path)
-    # the same file named twice (a relative and an absolute path, a link) is predicted once
-    unique: dict[Path, Path] = {}
-    for p in paths:
-        unique.setdefault(p.resolve(), p)
-    return list(unique.values()), problems
-
-
-def _paths_from_csv(path: Path) -> tuple[list[Path], list[Problem]]:
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise CSVError(path, f"cannot read the CSV ({exc})") from None
-    column = next((c for c in PATH_COLUMNS if c in table.columns), None)
-    if column is None:
-        raise CSVError(
-            path,
-            f"no column of image paths: expected one of {', '.join(PATH_COLUMNS)} (found: {', '.join(table.columns)})",
-        )
-    paths, problems = [], []
-    for row, value in enumerate(table[column].str.strip(), start=2):  # line 1 is the header
-        if not value:
-            problems.append(Problem(f"{path}:{row}", f"empty {column!r} cell"))
-        else:
-            paths.append(path.parent / value)
-    return paths, problems
 
 
 # ------------------------------------------------------------------------------------------- result
@@ -99,13 +44,15 @@ def _paths_from_csv(path: Path) -> tuple[list[Path], list[Problem]]:
 @dataclass
 class PredictionResult:
     """Predictions for a list of files: ids (file stems), their paths, probabilities [N, C] in
-    `classes` order, and the inputs that could not be predicted (`errors`, with reasons)."""
+    `classes` order, the inputs that could not be predicted (`errors`, with reasons), and the
+    files input discovery did not take (`skipped`, with reasons; see `skindistil.data.discovery`)."""
 
     ids: list[str]
     probs: np.ndarray
     errors: list[Problem] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
+    skipped: list[Problem] = field(default_factory=list)
 
     def top_k(self, k: int) -> list[list[tuple[str, float]]]:
         """Per image, the `k` most probable (class, probability) pairs, most probable first."""
@@ -136,9 +83,10 @@ def write_predictions(
     """Write `result` to `out` (.csv or .json); returns the files written.
 
     .csv: ISIC challenge format (`image` = file stem, one probability column per class in the
-    artifact's order) plus, only when some input failed, the sidecar FILE.errors.csv (`where,reason`;
-    a stale one from an earlier run is removed). .json: {"classes", "predictions": [{"image", "path", "top_k": [{"class", "prob"}],
-    "probs": {class: prob}}], "errors": [{"where", "reason"}], **meta}.
+    artifact's order) plus, only when some input was not predicted, the sidecar FILE.errors.csv
+    (`where,reason`: errors, then files not taken; a stale one from an earlier run is removed).
+    .json: {"classes", "predictions": [{"image", "path", "top_k": [{"class", "prob"}], "probs":
+    {class: prob}}], "errors" and "skipped": [{"where", "reason"}], **meta}.
     """
     from skindistil.evaluation.report import write_predictions_csv
 
@@ -149,9 +97,9 @@ def write_predictions(
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".csv":
         write_predictions_csv(out, result.ids, result.probs, result.classes)
-        sidecar = errors_csv_path(out)
-        if result.errors:
-            return [out, write_errors_csv(sidecar, result.errors)]
+        sidecar, unpredicted = errors_csv_path(out), [*result.errors, *result.skipped]
+        if unpredicted:
+            return [out, write_errors_csv(sidecar, unpredicted)]
         sidecar.unlink(missing_ok=True)  # an earlier run's failures must not read as this run's
         return [out]
     predictions = [
@@ -170,8 +118,10 @@ def write_predictions(
         "classes": result.classes,
         "num_predicted": len(result.ids),
         "num_errors": len(result.errors),
+        "num_skipped": len(result.skipped),
         "predictions": predictions,
         "errors": [e.to_dict() for e in result.errors],
+        "skipped": [e.to_dict() for e in result.skipped],
     }
     out.write_text(json.dumps(document, indent=2) + "\n")
     return [out]
@@ -255,12 +205,13 @@ class Predictor:
             probs = self.loaded.probabilities(torch.as_tensor(self._logits(images)))
         return probs.cpu().numpy()
 
-    def predict(self, images: Iterable) -> np.ndarray:
-        """Probabilities [N, C] for raw images (paths, PIL images, HxWx3 uint8 arrays), in input order.
+    def predict(self, images) -> np.ndarray:
+        """Probabilities [N, C] for raw images, in input order: one image or a sequence of them (paths,
+        PIL images of any mode, arrays; see `LoadedModel.predict`).
 
         Raises ImageError (naming the input) if any image cannot be read.
         """
-        images = list(images)
+        images = as_image_list(images)
         out = []
         for _, batch, problems in self._batches(images, [_describe(img, i) for i, img in enumerate(images)]):
             if problems:
@@ -291,7 +242,7 @@ class Predictor:
 
     def _prepare(self, image, where: str) -> torch.Tensor | Problem:
         try:
-            return self.loaded.prepare_image(image)
+            return self.loaded.prepare_image(image, where)
         except ImageError as exc:
             return Problem(exc.where, exc.reason)
         except (SkinDistilError, OSError) as exc:  # e.g. an unsupported input type, a permission error

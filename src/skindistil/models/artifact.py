@@ -354,20 +354,23 @@ class LoadedModel:
         return (logits.float() / self.temperature).softmax(dim=-1)
 
     def preprocess_images(self, images: Sequence) -> torch.Tensor:
-        """Raw images (paths, PIL images, HWC uint8 arrays) -> the model's input batch [N, 3, S, S].
+        """Raw images (paths, PIL images, arrays; see `predict`) -> the model's input batch [N, 3, S, S].
 
         Applies the artifact's eval policy: black-border crop (when the model was trained with it),
         shorter side to preprocess.resize_size, centre crop preprocess.image_size, scale, normalise
         (the values of `build_eval_transform`, bit for bit). In two halves for servers and loaders:
         `prepare_image` (per image, uint8) and `normalize` (per batch).
         """
-        return self.normalize(torch.stack([self.prepare_image(img) for img in images]))
+        return self.normalize(torch.stack([self.prepare_image(img, f"image {i}") for i, img in enumerate(images)]))
 
-    def prepare_image(self, image) -> torch.Tensor:
-        """One raw image -> uint8 [3, S, S]: border crop, resize, centre crop (no float work yet)."""
+    def prepare_image(self, image, where: str = "image") -> torch.Tensor:
+        """One raw image -> uint8 [3, S, S]: decode (`skindistil.data.imageio.as_rgb_array`, the one
+        decode path), border crop, resize, centre crop (no float work yet). ImageError names `where`
+        (or the path) when the image cannot be decoded."""
+        from skindistil.data.imageio import as_rgb_array
         from skindistil.data.transforms import eval_resize_crop
 
-        return eval_resize_crop(self._crop(_as_array(image)), self.preprocess)
+        return eval_resize_crop(self._crop(as_rgb_array(image, where)), self.preprocess)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, S, S] from `prepare_image` -> the float32 model input, on the images' device."""
@@ -383,28 +386,21 @@ class LoadedModel:
             rgb = rgb[y0:y1, x0:x1]
         return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy
 
-    def predict(self, images: Sequence, batch_size: int = 32) -> np.ndarray:
-        """Class probabilities [N, C] (float32, columns in `classes` order) for raw images."""
-        images = list(images)
+    def predict(self, images, batch_size: int = 32) -> np.ndarray:
+        """Class probabilities [N, C] (float32, columns in `classes` order) for raw images.
+
+        `images`: one image or a sequence of them; an image is a path, bytes, a PIL image (any mode)
+        or an array (HxW, HxWxC; a 4-D NxHxWxC array is a batch). All decode by the rules of
+        `skindistil.data.imageio.to_rgb`. Raises ImageError naming the image that cannot be used.
+        """
+        from skindistil.data.imageio import as_image_list
+
+        images = as_image_list(images)
         out = [
             self.probabilities(self.logits(self.preprocess_images(images[i : i + batch_size]))).cpu().numpy()
             for i in range(0, len(images), batch_size)
         ]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
-
-
-def _as_array(image) -> np.ndarray:
-    from PIL import Image
-
-    from skindistil.data.imageio import read_image
-
-    if isinstance(image, (str, Path, bytes)):
-        image = read_image(image)
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-        raise ModelError(f"cannot predict on {type(image).__name__}: expected a path, PIL image or HxWx3 uint8 array")
-    return image
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:

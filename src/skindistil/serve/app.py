@@ -26,7 +26,6 @@ import asyncio
 import copy
 import dataclasses
 import hashlib
-import io
 import logging
 import os
 import time
@@ -49,7 +48,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from skindistil import __version__
-from skindistil.data.imageio import read_image
+from skindistil.data.imageio import image_size, read_image
 from skindistil.errors import ConfigError, ImageError
 from skindistil.inference.backends import warmup_batch_sizes
 from skindistil.inference.explain import METHODS, explain_png
@@ -306,15 +305,6 @@ def check_dimensions(width: int, height: int, name: str, limits: UploadLimits) -
         )
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the image header without decoding the pixels; None if unreadable."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size
-    except Exception:  # whatever Pillow raises, read_image reports it with a proper message
-        return None
-
-
 def decode_upload(data: bytes, name: str, limits: UploadLimits) -> Image.Image:
     """The uploaded bytes as an RGB image, or ApiError (4xx) saying why they cannot be used.
 
@@ -326,7 +316,7 @@ def decode_upload(data: bytes, name: str, limits: UploadLimits) -> Image.Image:
         raise ApiError(
             413, "file_too_large", f"{name}: {len(data):,} bytes, over the limit of {limits.max_upload_bytes:,}"
         )
-    size = _header_size(data)
+    size = image_size(data)
     if size is not None:
         check_dimensions(*size, name, limits)
     try:

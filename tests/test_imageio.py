@@ -1,0 +1,215 @@
+"""The one decode path: every Pillow mode, built from one real HAM10000 image, decodes to the right 8-bit RGB."""
+
+from __future__ import annotations
+
+import io
+import struct
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from skindistil.data.imageio import as_rgb_array, read_image, to_rgb
+from skindistil.errors import ImageError
+
+
+@pytest.fixture(scope="module")
+def original(ham_root):
+    """A real HAM10000 image (8-bit RGB JPEG) and its pixels."""
+    path = sorted((ham_root / "images").glob("*.jpg"))[0]
+    return path, np.asarray(Image.open(path).convert("RGB"))
+
+
+def _grey(rgb: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(rgb).convert("L"))
+
+
+def _mad(decoded, reference: np.ndarray) -> float:
+    decoded = np.asarray(decoded)
+    assert decoded.dtype == np.uint8 and decoded.shape == (*reference.shape[:2], 3)
+    reference = reference if reference.ndim == 3 else np.repeat(reference[..., None], 3, axis=2)
+    return float(np.abs(decoded.astype(np.float64) - reference).mean())
+
+
+def _file(img: Image.Image, fmt: str, **params) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format=fmt, **params)
+    return out.getvalue()
+
+
+def _png_rgb16(rgb16: np.ndarray) -> bytes:
+    """A 48-bit (16 bits per channel) RGB PNG, which Pillow cannot write, written by hand."""
+    height, width, _ = rgb16.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb16)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def _jfif_ycbcr(rgb: np.ndarray) -> np.ndarray:
+    """RGB -> YCbCr by the JFIF (JPEG) definition, in floating point, rounded once."""
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = 128 - 0.168736 * r - 0.331264 * g + 0.5 * b
+    cr = 128 + 0.5 * r - 0.418688 * g - 0.081312 * b
+    return np.clip(np.round(np.stack([y, cb, cr], axis=-1)), 0, 255).astype(np.uint8)
+
+
+def test_every_mode_that_holds_the_image_decodes_to_it(original):
+    path, rgb = original
+    grey = _grey(rgb)
+    grey16 = grey.astype(np.uint16) * 257  # the same grey levels at 16 bits (255 -> 65535)
+    opaque = np.full(grey.shape, 255, dtype=np.uint8)
+    rgba = Image.fromarray(np.dstack([rgb, opaque]))
+    la = Image.fromarray(np.dstack([grey, opaque]))
+    grey_palette = Image.fromarray(grey, mode="P")
+    grey_palette.putpalette([v for level in range(256) for v in (level, level, level)])
+    cases = {
+        # files, through read_image: what users have on disk
+        "RGB jpeg": (path.read_bytes(), rgb),
+        "L png": (_file(Image.fromarray(grey), "PNG"), grey),
+        "LA png": (_file(la, "PNG"), grey),
+        "P png": (_file(grey_palette, "PNG"), grey),
+        "RGBA png": (_file(rgba, "PNG"), rgb),
+        "CMYK tiff": (_file(Image.fromarray(rgb).convert("CMYK"), "TIFF"), rgb),
+        "LAB tiff": (_file(Image.fromarray(rgb).convert("LAB"), "TIFF"), rgb),
+        "I;16 png": (_file(Image.fromarray(grey16), "PNG"), grey),
+        "I;16 tiff": (_file(Image.fromarray(grey16), "TIFF"), grey),
+        "RGB 16-bit png": (_png_rgb16(rgb.astype(np.uint16) * 257), rgb),
+        # images in memory, through to_rgb: what Python callers pass
+        "RGBX": (Image.fromarray(rgb).convert("RGBX"), rgb),
+        "RGBa": (rgba.convert("RGBa"), rgb),
+        "La": (la.convert("La"), grey),
+        "PA": (grey_palette.convert("PA"), grey),
+        "YCbCr": (Image.fromarray(_jfif_ycbcr(rgb), mode="YCbCr"), rgb),
+        "HSV": (Image.fromarray(rgb).convert("HSV"), rgb),
+        "I;16B": (Image.frombytes("I;16B", grey.shape[::-1], grey16.astype(">u2").tobytes()), grey),
+        "I;16L": (Image.frombytes("I;16L", grey.shape[::-1], grey16.astype("<u2").tobytes()), grey),
+        "I;16N": (Image.frombytes("I;16N", grey.shape[::-1], grey16.astype(np.uint16).tobytes()), grey),
+    }
+    for name, (item, reference) in cases.items():
+        if isinstance(item, bytes):
+            opened = Image.open(io.BytesIO(item))
+            assert opened.mode == name.split()[0] or name == "RGB 16-bit png", (name, opened.mode)
+            decoded = read_image(item, name=name)
+        else:
+            assert item.mode == name, name
+            decoded = to_rgb(item, name)
+        assert decoded.mode == "RGB", name
+        assert _mad(decoded, reference) < 1.0, (name, _mad(decoded, reference))
+    # the bug this replaces: Pillow's own conversion of 16-bit grey clips everything above 255 to white
+    assert _mad(Image.fromarray(grey16).convert("RGB"), grey) > 50
+    assert as_rgb_array(grey16, "array").tolist() == np.repeat(grey[..., None], 3, axis=2).tolist()
+
+
+def test_modes_that_hold_less_decode_to_what_they_hold(original):
+    _, rgb = original
+    grey = _grey(rgb)
+    # 1 bit: black or white, exactly where the bits are
+    bilevel = Image.fromarray(grey).convert("1")
+    bits = np.asarray(bilevel)
+    assert _mad(read_image(_file(bilevel, "PNG")), np.where(bits, 255, 0).astype(np.uint8)) == 0
+    # 256 colours: each pixel the palette colour of its index
+    quantised = Image.fromarray(rgb).quantize(64)
+    palette = np.array(quantised.getpalette()[: 3 * 256], dtype=np.uint8).reshape(-1, 3)
+    assert _mad(read_image(_file(quantised, "PNG")), palette[np.asarray(quantised)]) == 0
+
+
+def test_alpha_is_composited_on_black(original):
+    _, rgb = original
+    height, width = rgb.shape[:2]
+    alpha = np.tile(np.linspace(0, 255, width).round().astype(np.uint8), (height, 1))
+    expected = rgb.astype(np.float64) * alpha[..., None] / 255
+    decoded = read_image(_file(Image.fromarray(np.dstack([rgb, alpha])), "PNG"))
+    assert _mad(decoded, expected) < 1.0
+    assert np.asarray(decoded)[:, 0].max() == 0  # fully transparent column: the background
+    # a palette image with a transparent colour (PNG tRNS): that colour becomes the background
+    quantised = Image.fromarray(rgb).quantize(16)
+    index = int(np.bincount(np.asarray(quantised).ravel()).argmax())
+    decoded = np.asarray(read_image(_file(quantised, "PNG", transparency=index)))
+    assert (decoded[np.asarray(quantised) == index] == 0).all()
+    assert decoded[np.asarray(quantised) != index].max() > 0
+
+
+def test_wide_integer_and_float_images_are_refused_by_name(original, tmp_path):
+    _, rgb = original
+    grey = _grey(rgb)
+    for mode, what in (("I", "32-bit integer image"), ("F", "32-bit floating-point image")):
+        path = tmp_path / f"grey_{mode}.tif"
+        Image.fromarray(grey).convert(mode).save(path)
+        assert Image.open(path).mode == mode
+        with pytest.raises(ImageError, match=rf"grey_{mode}\.tif: {what} \(Pillow mode {mode}\)"):
+            read_image(path)
+    with pytest.raises(ImageError, match="lesion: float64 array: floating-point pixels"):
+        as_rgb_array(rgb / 255.0, "lesion")
+    # older Pillow opened 16-bit grey PNGs as mode I: a PNG holds at most 16 bits, so that is 16-bit data
+    wide = Image.fromarray(grey.astype(np.int32) * 257)
+    assert wide.mode == "I"
+    wide.format = "PNG"
+    assert _mad(to_rgb(wide), grey) == 0
+
+
+def test_heic_is_decoded_with_pillow_heif_and_refused_by_name_without(original, tmp_path, monkeypatch):
+    pillow_heif = pytest.importorskip("pillow_heif")
+    _, rgb = original
+    photo = tmp_path / "IMG_0001.HEIC"
+    pillow_heif.from_pillow(Image.fromarray(rgb)).save(photo, quality=-1)  # lossless HEVC
+    assert _mad(read_image(photo), rgb) < 1.0
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # as if the extra were not installed
+    with pytest.raises(ImageError, match=r"IMG_0001\.HEIC: HEIC/HEIF image; .*pip install 'skindistil\[heif\]'"):
+        read_image(photo)
+
+
+def test_broken_links_and_folders_are_named(original, tmp_path):
+    link = tmp_path / "lesion.jpg"
+    link.symlink_to(tmp_path / "moved" / "lesion.jpg")
+    with pytest.raises(ImageError, match=r"lesion\.jpg: broken symbolic link \(its target .*moved/lesion\.jpg"):
+        read_image(link)
+    with pytest.raises(ImageError, match="a folder, not an image file"):
+        read_image(tmp_path)
+
+
+def test_a_16_bit_png_is_the_same_image_as_its_8_bit_twin_everywhere(original, tmp_path):
+    """The reported case: prepare, predict, serve and /v1/explain saw a 16-bit grey PNG as all white."""
+    from fastapi.testclient import TestClient
+
+    from conftest import serving_artifact
+    from skindistil.cli import main
+    from skindistil.data.prepare import load_manifest, prepare_dataset
+    from skindistil.data.sources import build_source
+    from skindistil.inference.predictor import Predictor
+    from skindistil.serve import create_app
+
+    _, rgb = original
+    grey = _grey(rgb)
+    tree = tmp_path / "tree"
+    for cls in ("a", "b"):
+        (tree / cls).mkdir(parents=True)
+        Image.fromarray(grey).save(tree / cls / "twin8.png")
+        Image.fromarray(grey.astype(np.uint16) * 257).save(tree / cls / "twin16.png")
+    twins = [tree / "a" / "twin8.png", tree / "a" / "twin16.png"]
+    assert Image.open(twins[1]).mode == "I;16"
+
+    prepare_dataset(build_source("folder", tree), tmp_path / "data", short_side=64, workers=0, progress=False)
+    manifest, _ = load_manifest(tmp_path / "data")
+    cached = {row.image_id: np.load(tmp_path / "data" / row.cache_file) for row in manifest.itertuples()}
+    assert np.array_equal(cached["a/twin8"], cached["a/twin16"]) and cached["a/twin16"].mean() < 250
+
+    artifact = serving_artifact(tmp_path)
+    probs = Predictor(artifact).predict(twins)
+    np.testing.assert_allclose(probs[1], probs[0], atol=1e-6)
+    assert main(["predict", "--no-progress", "--model", str(artifact), *map(str, twins),
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    assert np.array_equal(*np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1, usecols=range(1, 9)))
+
+    with TestClient(create_app(artifact)) as client:
+        served = [client.post("/v1/predict", files={"file": (p.name, p.read_bytes(), "image/png")}).json()
+                  for p in twins]
+        assert served[0]["probabilities"] == served[1]["probabilities"]
+        explained = [client.post("/v1/explain", files={"file": (p.name, p.read_bytes(), "image/png")}) for p in twins]
+        assert explained[0].status_code == 200 and explained[0].content == explained[1].content
