@@ -9,7 +9,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="prepared dataset directory (from `skindistil prepare`)")
     p.add_argument("--config", help="YAML recipe (configs/*.yaml); flags and overrides apply on top")
     p.add_argument("--model", help="timm architecture, e.g. vit_base_patch16_224")
-    p.add_argument("--pretrained", help="timm hub tag, local timm weights file, or Hugging Face ViT checkpoint")
+    p.add_argument("--pretrained", help="timm hub tag, local weights (.safetensors; .pth/.pth.tar/.ckpt from timm's "
+                   "train.py, Lightning or DDP, read weights-only) or a Hugging Face ViT checkpoint")
+    p.add_argument("--ema", action="store_true", default=None,
+                   help="load the EMA weights of the --pretrained checkpoint (error if it has none)")
     p.add_argument("--name", help="run name: the run directory is OUT_DIR/NAME")
     p.add_argument("--out-dir", help="parent of run directories (default runs)")
     p.add_argument("--epochs", type=int, help="trainer.max_epochs")
@@ -32,6 +35,7 @@ FLAG_KEYS = {
     "data": "data.dir",
     "model": "model.name",
     "pretrained": "model.pretrained",
+    "ema": "model.pretrained_ema",
     "name": "name",
     "out_dir": "out_dir",
     "epochs": "trainer.max_epochs",
