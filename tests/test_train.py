@@ -210,7 +210,7 @@ def test_pretrained_lightning_checkpoint_of_a_run_reproduces_its_model(trained, 
         torch.testing.assert_close(model(images), load_model(result.run_dir).logits(images), rtol=0, atol=0)
 
 
-def test_train_cli_ema_starts_from_the_ema_weights_of_a_timm_checkpoint(trained, ham_small, tmp_path):
+def test_train_cli_ema_starts_from_the_ema_weights_of_a_timm_checkpoint(trained, ham_small, tmp_path, capsys):
     import argparse
 
     from skindistil.cli import main
@@ -226,6 +226,8 @@ def test_train_cli_ema_starts_from_the_ema_weights_of_a_timm_checkpoint(trained,
                                              limit_train_batches=1, limit_val_batches=1), tmp_path / "ema.yaml")
     # lr 0: the run's weights stay those it started from, so its artifact shows which were loaded.
     assert main(["train", "--config", str(config), "--pretrained", str(checkpoint), "--ema", "optim.lr=0"]) == 0
+    assert f"loaded timm weights from {checkpoint} (state_dict_ema: EMA weights); head reinitialised" in \
+        capsys.readouterr().err
     started = load_file(tmp_path / "runs" / "ema" / "model" / "model.safetensors")
     body = [k for k in raw if not k.startswith("head.")]
     assert all(torch.equal(started[k], ema[k]) for k in body)

@@ -52,6 +52,9 @@ FLAG_KEYS = {
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+    import sys
+
     from rich.console import Console
 
     from skindistil.commands.common import resolve_config
@@ -59,7 +62,14 @@ def run(args: argparse.Namespace) -> int:
     from skindistil.training.teacher import train_classifier
 
     cfg = resolve_config(args, TrainConfig, FLAG_KEYS)
-    result = train_classifier(cfg, resume=args.resume)
+    # Say which weights --pretrained loaded (file entry, EMA or raw, head kept or new).
+    weights_log, handler = logging.getLogger("skindistil.models.teacher"), logging.StreamHandler(sys.stderr)
+    weights_log.setLevel(logging.INFO)
+    weights_log.addHandler(handler)
+    try:
+        result = train_classifier(cfg, resume=args.resume)
+    finally:
+        weights_log.removeHandler(handler)
     if result.model_dir is not None:
         Console().print(
             f"[bold]run[/bold] {result.run_dir}  [bold]model[/bold] {result.model_dir}  "
