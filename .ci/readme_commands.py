@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 SECTION = re.compile(r"^## Commands\n(.*?)^## ", re.S | re.M)
 BLOCK = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
 INLINE = re.compile(r"(?<!`)`(skindistil [^`]+)`")
-PLACEHOLDER = re.compile(r"\b[A-Z][A-Z_]{2,}\b")
+PLACEHOLDER = re.compile(r"(?<![\w/.-])[A-Z][A-Z_]{2,}(?![\w/.-])")  # COMMAND, RUN: not ISIC_0024306.jpg
 
 
 def readme_commands(text: str) -> list[str]:

@@ -22,6 +22,9 @@ def test_every_readme_command_parses_and_every_subcommand_has_an_example():
     assert checker.parse_all(commands) == []
     shown = {argv[0] for argv in map(checker.skindistil_argv, commands) if argv}
     assert shown == set(COMMANDS), set(COMMANDS) ^ shown
+    # inline examples count too (an ISIC id in a path is no placeholder such as COMMAND)
+    assert any(line.startswith("skindistil evaluate --predictions") for line in commands)
+    assert not any("COMMAND" in line for line in commands)
     # the serve example waits for readiness before its request and stops the server after it
     serve = next(i for i, line in enumerate(commands) if line.startswith("skindistil serve"))
     assert commands[serve].endswith("&")

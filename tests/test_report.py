@@ -37,17 +37,21 @@ def _strict_json(path):
 
 
 def test_read_truth_csv_real_isic_ground_truth(uda_root):
-    ids, labels, classes = read_truth_csv(uda_root / "ISIC_2019_Training_GroundTruth.csv")
-    assert classes == CLASSES  # UNK is not a class
-    assert len(ids) == len(labels) == 336 and ids[0] == "ISIC_0000000"
-    assert np.bincount(labels, minlength=8).tolist() == [83, 253, 0, 0, 0, 0, 0, 0]
+    truth = read_truth_csv(uda_root / "ISIC_2019_Training_GroundTruth.csv")
+    assert truth.class_names == CLASSES  # the training truth's UNK column is all zero: not a class
+    assert len(truth.image_ids) == len(truth.labels) == 336 and truth.image_ids[0] == "ISIC_0000000"
+    assert np.bincount(truth.labels, minlength=8).tolist() == [83, 253, 0, 0, 0, 0, 0, 0]
+    assert not truth.has_unknown and truth.notes == ()
 
 
 def test_read_truth_csv_errors_name_line_and_column(tmp_path):
     header = "image,MEL,NV,UNK\n"
     cases = {
         "two positives": (header + "a,1,0,0\nb,1,1,0\n", r"line 3.*2 positive classes"),
-        "UNK only": (header + "a,1,0,0\nb,0,0,1\n", r"line 3.*0 positive classes.*UNK is not a class"),
+        "UNK and a class": (header + "a,1,0,0\nb,0,1,1\n", r"line 3.*2 positive classes.*one of MEL, NV, UNK"),
+        "none": (header + "a,1,0,0\nb,0,0,0\n", r"line 3.*0 positive classes"),
+        "one image twice": (header + "ISIC_1,1,0,0\nISIC_1_downsampled,1,0,0\n",
+                            r"line 3.*'ISIC_1_downsampled' \(first on line 2 as 'ISIC_1', the same ISIC image\)"),
         "not binary": (header + "a,0.5,0.5,0\n", r"line 2, column 'MEL'.*0 or 1"),
         "non-numeric": (header + "a,1,x,0\n", r"line 2, column 'NV'.*not a finite number: 'x'"),
         "duplicate": (
@@ -71,8 +75,9 @@ def test_read_truth_csv_drops_zero_score_weight_rows(tmp_path):
     path = _write(
         tmp_path / "gt.csv", "image,MEL,NV,score_weight,validation_weight\na,1,0,1,1\nb,0,1,0,1\nc,0,1,1,0\n"
     )
-    ids, labels, classes = read_truth_csv(path)
-    assert (ids, labels.tolist(), classes) == (["a", "c"], [0, 1], ["MEL", "NV"])
+    truth = read_truth_csv(path)
+    assert (truth.image_ids, truth.labels.tolist(), truth.class_names) == (["a", "c"], [0, 1], ["MEL", "NV"])
+    assert truth.notes == ("1 truth row(s) with score_weight 0 are not scored (as in the official scorer)",)
 
 
 def test_read_predictions_csv_aligns_to_truth_and_ignores_extras(tmp_path):

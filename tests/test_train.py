@@ -197,3 +197,45 @@ def test_prediction_collector_counts_each_padded_sample_once():
     np.testing.assert_array_equal(gathered["indices"], np.arange(5))
     np.testing.assert_array_equal(gathered["targets"], np.arange(5))
     np.testing.assert_array_equal(gathered["probs"], np.eye(5))
+
+
+def test_pretrained_lightning_checkpoint_of_a_run_reproduces_its_model(trained, ham_small):
+    from skindistil.models import create_teacher
+
+    cfg, result = trained
+    model = create_teacher(cfg.model.name, num_classes=7, pretrained=str(result.run_dir / "checkpoints" / "best.ckpt"),
+                           img_size=cfg.preprocess.image_size, keep_head=True, **cfg.model.kwargs).eval()
+    images, _ = next(iter(SkinDataModule(ham_small, cfg.preprocess, batch_size=8, num_workers=0).test_dataloader()))
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), load_model(result.run_dir).logits(images), rtol=0, atol=0)
+
+
+def test_train_cli_ema_starts_from_the_ema_weights_of_a_timm_checkpoint(trained, ham_small, tmp_path, capsys):
+    import argparse
+
+    from skindistil.cli import main
+
+    cfg, result = trained
+    raw = load_file(result.model_dir / "model.safetensors")
+    ema = {k: v + 0.01 * torch.randn_like(v) for k, v in raw.items()}
+    checkpoint = tmp_path / "model_best.pth.tar"  # the layout of timm's train.py (CheckpointSaver)
+    torch.save({"epoch": 4, "arch": "vit_base_patch16_224", "state_dict": raw, "state_dict_ema": ema,
+                "optimizer": {"state": {}, "param_groups": []}, "version": 2, "metric": 0.5,
+                "args": argparse.Namespace(model="vit_base_patch16_224", lr=1e-3, device="cpu")}, checkpoint)
+    config = _write_config(tiny_train_config(ham_small, tmp_path / "runs", name="ema", max_epochs=1,
+                                             limit_train_batches=1, limit_val_batches=1), tmp_path / "ema.yaml")
+    # lr 0: the run's weights stay those it started from, so its artifact shows which were loaded.
+    assert main(["train", "--config", str(config), "--pretrained", str(checkpoint), "--ema", "optim.lr=0"]) == 0
+    assert f"loaded timm weights from {checkpoint} (state_dict_ema: EMA weights); head reinitialised" in \
+        capsys.readouterr().err
+    started = load_file(tmp_path / "runs" / "ema" / "model" / "model.safetensors")
+    body = [k for k in raw if not k.startswith("head.")]
+    assert all(torch.equal(started[k], ema[k]) for k in body)
+    assert not any(torch.equal(started[k], raw[k]) for k in body if raw[k].numel() > 1)
+    assert yaml_load(tmp_path / "runs" / "ema" / "config.yaml")["model"]["pretrained_ema"] is True
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())

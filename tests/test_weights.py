@@ -94,8 +94,14 @@ def test_bad_files_raise_model_error_naming_the_file(tmp_path):
 
     pickled = tmp_path / "pickled.pth"
     torch.save({"state_dict": _tiny().state_dict(), "extra": Opaque()}, pickled)
-    with pytest.raises(ModelError, match="pickled.pth.*weights_only=True"):
+    with pytest.raises(ModelError, match=r"pickled.pth: holds Python objects besides tensors.*\(test_weights.Opaque\)"):
         load_weights(_tiny(), pickled)
+
+    torch_file = tmp_path / "last.pth.tar"
+    torch.save({"state_dict": _tiny().state_dict()}, torch_file)
+    torch_file.write_bytes(torch_file.read_bytes()[:1000])
+    with pytest.raises(ModelError, match=r"last.pth.tar: cannot be read as a torch checkpoint \(truncated or corrupt"):
+        load_weights(_tiny(), torch_file)
 
     (tmp_path / "w.txt").write_text("x")
     with pytest.raises(ModelError, match="unknown weight file type"):

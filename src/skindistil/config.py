@@ -147,6 +147,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "vit_base_patch16_224"
     pretrained: str | None = None
+    pretrained_ema: bool = False  # load the EMA weights of the `pretrained` checkpoint (timm train.py, Lightning)
     kwargs: dict = dataclasses.field(default_factory=dict)  # timm architecture kwargs (depth, embed_dim, ...)
 
 

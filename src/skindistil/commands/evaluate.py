@@ -17,8 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--truth",
         type=Path,
         metavar="GT.csv",
-        help="ISIC-format one-hot ground truth; its class columns (UNK excluded) set the order",
+        help="ISIC-format one-hot ground truth; its class columns set the order (UNK is a class only when some "
+             "row is UNK, as in the ISIC 2019 test truth; score_weight 0 rows are not scored)",
     )
+    parser.add_argument("--unk-threshold", type=float, metavar="T",
+                        help="with --predictions and a truth with UNK rows: score an 8-class predictions file by "
+                             "the maximum-softmax-probability rule, UNK when the top class score is below T")
     parser.add_argument("--model", type=Path, metavar="DIR", help="model artifact (model/ or run directory)")
     parser.add_argument("--data", type=Path, metavar="DATA_DIR", help="prepared dataset (with --model)")
     parser.add_argument("--split", default="test", help="split to score with --model (default test)")
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         _print_family(family_report(args.family, args.data, args.split, args.out, **loader))
         return 0
     if args.predictions is not None:
-        metrics = _evaluate_predictions_csv(args.predictions, args.truth, args.out)
+        metrics = _evaluate_predictions_csv(args.predictions, args.truth, args.out, args.unk_threshold)
     elif args.model is not None:
         if args.data is None:
             raise ConfigError("evaluate: --model needs --data DATA_DIR (a dataset from `skindistil prepare`)")
@@ -103,32 +107,20 @@ def _print_family(result: dict) -> None:
     console.print(f"wrote {Path(result['files']['md']).parent}")
 
 
-def _evaluate_predictions_csv(predictions: Path, truth: Path | None, out: Path | None) -> dict:
+def _evaluate_predictions_csv(predictions: Path, truth: Path | None, out: Path | None,
+                              unk_threshold: float | None) -> dict:
     import warnings
 
     from skindistil.errors import ConfigError
     from skindistil.evaluation.metrics import AbsentClassWarning
-    from skindistil.evaluation.report import evaluate_arrays, read_predictions_csv, read_truth_csv
+    from skindistil.evaluation.submission import evaluate_submission
 
     if truth is None:
         raise ConfigError("evaluate: --predictions needs --truth GT.csv")
-    image_ids, labels, class_names = read_truth_csv(truth)
-    image_ids, probs, ignored = read_predictions_csv(predictions, class_names, image_ids)
-    notes = [f"ignored prediction column(s): {', '.join(ignored)}"] if ignored else []
-    out = out if out is not None else predictions.parent / f"{predictions.stem}_eval"
     # Absent classes are listed in the printed notes; the warning would only repeat them.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AbsentClassWarning)
-        return evaluate_arrays(
-            probs,
-            labels,
-            class_names,
-            out,
-            image_ids=image_ids,
-            title=f"Evaluation of {predictions.name} against {truth.name}",
-            notes=notes,
-            inputs={"predictions": str(predictions), "truth": str(truth)},
-        )
+        return evaluate_submission(predictions, truth, out, unk_threshold=unk_threshold)
 
 
 def _print_summary(metrics: dict) -> None:

@@ -9,7 +9,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="prepared dataset directory (from `skindistil prepare`)")
     p.add_argument("--config", help="YAML recipe (configs/*.yaml); flags and overrides apply on top")
     p.add_argument("--model", help="timm architecture, e.g. vit_base_patch16_224")
-    p.add_argument("--pretrained", help="timm hub tag, local timm weights file, or Hugging Face ViT checkpoint")
+    p.add_argument("--pretrained", help="timm hub tag, local weights (.safetensors; .pth/.pth.tar/.ckpt from timm's "
+                   "train.py, Lightning or DDP, read weights-only) or a Hugging Face ViT checkpoint")
+    p.add_argument("--ema", action="store_true", default=None,
+                   help="load the EMA weights of the --pretrained checkpoint (error if it has none)")
     p.add_argument("--name", help="run name: the run directory is OUT_DIR/NAME")
     p.add_argument("--out-dir", help="parent of run directories (default runs)")
     p.add_argument("--epochs", type=int, help="trainer.max_epochs")
@@ -32,6 +35,7 @@ FLAG_KEYS = {
     "data": "data.dir",
     "model": "model.name",
     "pretrained": "model.pretrained",
+    "ema": "model.pretrained_ema",
     "name": "name",
     "out_dir": "out_dir",
     "epochs": "trainer.max_epochs",
@@ -48,6 +52,9 @@ FLAG_KEYS = {
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+    import sys
+
     from rich.console import Console
 
     from skindistil.commands.common import resolve_config
@@ -55,7 +62,14 @@ def run(args: argparse.Namespace) -> int:
     from skindistil.training.teacher import train_classifier
 
     cfg = resolve_config(args, TrainConfig, FLAG_KEYS)
-    result = train_classifier(cfg, resume=args.resume)
+    # Say which weights --pretrained loaded (file entry, EMA or raw, head kept or new).
+    weights_log, handler = logging.getLogger("skindistil.models.teacher"), logging.StreamHandler(sys.stderr)
+    weights_log.setLevel(logging.INFO)
+    weights_log.addHandler(handler)
+    try:
+        result = train_classifier(cfg, resume=args.resume)
+    finally:
+        weights_log.removeHandler(handler)
     if result.model_dir is not None:
         Console().print(
             f"[bold]run[/bold] {result.run_dir}  [bold]model[/bold] {result.model_dir}  "

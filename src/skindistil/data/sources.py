@@ -263,9 +263,19 @@ def _image_index(root: Path, candidates: Iterable[str], extra: Sequence[Path] | 
     return index
 
 
-def find_isic_image(index: dict[str, Path], image: str) -> Path | None:
-    """The file of ISIC image `image`: exact name, or with/without ISIC 2019's `_downsampled` suffix."""
-    for stem in (image, f"{image}_downsampled", image.removesuffix("_downsampled")):
+# ISIC 2019 names some archive images `<archive id>_downsampled`: one image, two names.
+ISIC_DOWNSAMPLED_SUFFIX = "_downsampled"
+
+
+def isic_image_key(image: str) -> str:
+    """The ISIC archive id of an image name: `image` without ISIC 2019's `_downsampled` suffix."""
+    return image.removesuffix(ISIC_DOWNSAMPLED_SUFFIX)
+
+
+def find_isic_image(index: dict, image: str):
+    """The entry of `index` (name -> file, row, ...) for ISIC image `image`: its exact name, or the name
+    with or without ISIC 2019's `_downsampled` suffix; None when there is none."""
+    for stem in (image, f"{image}{ISIC_DOWNSAMPLED_SUFFIX}", isic_image_key(image)):
         if stem in index:
             return index[stem]
     return None

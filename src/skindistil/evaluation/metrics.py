@@ -25,6 +25,8 @@ import numpy as np
 from skindistil.data.vocab import CANCER_CLASSES
 
 UNDECIDED = -1
+# ISIC 2019's "none of the above" category: a class of its test truth, not a diagnosis.
+UNKNOWN_CLASS = "UNK"
 
 
 class AbsentClassWarning(UserWarning):
@@ -272,13 +274,22 @@ def cancer_view(
 
     Score = `cancer_scores`; decided cancer when score > threshold. Returns the cancer classes
     found, support of each side, sensitivity, specificity (NaN if a side has no sample) and ROC
-    AUC of the score. None when `class_names` holds no cancer class.
+    AUC of the score. None when `class_names` holds no cancer class. UNK (`UNKNOWN_CLASS`) is no
+    diagnosis: its truth rows and its score column are left out (``unknown_left_out`` counts the rows).
     """
-    scores = cancer_scores(probs, class_names, cancer_classes)
-    if scores is None:
-        return None
     names = list(class_names)
     labels = _as_labels(labels, len(names))
+    left_out = 0
+    if UNKNOWN_CLASS in names:
+        unk = names.index(UNKNOWN_CLASS)
+        rows = labels != unk
+        left_out = int((~rows).sum())
+        probs = np.delete(_as_probs(probs)[rows], unk, axis=1)
+        labels = labels[rows] - (labels[rows] > unk)
+        names = names[:unk] + names[unk + 1 :]
+    scores = cancer_scores(probs, names, cancer_classes)
+    if scores is None:
+        return None
     cancer_idx = [i for i, name in enumerate(names) if name in cancer_classes]
     truth = np.isin(labels, cancer_idx)
     decided = scores > threshold
@@ -290,6 +301,7 @@ def cancer_view(
         "sensitivity": float(np.sum(decided & truth) / n_pos) if n_pos else float("nan"),
         "specificity": float(np.sum(~decided & ~truth) / n_neg) if n_neg else float("nan"),
         "auc": roc_auc(truth, scores),
+        **({"unknown_left_out": left_out} if UNKNOWN_CLASS in class_names else {}),
     }
 
 
@@ -366,6 +378,9 @@ def classification_metrics(
     cancer = cancer_view(probs, labels, names)
     if cancer is None:
         notes.append(f"no cancer view: none of {', '.join(names)} is a cancer class")
+    elif UNKNOWN_CLASS in names:
+        notes.append(f"cancer view: the {cancer['unknown_left_out']} UNK image(s) and the UNK score are left out "
+                     "(UNK is no diagnosis)")
     return {
         "classes": names,
         "num_samples": int(len(labels)),

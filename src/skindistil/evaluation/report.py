@@ -7,36 +7,62 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from skindistil.data.sources import find_isic_image, isic_image_key
 from skindistil.errors import CSVError, DataError
 from skindistil.evaluation import plots
-from skindistil.evaluation.metrics import classification_metrics
+from skindistil.evaluation.metrics import UNKNOWN_CLASS, classification_metrics
 
 IMAGE_COLUMN = "image"
-# Columns of an ISIC ground-truth CSV that are not classes: UNK is never set in ISIC 2019 training data
-# and is not a class here; the weights are the official scorer's per-row weights.
-NON_CLASS_COLUMNS = ("UNK", "score_weight", "validation_weight")
+# Per-row weights of the official scorer's truth files; not classes.
+WEIGHT_COLUMNS = ("score_weight", "validation_weight")
+# UNK is a class only in a truth file with UNK rows (ISIC 2019 test); the training truth never sets it.
+NON_CLASS_COLUMNS = (UNKNOWN_CLASS, *WEIGHT_COLUMNS)
+# Images the official scorer (isic-challenge-scoring's parse_truth_csv) gives weight 0 in any truth file.
+OFFICIAL_UNSCORED_IMAGES = ("ISIC_0035068",)
 _JPG_SUFFIX = re.compile(r"\.jpg$", re.IGNORECASE)
 
 
-def read_truth_csv(path: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
-    """Read an ISIC ground-truth CSV: ``image`` plus one 0/1 column per class, one 1 per row.
+@dataclass(frozen=True)
+class GroundTruth:
+    """The scored rows of an ISIC ground-truth CSV."""
 
-    The class columns, in file order, define the class order; UNK is ignored. As in the official
-    scorer, rows with ``score_weight`` 0 are left out; other weights must be 1 (weighted scoring is
-    not supported). Returns (image ids, labels (N,), class names). Raises CSVError naming the
-    column or line at fault.
+    image_ids: list[str]
+    labels: np.ndarray  # (N,) int64, index into class_names
+    class_names: list[str]  # file order; ends with UNK when the file has UNK rows
+    notes: tuple[str, ...] = ()  # rows left out and why, UNK scored as a class
+
+    @property
+    def has_unknown(self) -> bool:
+        return UNKNOWN_CLASS in self.class_names
+
+
+def read_truth_csv(path: str | Path) -> GroundTruth:
+    """Read an ISIC ground-truth CSV: ``image`` plus one 0/1 column per class, one 1 per row; optional
+    ``UNK``, ``score_weight`` and ``validation_weight`` columns (the ISIC 2019 test truth has all three).
+
+    The class columns, in file order, define the class order. UNK is a class when some scored row is
+    UNK (test style), as in the official scorer; an all-zero UNK column (training style) is dropped.
+    As in the official scorer, rows with ``score_weight`` 0 and the image ISIC_0035068 are not scored;
+    other weights must be 1 (weighted scoring is not supported, so it is refused rather than
+    approximated). Image ids lose a trailing .jpg; ISIC_X and ISIC_X_downsampled in one file are one
+    image twice. Raises CSVError naming the column or line at fault.
     """
     path = Path(path)
     table = _read_csv(path)
     class_names = [c for c in table.columns if c not in (IMAGE_COLUMN, *NON_CLASS_COLUMNS)]
     if not class_names:
         raise CSVError(path, f"no class columns (found: {', '.join(table.columns)})")
-    values = _numeric_columns(table, class_names, path)
+    columns = [*class_names, UNKNOWN_CLASS] if UNKNOWN_CLASS in table.columns else class_names
+    values = _numeric_columns(table, columns, path)
+    image_ids = np.array(_image_ids(table, path), dtype=object)
+    notes = []
+    weights = np.ones(len(table))
     if "score_weight" in table.columns:
         weights = _numeric_columns(table, ["score_weight"], path)[:, 0]
         odd = np.flatnonzero((weights != 0) & (weights != 1))
@@ -45,23 +71,36 @@ def read_truth_csv(path: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
                 _line(path, table.index[odd[0]], "score_weight"),
                 "score_weight must be 0 or 1 (weighted scoring is not supported)",
             )
-        keep = weights == 1
-        table, values = table[keep], values[keep]
+        if (weights == 0).any():
+            notes.append(f"{int((weights == 0).sum())} truth row(s) with score_weight 0 are not scored "
+                         "(as in the official scorer)")
+    official = np.isin(image_ids, OFFICIAL_UNSCORED_IMAGES) & (weights == 1)
+    if official.any():
+        weights = np.where(official, 0.0, weights)
+        notes.append(f"{', '.join(image_ids[official])} not scored: the official scorer gives it weight 0")
+    keep = weights == 1
+    if not keep.any():
+        raise CSVError(path, "no scored rows (every score_weight is 0)")
+    table, values, image_ids = table[keep], values[keep], image_ids[keep]
     not_binary = np.argwhere((values != 0) & (values != 1))
     if not_binary.size:
         row, col = not_binary[0]
-        raise CSVError(_line(path, table.index[row], class_names[col]), "truth values must be 0 or 1")
+        raise CSVError(_line(path, table.index[row], columns[col]), "truth values must be 0 or 1")
+    if columns[-1] == UNKNOWN_CLASS:
+        if values[:, -1].any():
+            notes.append(f"{int(values[:, -1].sum())} UNK truth row(s) (ISIC 2019 test style): UNK is scored "
+                         "as a category, as the official scorer does")
+        else:
+            columns, values = columns[:-1], values[:, :-1]
     positives = values.sum(axis=1)
     bad_rows = np.flatnonzero(positives != 1)
     if bad_rows.size:
         row = bad_rows[0]
         reason = (
-            f"{int(positives[row])} positive classes; each truth row needs exactly one of "
-            f"{', '.join(class_names)} (UNK is not a class)"
+            f"{int(positives[row])} positive classes; each truth row needs exactly one of {', '.join(columns)}"
         )
         raise CSVError(_line(path, table.index[row]), reason)
-    image_ids = _image_ids(table, path)
-    return image_ids, values.argmax(axis=1), class_names
+    return GroundTruth(list(image_ids), values.argmax(axis=1), list(columns), tuple(notes))
 
 
 def read_predictions_csv(
@@ -70,10 +109,10 @@ def read_predictions_csv(
     """Read an ISIC-format predictions CSV: ``image`` plus one score column per class.
 
     The columns `class_names` must all be present and hold finite numbers in [0, 1]; other columns
-    (e.g. UNK) are ignored. With `image_ids`, returns the rows of exactly those images in that order
-    (every one must be present; other rows are ignored). Returns (image ids, scores (N, K) in the
-    order of `class_names`, ignored column names). Raises CSVError naming the column, line or images
-    at fault.
+    (e.g. UNK) are ignored. With `image_ids`, returns the rows of exactly those images in that order,
+    matched as `match_to_truth` does (every one must be present; other rows are left out: see
+    `match_to_truth` to learn which). Returns (image ids, scores (N, K) in the order of `class_names`,
+    ignored column names). Raises CSVError naming the column, line or images at fault.
     """
     path = Path(path)
     table = _read_csv(path)
@@ -93,12 +132,46 @@ def read_predictions_csv(
         )
     if image_ids is None:
         return ids, scores, ignored
-    position = {image_id: i for i, image_id in enumerate(ids)}
-    absent = [i for i in image_ids if i not in position]
+    return list(image_ids), scores[match_to_truth(ids, image_ids, path).rows], ignored
+
+
+@dataclass(frozen=True)
+class TruthMatch:
+    """How the rows of a predictions CSV map onto the images of a truth file."""
+
+    rows: np.ndarray  # (N_truth,) int: the predictions row of each truth image, in truth order
+    renamed: list[tuple[str, str]]  # (prediction id, truth id) pairs matched through `_downsampled`
+    not_in_truth: list[str]  # prediction ids with no truth row, in file order
+
+
+def match_to_truth(prediction_ids: Sequence[str], truth_ids: Sequence[str], path: str | Path) -> TruthMatch:
+    """Find each truth image among the predictions: by its exact id, or by its ISIC 2019 name with or
+    without `_downsampled` (ISIC_0000017 vs ISIC_0000017_downsampled; `prepare` matches image files
+    the same way). A truth image without a prediction is a CSVError naming `path` and the images, as
+    the official scorer refuses such a file; predictions without a truth row are returned in
+    `not_in_truth` for the caller to report."""
+    index = {image_id: row for row, image_id in enumerate(prediction_ids)}
+    rows, renamed, absent = [], [], []
+    for image_id in truth_ids:
+        row = find_isic_image(index, image_id)
+        if row is None:
+            absent.append(image_id)
+            continue
+        rows.append(row)
+        if prediction_ids[row] != image_id:
+            renamed.append((prediction_ids[row], image_id))
     if absent:
         shown = ", ".join(absent[:5]) + (" ..." if len(absent) > 5 else "")
-        raise CSVError(path, f"no prediction for {len(absent)} image(s) of the truth: {shown}")
-    return list(image_ids), scores[[position[i] for i in image_ids]], ignored
+        raise CSVError(path, f"no prediction for {len(absent)} image(s) of the truth: {shown} (an incomplete "
+                             "file is refused, as by the official scorer)")
+    used = set(rows)
+    extra = [image_id for row, image_id in enumerate(prediction_ids) if row not in used]
+    return TruthMatch(np.array(rows, dtype=np.int64), renamed, extra)
+
+
+def csv_columns(path: str | Path) -> list[str]:
+    """The column names of an ISIC CSV (validated as `read_predictions_csv` does)."""
+    return list(_read_csv(Path(path)).columns)
 
 
 def write_predictions_csv(
@@ -201,13 +274,15 @@ def evaluate_arrays(
     title: str = "Evaluation",
     notes: Sequence[str] = (),
     inputs: dict | None = None,
+    scoring: dict | None = None,
 ) -> dict:
     """Score `probs` (N, K) against `labels` (N,) and write everything to `out_dir`.
 
     Writes metrics.json, report.md, predictions.csv (ISIC format; ids default to row numbers) and
     confusion_matrix.png, roc.png, reliability.png. `notes` (e.g. ignored CSV columns) are added to
-    the metrics' own notes; `inputs` (e.g. the files scored) is stored under "inputs". Returns the
-    `classification_metrics` dict plus "title", "inputs" and "files" (name -> path).
+    the metrics' own notes; `inputs` (e.g. the files scored) is stored under "inputs", `scoring` (how
+    the rows were matched, the UNK rule) under "scoring" when given. Returns the
+    `classification_metrics` dict plus "title", "inputs", "scoring" (if given) and "files" (name -> path).
     """
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels)
@@ -225,7 +300,7 @@ def evaluate_arrays(
 
     metrics = classification_metrics(probs, labels, class_names)
     metrics["notes"] = [*notes, *metrics["notes"]]
-    metrics = {"title": title, "inputs": dict(inputs or {}), **metrics}
+    metrics = {"title": title, "inputs": dict(inputs or {}), **({"scoring": scoring} if scoring else {}), **metrics}
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -274,19 +349,19 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 
 def _image_ids(table: pd.DataFrame, path: Path) -> list[str]:
-    """Image ids with a trailing .jpg removed (as the official scorer does); empty or duplicate ids
-    are errors."""
+    """Image ids with a trailing .jpg removed (as the official scorer does); empty ids, and ids of one
+    image twice (also as ISIC_X and ISIC_X_downsampled, ISIC 2019's two names of an image), are errors."""
     ids = [_JPG_SUFFIX.sub("", s.strip()) for s in table[IMAGE_COLUMN]]
-    first_line: dict[str, int] = {}
+    first: dict[str, tuple[int, str]] = {}
     for row, image_id in zip(table.index, ids, strict=True):
         if not image_id:
             raise CSVError(_line(path, row, IMAGE_COLUMN), "empty image id")
-        if image_id in first_line:
-            raise CSVError(
-                _line(path, row, IMAGE_COLUMN),
-                f"duplicate image id {image_id!r} (first on line {first_line[image_id]})",
-            )
-        first_line[image_id] = row + 1
+        key = isic_image_key(image_id)
+        if key in first:
+            line, earlier = first[key]
+            also = f" as {earlier!r}, the same ISIC image" if earlier != image_id else ""
+            raise CSVError(_line(path, row, IMAGE_COLUMN), f"duplicate image id {image_id!r} (first on line {line}{also})")
+        first[key] = (row + 1, image_id)
     return ids
 
 

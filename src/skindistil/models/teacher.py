@@ -32,6 +32,7 @@ def create_teacher(
     img_size: int | None = None,
     *,
     keep_head: bool = False,
+    ema: bool = False,
     **timm_kwargs,
 ) -> nn.Module:
     """Build timm model `name` with a `num_classes` head, optionally initialised from `pretrained`.
@@ -41,6 +42,7 @@ def create_teacher(
       True         timm's default pretrained tag for `name` (downloaded from the Hugging Face Hub).
       "arch.tag"   a timm hub tag such as "vit_base_patch16_224.augreg_in21k" (arch must match `name`).
       a path       a local timm or transformers ViT checkpoint (see models.weights.load_weights).
+    `ema=True` loads a local checkpoint's EMA weights (ModelError when it has none, or for a hub tag).
     The head is always new (`num_classes` outputs); with `keep_head=True` a local checkpoint's head of
     the same class count is kept. `img_size` and `timm_kwargs` (depth, embed_dim, num_heads,
     patch_size, drop_path_rate, ...) go to `timm.create_model`; position embeddings of pretrained
@@ -55,11 +57,16 @@ def create_teacher(
     if img_size is not None:
         kwargs["img_size"] = img_size
 
+    local = isinstance(pretrained, Path) or (isinstance(pretrained, str) and looks_like_weight_path(pretrained))
+    if not isinstance(ema, bool):
+        raise ModelError(f"ema (--ema, model.pretrained_ema) must be true or false, got {ema!r}")
+    if ema and not local:
+        raise ModelError(f"--ema loads the EMA weights of a local checkpoint file; --pretrained is {pretrained!r}")
     if pretrained is None or pretrained is False:
         return _build(name, False, kwargs)
-    if isinstance(pretrained, Path) or (isinstance(pretrained, str) and looks_like_weight_path(pretrained)):
+    if local:
         model = _build(name, False, kwargs)
-        report = load_weights(model, pretrained, keep_head=keep_head)
+        report = load_weights(model, pretrained, keep_head=keep_head, ema=ema)
         log.info("%s", report)
         return model
     tag = name if pretrained is True else str(pretrained)

@@ -1,9 +1,13 @@
 """Import ViT weights from local files: timm checkpoints and Hugging Face transformers ViT checkpoints.
 
 Accepted sources (see `load_weights`):
-- a timm-layout file (.safetensors, or .pth/.pt/.bin/.ckpt read with `weights_only=True`), optionally
-  wrapped in {'state_dict': ...} / {'model': ...} and with a module prefix ('module.', 'model.',
-  'student.', ...), e.g. a Lightning checkpoint of a module holding one ViT;
+- a timm-layout file: .safetensors, or a torch file (.pth, .pt, .bin, .ckpt, .pth.tar) read with
+  `weights_only=True` and only `SAFE_GLOBALS` allowed besides tensors and plain data, never unpickling
+  other objects. The weights may be wrapped as the training tools write them: timm's train.py
+  (`model_best.pth.tar`: state_dict, state_dict_ema, optimizer, args as an argparse.Namespace),
+  DeiT-style scripts (model, model_ema), Lightning (`trainer.save_checkpoint`: state_dict, with
+  `current_model_state` when `EMAWeightAveraging` is on), and carry a module prefix ('module.' from
+  DDP, 'model.' from a LightningModule, ...). `ema=True` picks the EMA weights (see `EMA_LAYOUTS`);
 - a transformers ViT checkpoint (`ViTModel` or `ViTForImageClassification`, the
   google/vit-base-patch16-224-in21k layout): the directory holding config.json + model.safetensors
   (or pytorch_model.bin), or the weight file itself. Its keys are mapped to timm's names here.
@@ -14,6 +18,7 @@ classes, not the dataset's.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from dataclasses import dataclass
@@ -24,10 +29,19 @@ from torch import nn
 
 from skindistil.errors import ModelError
 
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar", ".tar")  # timm's train.py writes .pth.tar
 WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 # Files looked for, in order, inside a checkpoint directory.
 DIRECTORY_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# The only classes a torch checkpoint may hold besides tensors and plain data: timm's train.py, DeiT and
+# MAE store their command-line arguments as an argparse.Namespace (rebuilding one runs no code of the file).
+SAFE_GLOBALS = (argparse.Namespace,)
+# Where the tools put the weights: (key of the EMA weights, key of the raw weights when EMA is present).
+# timm train.py: state_dict_ema / state_dict; DeiT-style: model_ema / model; Lightning's
+# EMAWeightAveraging saves the average under state_dict and the raw weights under current_model_state.
+EMA_LAYOUTS = (("state_dict_ema", "state_dict"), ("model_ema", "model"), ("state_dict", "current_model_state"))
+# Keys that wrap the raw weights, outermost first.
+WRAPPER_KEYS = ("state_dict", "model", "module")
 
 # A key that every ViT checkpoint of each layout has; the text before it is the wrapper prefix.
 TIMM_ANCHOR = "patch_embed.proj.weight"
@@ -65,9 +79,17 @@ class WeightReport:
     head: str  # "kept" or "reinitialised"
     resampled_pos_embed: bool
     dropped: tuple[str, ...] = ()
+    entry: str = ""  # the checkpoint entry loaded, e.g. 'state_dict' or 'state_dict_ema' ('' for a bare state dict)
+    ema: bool = False  # the EMA weights were loaded
+    ema_entry: str | None = None  # the checkpoint's EMA weights, loaded or not
 
     def __str__(self) -> str:
-        text = f"loaded {self.layout} weights from {self.source}; head {self.head}"
+        text = f"loaded {self.layout} weights from {self.source}"
+        if self.entry:
+            text += f" ({self.entry}{': EMA weights' if self.ema else ''})"
+        text += f"; head {self.head}"
+        if self.ema_entry and not self.ema:
+            text += f"; the file also holds EMA weights ({self.ema_entry}), loaded with --ema"
         if self.resampled_pos_embed:
             text += "; position embedding resampled to the model's grid"
         if self.dropped:
@@ -81,8 +103,18 @@ def looks_like_weight_path(source: str | Path) -> bool:
     return Path(text).exists() or text.endswith(WEIGHT_SUFFIXES) or "/" in text or "\\" in text or text.startswith(".")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read tensors from a .safetensors file (no pickle) or a torch file (`weights_only=True`)."""
+def is_torch_file(path: Path) -> bool:
+    return path.name.lower().endswith(TORCH_SUFFIXES)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The content of a weight file: a .safetensors file's tensors (no pickle), or a torch file's dict.
+
+    Torch files are read with `torch.load(weights_only=True)`, allowing only `SAFE_GLOBALS` besides
+    tensors and plain data: a file whose pickle holds any other object is refused, naming the objects,
+    and none of its code runs. Raises ModelError naming the file when it is missing, corrupt, holds other
+    objects, is not a dict or has an unknown suffix.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: weight file not found")
@@ -94,18 +126,51 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
             raise ModelError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
-    if path.suffix in TORCH_SUFFIXES:
-        try:
+    if not is_torch_file(path):
+        raise ModelError(f"{path}: unknown weight file type; expected one of {', '.join(WEIGHT_SUFFIXES)}")
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises pickle, zip and RuntimeError variants for bad files
+    except Exception as exc:  # torch raises pickle, zip and RuntimeError variants for bad files
+        unsafe = _unsafe_globals(path, str(exc))
+        if unsafe:
             raise ModelError(
-                f"{path}: cannot be read as a torch weight file with weights_only=True "
-                f"(corrupt, or it holds objects other than tensors): {exc}"
+                f"{path}: holds Python objects besides tensors and plain data ({', '.join(unsafe)}); "
+                "rebuilding them could run code from the file, so it is refused. Save the weights alone "
+                "(torch.save(model.state_dict(), 'weights.pth'), or safetensors) where the file is trusted, "
+                "and pass that file"
             ) from None
-        if not isinstance(data, dict):
-            raise ModelError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
-        return data
-    raise ModelError(f"{path}: unknown weight file type; expected one of {', '.join(WEIGHT_SUFFIXES)}")
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{path}: cannot be read as a torch checkpoint (truncated or corrupt?): {detail}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a dict of tensors or a checkpoint dict, found {type(data).__name__}")
+    return data
+
+
+def _unsafe_globals(path: Path, error: str) -> list[str]:
+    """Classes and functions the pickle in `path` refers to beyond torch's and `SAFE_GLOBALS`, read from the
+    pickle's opcodes (nothing is executed); for old non-zip files, from torch's weights-only `error`."""
+    allowed = {f"{cls.__module__}.{cls.__qualname__}" for cls in SAFE_GLOBALS}
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint, or truncated
+        found = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", error)
+    return [name for name in found if name not in allowed]
+
+
+@dataclass(frozen=True)
+class CheckpointWeights:
+    """The weights taken out of a checkpoint, and where they came from."""
+
+    tensors: dict[str, torch.Tensor]
+    entry: str  # the checkpoint keys followed, e.g. 'state_dict_ema' or 'state_dict'; '' for a bare state dict
+    ema_entry: str | None  # the key of the EMA weights the checkpoint holds, None when it holds none
+
+
+def read_state_dict(path: str | Path, *, ema: bool = False) -> CheckpointWeights:
+    """The weights of a weight file (see `read_checkpoint`, `select_state_dict`)."""
+    path = Path(path)
+    return select_state_dict(read_checkpoint(path), where=str(path), ema=ema)
 
 
 def resolve_weight_file(source: str | Path) -> tuple[Path, dict | None]:
@@ -119,7 +184,9 @@ def resolve_weight_file(source: str | Path) -> tuple[Path, dict | None]:
                 return path / name, config
         if (path / "model.safetensors.index.json").is_file():
             raise ModelError(f"{path}: sharded checkpoints are not supported; a ViT fits one model.safetensors")
-        raise ModelError(f"{path}: checkpoint directory has none of {', '.join(DIRECTORY_WEIGHT_FILES)}")
+        found = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+        hint = f"; pass one of its files: {', '.join(found[:6])}" if found else ""
+        raise ModelError(f"{path}: checkpoint directory has none of {', '.join(DIRECTORY_WEIGHT_FILES)}{hint}")
     if not path.is_file():
         raise ModelError(f"{path}: pretrained weights not found (expected a file or a checkpoint directory)")
     sibling = path.parent / "config.json"
@@ -140,12 +207,26 @@ def read_json_object(path: Path) -> dict:
     return data
 
 
-def unwrap_state_dict(data: dict) -> dict[str, torch.Tensor]:
-    """Take the tensors out of the usual checkpoint wrappers ({'state_dict': ...}, {'model': ...})."""
-    for key in ("state_dict", "model", "module"):
-        if isinstance(data.get(key), dict):
-            data = data[key]
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+def select_state_dict(data: dict, *, where: str, ema: bool = False) -> CheckpointWeights:
+    """Take the weights out of a checkpoint dict as the training tools write it (see `EMA_LAYOUTS`,
+    `WRAPPER_KEYS`): the raw training weights by default, the EMA weights with `ema=True`.
+
+    Raises ModelError naming `where` when `ema` is asked for and the checkpoint holds no EMA weights.
+    """
+    ema_key, raw_key = next(
+        ((e, r) for e, r in EMA_LAYOUTS if isinstance(data.get(e), dict) and isinstance(data.get(r), dict)),
+        (None, None),
+    )
+    if ema and ema_key is None:
+        expected = "; ".join(f"{e} next to {r}" for e, r in EMA_LAYOUTS)
+        raise ModelError(f"{where}: holds no EMA weights (looked for {expected}); drop --ema to load its weights")
+    picked = [ema_key] if ema else [raw_key] if raw_key else []
+    node = data[picked[0]] if picked else data
+    for key in WRAPPER_KEYS:
+        if isinstance(node.get(key), dict):
+            node, picked = node[key], [*picked, key]
+    tensors = {k: v for k, v in node.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return CheckpointWeights(tensors, "/".join(picked), ema_key)
 
 
 def find_prefix(state_dict: dict[str, torch.Tensor], anchor: str, where: str) -> str | None:
@@ -205,8 +286,12 @@ def _check_hf_config(config: dict | None, where: str) -> None:
         raise ModelError(f"{where}: hidden_act={act!r}; timm's ViT uses exact GELU ('gelu'), so the import would differ")
 
 
-def load_weights(model: nn.Module, source: str | Path, *, keep_head: bool = False) -> WeightReport:
+def load_weights(model: nn.Module, source: str | Path, *, keep_head: bool = False, ema: bool = False) -> WeightReport:
     """Load a local timm or transformers ViT checkpoint into the timm VisionTransformer `model`.
+
+    `ema=True` loads the checkpoint's EMA weights (timm train.py's state_dict_ema, DeiT's model_ema,
+    Lightning EMAWeightAveraging's averaged state_dict) and is a ModelError when it has none; by default
+    the raw training weights are loaded.
 
     The position embedding is resampled (timm's `checkpoint_filter_fn`) when the checkpoint's patch
     grid differs from the model's. The head is kept only when `keep_head` is true and the checkpoint's
@@ -218,7 +303,8 @@ def load_weights(model: nn.Module, source: str | Path, *, keep_head: bool = Fals
 
     path, config = resolve_weight_file(source)
     where = str(path)
-    raw = unwrap_state_dict(read_state_dict(path))
+    weights = read_state_dict(path, ema=ema)
+    raw = weights.tensors
 
     hf_prefix = find_prefix(raw, HF_ANCHOR, where)
     dropped: list[str] = []
@@ -251,7 +337,7 @@ def load_weights(model: nn.Module, source: str | Path, *, keep_head: bool = Fals
     _check_keys(model, state_dict, skip_missing=("head.",) if head == "reinitialised" else (), where=where)
     with torch.no_grad():
         model.load_state_dict(state_dict, strict=False)
-    return WeightReport(where, layout, head, resampled, tuple(dropped))
+    return WeightReport(where, layout, head, resampled, tuple(dropped), weights.entry, ema, weights.ema_entry)
 
 
 def _head_policy(model: nn.Module, state_dict: dict[str, torch.Tensor], keep_head: bool) -> str:

@@ -88,6 +88,7 @@ def train_classifier(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     classes = datamodule.vocab.to_list()
     arch = architecture(cfg, len(classes))
     model = create_teacher(arch["name"], num_classes=len(classes), pretrained=cfg.model.pretrained,
+                           ema=cfg.model.pretrained_ema,
                            **{k: v for k, v in arch["kwargs"].items() if k != "num_classes"})
     module = ClassifierModule(model, classes, cfg.optim, class_weights=loss_class_weights(cfg, datamodule))
 
