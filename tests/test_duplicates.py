@@ -189,8 +189,17 @@ def test_prepare_groups_every_duplicate_cluster_into_one_split(ham_dups, tmp_pat
         assert cluster["splits"] == [split_of[i] for i in cluster["images"]]
         assert set(manifest.loc[manifest["duplicate_cluster"] == number, "image_id"]) == set(cluster["images"])
     assert manifest["duplicate_cluster"].notna().sum() == 24
-    # the cluster joined X's lesion and the two-image lesion it was filed under
+    # the cluster joined X's lesion and the two-image lesion it was filed under: one split group
     assert len({split_of[i] for i in ham_dups["merged"]}) == 1
+    resolved = dups.resolve_duplicates(
+        image_ids=manifest["image_id"].tolist(), sources=manifest["source"].tolist(),
+        classes=manifest["class_name"].tolist(), groups=manifest["group"].tolist(), sha256=manifest["sha256"].tolist(),
+        hashes=manifest["phash"].tolist(), pixels=[1] * len(manifest),
+    )  # fmt: skip
+    group_of = dict(zip(manifest["image_id"], resolved.split_groups, strict=True))
+    merged_lesions = set(manifest.loc[manifest["image_id"].isin(ham_dups["merged"]), "group"])
+    assert len(merged_lesions) == 2 and len({group_of[i] for i in ham_dups["merged"]}) == 1
+    assert group_of[next(iter(ham_dups["merged"]))] == min(merged_lesions)
     # printed summary lists the clusters
     assert "duplicates: 12 cluster(s) of 24 images (each cluster is one split group;" in printed
     first = report["clusters"][0]
@@ -375,3 +384,20 @@ def test_duplicates_command_refuses_datasets_it_cannot_compare(external_vs_train
     manifest.to_csv(other / "manifest.csv", index=False)
     with pytest.raises(DataError, match=r"other/manifest\.csv: row 6: perceptual hash is not 1024 hex characters"):
         duplicates_between(external_vs_train["external"], other)
+
+
+def test_cache_from_before_the_hashes_is_hashed_again(ham_root, ham_meta, tmp_path):
+    """A journal entry without this method's perceptual hash (an older prepare) is not reused."""
+    root, _, _ = _conflict_dataset(ham_root, ham_meta, tmp_path / "src", near=True)
+    (root / "images" / "ISIC_9900001.jpg").unlink()
+    meta = pd.read_csv(root / "HAM10000_metadata.csv")
+    meta[meta["image_id"] != "ISIC_9900001"].to_csv(root / "HAM10000_metadata.csv", index=False)
+    out = tmp_path / "out"
+    prepare_dataset(build_source("ham10000", root), out, **OPTIONS)
+    expected, _ = load_manifest(out)
+    journal = out / "cache" / "journal.jsonl"
+    old = [{k: v for k, v in json.loads(line).items() if k not in ("phash", "phash_method")} for line in journal.read_text().splitlines()]
+    journal.write_text("".join(json.dumps(entry) + "\n" for entry in old))
+    result = prepare_dataset(build_source("ham10000", root), out, **OPTIONS)
+    assert (result.num_decoded, result.num_reused) == (4, 0)
+    pd.testing.assert_frame_equal(load_manifest(out)[0], expected)
