@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     started = time.perf_counter()
-    links = find_links(["-"] * len(hashes), hashes, args.upto)  # perceptual links only
+    links = find_links([str(i) for i in range(len(hashes))], hashes, args.upto)  # perceptual links only
     search_seconds = time.perf_counter() - started
     lesion = meta["lesion_id"].to_numpy()
     image_id = meta["image_id"].to_numpy()

@@ -102,6 +102,10 @@ def test_merged_groups_join_every_lesion_a_cluster_touches():
     # a cluster inside one lesion keeps its name; ungrouped duplicates get a name of their own
     assert dups.merged_groups(groups, ids, [[0, 1], [2, 4]]) == ["L2", "L2", "duplicates:c", "L1", "duplicates:c", "L3"]
     assert dups.merged_groups(groups, ids, []) == groups
+    # in the report: only clusters beyond one known lesion change splits
+    same_lesion = dups.ClusterInfo(images=["a", "b"], classes=["nv", "nv"], lesions=["L2", "L2"], links=[])
+    assert not same_lesion.joins_lesions
+    assert dups.ClusterInfo(images=["b", "c"], classes=["nv", "nv"], lesions=["L2", None], links=[]).joins_lesions
 
 
 # --------------------------------------------------------------------------- prepare on a HAM10000 layout
@@ -182,6 +186,7 @@ def test_prepare_groups_every_duplicate_cluster_into_one_split(ham_dups, tmp_pat
     found = [({*c["images"]}, {link["kind"] for link in c["links"]}) for c in report["clusters"]]
     assert sorted(found, key=lambda c: min(c[0])) == [(pair, {kind}) for pair, kind in _expected_clusters(ham_dups)]
     assert report["num_clusters"] == 12 and report["mode"] == "group" and report["straddling_splits"] == 0
+    assert report["num_joining_lesions"] == 12 and all(len(set(c["lesions"])) == 2 for c in report["clusters"])
     assert info["duplicates"] == {"method": dups.METHOD, "threshold": 28, "mode": "group", "num_clusters": 12}
     split_of = dict(zip(manifest["image_id"], manifest["split"], strict=True))
     for number, cluster in enumerate(report["clusters"]):
@@ -201,7 +206,7 @@ def test_prepare_groups_every_duplicate_cluster_into_one_split(ham_dups, tmp_pat
     assert len(merged_lesions) == 2 and len({group_of[i] for i in ham_dups["merged"]}) == 1
     assert group_of[next(iter(ham_dups["merged"]))] == min(merged_lesions)
     # printed summary lists the clusters
-    assert "duplicates: 12 cluster(s) of 24 images (each cluster is one split group;" in printed
+    assert "duplicates: 12 cluster(s) of 24 images, 12 across lesions or without lesion ids (each cluster is one split group;" in printed
     first = report["clusters"][0]
     assert f"  {first['images'][0]} ({first['classes'][0]}, {first['splits'][0]}), {first['images'][1]}" in printed
     assert "identical d=0" in printed and "near d=" in printed and "... and 2 more" in printed
@@ -307,7 +312,7 @@ def derma_leak(ham_root, ham_meta, tmp_path_factory) -> Path:
 def test_predefined_splits_with_a_leak(derma_leak, tmp_path):
     source = build_source("dermamnist", derma_leak)
     with pytest.raises(DataError, match=r"1 duplicate cluster\(s\) straddle the predefined splits, e\.g\. "
-                       r"dermamnist_train_00000 \(nv, train\), dermamnist_test_00000 \(nv, test\): identical d=0"):
+                       r"dermamnist_test_00000 \(nv, test\), dermamnist_train_00000 \(nv, train\): identical d=0"):
         prepare_dataset(source, tmp_path / "group", **OPTIONS)
     prepare_dataset(source, tmp_path / "keep", duplicates="keep", **OPTIONS)
     assert _report(tmp_path / "keep")["straddling_splits"] == 1

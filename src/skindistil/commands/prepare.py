@@ -169,11 +169,14 @@ def _print_duplicates(report: dict, console: Console) -> None:
         "keep": f"kept as they are, {report['straddling_splits']} cluster(s) on two sides of a split",
     }[report["mode"]]
     console.print(
-        f"[yellow]duplicates: {len(clusters)} cluster(s) of {report['num_images_in_clusters']} images[/] "
+        f"[yellow]duplicates: {len(clusters)} cluster(s) of {report['num_images_in_clusters']} images, "
+        f"{report['num_joining_lesions']} across lesions or without lesion ids[/] "
         f"({effect}; all listed in prepare_report.json):",
         soft_wrap=True,
     )
-    for cluster in clusters[:_SHOWN_PROBLEMS]:
+    # the clusters that join lesions first: within one lesion a duplicate changes no split
+    shown = sorted(clusters, key=lambda c: not c["joins_lesions"])[:_SHOWN_PROBLEMS]
+    for cluster in shown:
         console.print(f"  {describe_cluster(cluster)}", markup=False, highlight=False, soft_wrap=True)
     if len(clusters) > _SHOWN_PROBLEMS:
         console.print(f"  ... and {len(clusters) - _SHOWN_PROBLEMS} more")

@@ -202,11 +202,13 @@ def prepare_dataset(
     entries = _process_all(source, tasks, settings, workers, on_error, problems, progress)
     timings["decode"] = time.perf_counter() - decode_started
 
-    split_started = time.perf_counter()
+    duplicates_started = time.perf_counter()
     cached = [(record, entries[record.image_id]) for record in records if record.image_id in entries]
     if not cached:
         raise DataError(source.fingerprint(), "no image could be prepared (see the skipped items)")
     resolution = _resolve_duplicates(cached, vocab, duplicates, duplicate_threshold, on_error, problems)
+    timings["duplicates"] = time.perf_counter() - duplicates_started
+    split_started = time.perf_counter()
     kept = [cached[i] for i in resolution.kept]
     if not kept:
         raise DataError(source.fingerprint(), "no image left after the duplicate check (see the skipped items)")
@@ -214,7 +216,6 @@ def prepare_dataset(
     groups = resolution.split_groups
     split, predefined = _assign_splits(source, [r for r, _ in kept], labels, groups, fractions, seed)
     cluster_of = _cluster_splits(source, resolution, split, predefined, duplicates)
-    timings["duplicates"] = time.perf_counter() - split_started
     fold = np.full(len(kept), -1, dtype=np.int64)
     if folds:
         pool = np.flatnonzero(split != "test")
@@ -237,6 +238,7 @@ def prepare_dataset(
         "mode": duplicates,
         "num_clusters": len(resolution.clusters),
         "num_images_in_clusters": sum(len(c.images) for c in resolution.clusters),
+        "num_joining_lesions": sum(c.joins_lesions for c in resolution.clusters),
         "num_dropped": sum(1 for why in resolution.removed.values() if why == "dropped"),
         "straddling_splits": sum(c.straddles for c in resolution.clusters),
         "label_conflicts": sum(c.label_conflict for c in resolution.clusters),
@@ -324,7 +326,6 @@ def load_manifest(data_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
         frame[column] = pd.to_numeric(frame[column].mask(frame[column] == "")).astype("Int64")
     frame["group"] = frame["group"].where(frame["group"] != "", None)
     return frame, info
-
 
 
 def duplicates_between(data_dir: str | Path, against: str | Path, threshold: int = dups.DEFAULT_THRESHOLD) -> pd.DataFrame:
