@@ -160,7 +160,9 @@ def find_links(
 
 
 def image_distance(a: np.ndarray, b: np.ndarray) -> int:
-    """The two-way window distance of two images' bits (shape (windows, HASH_BITS))."""
+    """Distance in bits of two images as prepare compares them: the smallest Hamming distance between
+    the whole-image hash of one and any window hash of the other, either way. `a`, `b`: one image's
+    rows of `hash_bits`, shape (len(WINDOWS), HASH_BITS)."""
     return int(min((a[0] != b).sum(axis=1).min(), (a != b[0]).sum(axis=1).min()))
 
 
