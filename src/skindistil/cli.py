@@ -14,6 +14,7 @@ from skindistil.errors import SkinDistilError
 # the top and the heavy libraries inside run(), so building the parser stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "decode, border-crop, resize and cache a dataset; write manifest and splits"),
+    "duplicates": ("duplicates", "list the images of one prepared dataset that duplicate images of another"),
     "bench-data": ("bench_data", "measure prepare and training-loader throughput"),
     "train": ("train", "train a ViT teacher (or any timm classifier) with Lightning"),
     "distill": ("distill", "distil a teacher: distilvit, fcvit, fcvit-probs, cascade or full"),

@@ -9,6 +9,7 @@ Examples:
     skindistil prepare --source isic2018 --root data/ISIC2018 --out prepared/isic2018
     skindistil prepare --source isic2020 --labels diagnosis --root data/siim-isic-2020 --out prepared/isic2020
     skindistil prepare --source isic2024 --root data/isic-2024-challenge --out prepared/isic2024
+    skindistil prepare --source isic2019 --root data/ISIC2019 --out prepared/isic --duplicates drop
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
+from skindistil.data.duplicates import DEFAULT_THRESHOLD, MODES, describe_cluster
 from skindistil.data.imageio import DEFAULT_MAX_PIXELS
 from skindistil.data.prepare import prepare_dataset
 from skindistil.data.sources import ON_ERROR_CHOICES, available_sources, build_source, source_options
@@ -84,6 +86,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_PIXELS,
         help=f"reject images above this many pixels (decompression bombs; default {DEFAULT_MAX_PIXELS:,})",
     )
+    parser.add_argument(
+        "--duplicates",
+        choices=MODES,
+        default="group",
+        help="exact and near-duplicate images: group (default) puts each cluster in one split group, "
+        "drop keeps one image per cluster, keep only reports them",
+    )
+    parser.add_argument(
+        "--duplicate-threshold",
+        type=int,
+        default=DEFAULT_THRESHOLD,
+        metavar="BITS",
+        help=f"perceptual-hash distance up to which two images are near duplicates (default {DEFAULT_THRESHOLD} of 256)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     group = parser.add_argument_group("source options (only where they apply)")
     group.add_argument("--labels", help="ham10000: dx (7 classes, default) or isic2019 (8 classes); "
@@ -119,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         max_pixels=args.max_pixels,
         progress=args.progress,
+        duplicates=args.duplicates,
+        duplicate_threshold=args.duplicate_threshold,
     )
     _print_summary(result, Console())
     return 0
@@ -140,9 +158,40 @@ def _print_summary(result, console: Console) -> None:
     )
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
+    _print_duplicates(result.duplicates, console)
     if result.problems:
         console.print(f"[yellow]skipped {len(result.problems)} item(s)[/] (all listed in prepare_report.json):")
         for problem in result.problems[:_SHOWN_PROBLEMS]:
             console.print(f"  {problem.where}: {problem.reason}", markup=False, highlight=False)
         if len(result.problems) > _SHOWN_PROBLEMS:
             console.print(f"  ... and {len(result.problems) - _SHOWN_PROBLEMS} more")
+
+
+def _print_duplicates(report: dict, console: Console) -> None:
+    clusters = report["clusters"]
+    if not clusters:
+        console.print("duplicates: none found")
+        return
+    effect = {
+        "group": "each cluster is one split group",
+        "drop": f"one image kept per cluster, {report['num_dropped']} dropped",
+        "keep": f"kept as they are, {report['straddling_splits']} cluster(s) on two sides of a split",
+    }[report["mode"]]
+    console.print(
+        f"[yellow]duplicates: {len(clusters)} cluster(s) of {report['num_images_in_clusters']} images, "
+        f"{report['num_joining_lesions']} across lesions or without lesion ids[/] "
+        f"({effect}; all listed in prepare_report.json):",
+        soft_wrap=True,
+    )
+    # the clusters that join lesions first: within one lesion a duplicate changes no split
+    shown = sorted(clusters, key=lambda c: not c["joins_lesions"])[:_SHOWN_PROBLEMS]
+    for cluster in shown:
+        console.print(f"  {describe_cluster(cluster)}", markup=False, highlight=False, soft_wrap=True)
+    if len(clusters) > _SHOWN_PROBLEMS:
+        console.print(f"  ... and {len(clusters) - _SHOWN_PROBLEMS} more")
+    conflicts = [c for c in clusters if c["label_conflict"]]
+    if conflicts:
+        console.print(f"[yellow]label conflicts: {len(conflicts)} cluster(s) whose images have different classes:[/]", soft_wrap=True)
+        for cluster in conflicts[:_SHOWN_PROBLEMS]:
+            console.print(f"  {describe_cluster(cluster)}", markup=False, highlight=False, soft_wrap=True)
+

@@ -7,13 +7,18 @@ Layout of a prepared DATA_DIR (format 1):
                           age, sex, site, patient_id, lesion_id); `cache_file` is relative to DATA_DIR
     cache/<hh>/<id>.npy   uint8 HWC RGB, shorter side = short_side (<hh>: 2 hex chars of sha1(id))
     cache/journal.jsonl   one JSON line per cached image (its source hash and geometry)
-    prepare_report.json   skipped items, counts, timings
+    prepare_report.json   skipped items, duplicate clusters, counts, timings
 
 Nothing is half-written: each .npy is written to a temporary name and renamed into place, the
 journal line follows only once the file is complete, and manifest.csv / dataset.json are written
 atomically at the very end (dataset.json last: it marks DATA_DIR as prepared). A rerun, after an
 interruption or with more images, reuses every cache file whose journal entry matches the source
 content (sha256) and settings, so only missing or changed images are decoded again.
+
+Duplicates (skindistil.data.duplicates): every image's perceptual hash goes to the manifest
+(`phash`); exact and near duplicates form clusters, listed in prepare_report.json and numbered in
+the manifest (`duplicate_cluster`); by default each cluster is one split group, so no duplicate
+sits on two sides of a split.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from skindistil.data import duplicates as dups
 from skindistil.data.imageio import DEFAULT_MAX_PIXELS, border_crop_box, resize_shorter
 from skindistil.data.names import safe_file_stem
 from skindistil.data.records import METADATA_FIELDS, Problem, Record
@@ -69,6 +75,7 @@ MANIFEST_COLUMNS = [
     "image_id", "label", "class_name", "group", "split", "fold", "source",
     "orig_width", "orig_height", "crop_x0", "crop_y0", "crop_x1", "crop_y1",
     "width", "height", "sha256", "cache_file",
+    "phash", "duplicate_cluster",
 ]  # fmt: skip
 # Written after MANIFEST_COLUMNS; optional when reading (datasets prepared before they existed lack them).
 MANIFEST_METADATA = list(METADATA_FIELDS)
@@ -87,6 +94,7 @@ class PrepareResult:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     images_per_second: float = 0.0
+    duplicates: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,8 @@ def prepare_dataset(
     limit: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    duplicates: str = "group",
+    duplicate_threshold: int = dups.DEFAULT_THRESHOLD,
 ) -> PrepareResult:
     """Decode, crop, resize and cache `source` into `out_dir`; split it; write manifest and dataset.json.
 
@@ -142,6 +152,9 @@ def prepare_dataset(
     (the test split stays held out). `limit` keeps a class-stratified subset of that many images.
     `workers` None = all cores; 0 or 1 = in this process. Worker processes are started, not forked,
     so a script calling this with workers > 1 needs the usual ``if __name__ == "__main__":`` guard.
+    `duplicates` (keep, group, drop) and `duplicate_threshold` (bits): see
+    `skindistil.data.duplicates.resolve_duplicates`; with predefined splits, group refuses clusters
+    that straddle them (DataError).
     """
     started = time.perf_counter()
     fractions = check_fractions(fractions)
@@ -155,6 +168,10 @@ def prepare_dataset(
         raise ConfigError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be at least 1, got {limit}")
+    if duplicates not in dups.MODES:
+        raise ConfigError(f"duplicates must be one of {', '.join(dups.MODES)}, got {duplicates!r}")
+    if duplicate_threshold < 0:
+        raise ConfigError(f"duplicate_threshold must be >= 0 bits, got {duplicate_threshold}")
     workers = default_workers() if workers is None else int(workers)
     if workers < 0:
         raise ConfigError(f"workers must be >= 0, got {workers}")
@@ -189,14 +206,21 @@ def prepare_dataset(
     entries = _process_all(source, tasks, settings, workers, on_error, problems, progress)
     timings["decode"] = time.perf_counter() - decode_started
 
-    split_started = time.perf_counter()
-    kept = [(record, entries[record.image_id]) for record in records if record.image_id in entries]
-    if not kept:
+    duplicates_started = time.perf_counter()
+    cached = [(record, entries[record.image_id]) for record in records if record.image_id in entries]
+    if not cached:
         raise DataError(source.fingerprint(), "no image could be prepared (see the skipped items)")
+    resolution = _resolve_duplicates(cached, vocab, duplicates, duplicate_threshold, on_error, problems)
+    timings["duplicates"] = time.perf_counter() - duplicates_started
+    split_started = time.perf_counter()
+    kept = [cached[i] for i in resolution.kept]
+    if not kept:
+        raise DataError(source.fingerprint(), "no image left after the duplicate check (see the skipped items)")
     labels = np.array([r.label for r, _ in kept], dtype=np.int64)
-    groups = [r.group for r, _ in kept]
+    groups = resolution.split_groups
     split, predefined, drawn = _assign_splits(source, [r for r, _ in kept], labels, groups, fractions, seed)
     notes += [f"no predefined {name} split: {name} drawn from train (grouped, stratified by --split)" for name in drawn]
+    cluster_of = _cluster_splits(source, resolution, split, predefined, duplicates)
     fold = np.full(len(kept), -1, dtype=np.int64)
     if folds:
         pool = np.flatnonzero(split != "test")
@@ -205,14 +229,27 @@ def prepare_dataset(
 
     write_started = time.perf_counter()
     manifest = _manifest_frame(kept, vocab, split, fold)
+    manifest["duplicate_cluster"] = pd.array(cluster_of, dtype="Int64")
     counts = {name: vocab.counts(labels[split == name].tolist()) for name in SPLIT_NAMES}
     notes += split_class_notes(counts)
     reused = sum(1 for _, entry in kept if entry.get("reused"))
     _write_csv_atomic(data_dir / MANIFEST_CSV, manifest)
-    _finish_cache(data_dir, [entry for _, entry in kept])
+    _finish_cache(data_dir, [entry for _, entry in cached])
     timings["write"] = time.perf_counter() - write_started
     timings["total"] = time.perf_counter() - started
     images_per_second = len(tasks) / max(timings["decode"], 1e-9)
+    duplicate_report = {
+        "method": dups.METHOD,
+        "threshold": duplicate_threshold,
+        "mode": duplicates,
+        "num_clusters": len(resolution.clusters),
+        "num_images_in_clusters": sum(len(c.images) for c in resolution.clusters),
+        "num_joining_lesions": sum(c.joins_lesions for c in resolution.clusters),
+        "num_dropped": sum(1 for why in resolution.removed.values() if why == "dropped"),
+        "straddling_splits": sum(c.straddles for c in resolution.clusters),
+        "label_conflicts": sum(c.label_conflict for c in resolution.clusters),
+        "clusters": [c.to_dict() for c in resolution.clusters],
+    }
 
     report = {
         "num_images": len(kept),
@@ -225,6 +262,7 @@ def prepare_dataset(
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "images_per_second": round(images_per_second, 1),
         "workers": workers,
+        "duplicates": duplicate_report,
     }
     _write_json_atomic(data_dir / REPORT_JSON, report)
     dataset = {
@@ -247,6 +285,7 @@ def prepare_dataset(
         "counts": counts,
         "num_images": len(kept),
         "notes": notes,
+        "duplicates": {k: duplicate_report[k] for k in ("method", "threshold", "mode", "num_clusters")},
     }
     _write_json_atomic(data_dir / DATASET_JSON, dataset)
     return PrepareResult(
@@ -259,6 +298,7 @@ def prepare_dataset(
         notes=notes,
         timings=timings,
         images_per_second=images_per_second,
+        duplicates=duplicate_report,
     )
 
 
@@ -312,18 +352,40 @@ def load_manifest(data_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     if not manifest_path.is_file():
         raise DataError(data_dir, f"prepared dataset without {MANIFEST_CSV}; prepare it again")
     text_columns = ["image_id", "class_name", "group", "split", "source", "sha256", "cache_file", "fold", *MANIFEST_METADATA]
+    text_columns += ["phash", "duplicate_cluster"]
     frame = pd.read_csv(manifest_path, dtype=dict.fromkeys(text_columns, str), keep_default_na=False)
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
-        raise DataError(manifest_path, f"missing column(s) {', '.join(missing)}")
+        raise DataError(manifest_path, f"missing column(s) {', '.join(missing)}; prepare it again")
     for name in MANIFEST_METADATA:
         if name not in frame.columns:
             frame[name] = ""
     if len(frame) != info.get("num_images"):
         raise DataError(manifest_path, f"{len(frame)} rows but dataset.json says {info.get('num_images')} images")
-    frame["fold"] = pd.to_numeric(frame["fold"].mask(frame["fold"] == "")).astype("Int64")
+    for column in ("fold", "duplicate_cluster"):
+        frame[column] = pd.to_numeric(frame[column].mask(frame[column] == "")).astype("Int64")
     frame["group"] = frame["group"].where(frame["group"] != "", None)
     return frame, info
+
+
+def duplicates_between(data_dir: str | Path, against: str | Path, threshold: int = dups.DEFAULT_THRESHOLD) -> pd.DataFrame:
+    """Every image of prepared `data_dir` that duplicates an image of prepared `against`.
+
+    Reads both manifests' sha256 and perceptual hashes (no image is decoded); one row per pair,
+    columns `skindistil.data.duplicates.CROSS_COLUMNS`. Raises DataError naming dataset.json when a
+    dataset was hashed by another method, ConfigError for a negative threshold.
+    """
+    if threshold < 0:
+        raise ConfigError(f"threshold must be >= 0 bits, got {threshold}")
+    frames, where = [], []
+    for folder in (data_dir, against):
+        manifest, info = load_manifest(folder)
+        method = (info.get("duplicates") or {}).get("method")
+        if method != dups.METHOD:
+            raise DataError(Path(folder) / DATASET_JSON, f"perceptual hash method {method!r}, not {dups.METHOD!r}; prepare it again")
+        frames.append(manifest)
+        where.append(str(Path(folder) / MANIFEST_CSV))
+    return dups.cross_duplicates(frames[0], frames[1], threshold, where=(where[0], where[1]))
 
 
 # --------------------------------------------------------------------------- records and splits
@@ -375,6 +437,48 @@ def _assign_splits(source, records, labels, groups, fractions, seed) -> tuple[np
     return split, True, drawn
 
 
+def _resolve_duplicates(cached, vocab, mode, threshold, on_error, problems) -> dups.Resolution:
+    """Duplicate clusters of the cached images and what `mode` keeps; refused clusters become problems."""
+    records = [record for record, _ in cached]
+    resolution = dups.resolve_duplicates(
+        image_ids=[r.image_id for r in records],
+        sources=[r.source for r in records],
+        classes=[vocab.names[r.label] for r in records],
+        groups=[r.group for r in records],
+        sha256=[entry["sha256"] for _, entry in cached],
+        hashes=[entry["phash"] for _, entry in cached],
+        pixels=[entry["orig_width"] * entry["orig_height"] for _, entry in cached],
+        predefined=[r.split for r in records] if any(r.split for r in records) else None,
+        mode=mode,
+        threshold=threshold,
+        on_error=on_error,
+    )
+    problems.extend(Problem(records[i].source, reason) for i, reason in resolution.skipped)
+    return resolution
+
+
+def _cluster_splits(source, resolution: dups.Resolution, split: np.ndarray, predefined: bool, mode: str) -> list:
+    """Fill each cluster's splits; cluster number per kept image (None outside clusters).
+
+    Predefined splits cannot be regrouped: in group mode a cluster across them is refused.
+    """
+    position = {i: k for k, i in enumerate(resolution.kept)}
+    cluster_of: list = [None] * len(resolution.kept)
+    for number, (cluster, members) in enumerate(zip(resolution.clusters, resolution.cluster_members, strict=True)):
+        cluster.splits = [str(split[position[m]]) if m in position else resolution.removed[m] for m in members]
+        for m in members:
+            if m in position:
+                cluster_of[position[m]] = number
+    straddling = [c for c in resolution.clusters if c.straddles]
+    if predefined and mode == "group" and straddling:
+        raise DataError(
+            source.fingerprint(),
+            f"{len(straddling)} duplicate cluster(s) straddle the predefined splits, e.g. {straddling[0].describe()}; "
+            "--duplicates drop keeps one copy per cluster (the one in test, then val), --duplicates keep accepts them",
+        )
+    return cluster_of
+
+
 def _manifest_frame(kept: list[tuple[Record, dict]], vocab: ClassVocab, split: np.ndarray, fold: np.ndarray) -> pd.DataFrame:
     rows = []
     for (record, entry), split_name, fold_id in zip(kept, split, fold, strict=True):
@@ -398,6 +502,7 @@ def _manifest_frame(kept: list[tuple[Record, dict]], vocab: ClassVocab, split: n
                 "height": entry["height"],
                 "sha256": entry["sha256"],
                 "cache_file": entry["cache_file"],
+                "phash": entry["phash"],
                 **{name: record.meta.get(name, "") for name in MANIFEST_METADATA},
             }
         )
@@ -476,7 +581,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__, "scipy.ndimage"])
+    context.set_forkserver_preload([__name__, "scipy.ndimage", "imagehash", "scipy.fftpack"])
     return context
 
 
@@ -535,6 +640,7 @@ def _cache_image(source: Source, settings: _Settings, record: Record, cache_file
     content_hash = file_hash or _pixels_sha256(pixels)
     if known is not None and content_hash == known["sha256"] and _cache_intact(settings.data_dir, known):
         return {**known, "reused": True}
+    phash = dups.perceptual_hash(image)
     box = border_crop_box(pixels) if settings.border_crop else (0, 0, width, height)
     cached = np.asarray(resize_shorter(image.crop(box), settings.short_side), dtype=np.uint8)
     _save_npy_atomic(settings.data_dir / cache_file, cached)
@@ -549,6 +655,8 @@ def _cache_image(source: Source, settings: _Settings, record: Record, cache_file
         "crop": [int(v) for v in box],
         "width": int(cached.shape[1]),
         "height": int(cached.shape[0]),
+        "phash": phash,
+        "phash_method": dups.METHOD,
     }
 
 
@@ -592,6 +700,7 @@ def _same_settings(entry: dict, settings: _Settings, cache_file: str) -> bool:
         and entry.get("border_crop") == settings.border_crop
         and entry.get("cache_file") == cache_file
         and isinstance(entry.get("sha256"), str)
+        and entry.get("phash_method") == dups.METHOD
     )
 
 
