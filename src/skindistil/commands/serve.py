@@ -11,8 +11,8 @@ requests, so a bad --model fails at once and no request waits for a compilation.
 
 No client can starve it: --max-connections are served at once (requests on more get 503), request
 headers must arrive within --header-timeout seconds and bodies within --body-timeout (else the
-connection is closed, or 408), and --max-decodes uploads are decoded at once; /v1/stats counts each
-refusal and cut-off. The soft limit on open files is raised to what --max-connections needs.
+connection is closed, or 408), and uploads are decoded only within --decode-memory-mb; /v1/stats
+counts each refusal and cut-off. The soft limit on open files is raised to what --max-connections needs.
 /docs works offline.
 """
 
@@ -63,9 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true", help="average probabilities over four flips of each image")
     parser.add_argument("--workers", type=int, help="image-decoding threads (default: CPU count, at most 8)")
     parser.add_argument(
-        "--max-decodes",
-        type=int,
-        help="uploads held in memory and decoded at once; the others wait on disk (default: --workers)",
+        "--decode-memory-mb",
+        type=float,
+        default=2048.0,
+        help="memory for the uploads being decoded, MiB: each takes its size + 40 bytes per pixel, the "
+        "others wait on disk; must hold one upload at --max-upload-mb and --max-pixels (default 2048)",
     )
     parser.add_argument(
         "--max-connections",
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout,
-        max_decodes=args.max_decodes,
+        decode_memory_mb=args.decode_memory_mb,
     )
     server = uvicorn.Server(server_config(app, args.host, args.port, args.log_level))
     # uvicorn shuts down gracefully on Ctrl+C, then re-raises it (as uvicorn.run, exit 0)

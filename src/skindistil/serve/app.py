@@ -22,9 +22,10 @@ attention rollout switches the attention modules to their unfused path and hooks
 
 No client can starve the server (`ServerLimits`): connections beyond `max_connections` are answered
 503, request headers must arrive within `header_timeout_s` (`skindistil.serve.guard`), a body within
-`body_timeout_s` (else 408), and at most `max_decodes` uploads are held in memory and decoded at
-once (the others wait as Starlette's spooled temporary files), so decoding memory stays under
-`decode_memory_budget` at any load. /v1/stats counts every refusal and cut-off.
+`body_timeout_s` (else 408), and uploads are read into memory and decoded only while their
+estimated decoding memory fits in `decode_memory_mb` (`decode_cost`; the others wait, first come
+first served, as Starlette's spooled temporary files), so decoding memory stays within that budget
+at any load. /v1/stats counts every refusal and cut-off.
 """
 
 # No `from __future__ import annotations`: FastAPI reads endpoint annotations at run time, and the
@@ -64,7 +65,7 @@ from skindistil.inference.explain import METHODS, explain_png
 from skindistil.inference.predictor import Predictor
 from skindistil.models.artifact import CARD_FILE, WEIGHTS_FILE, LoadedModel, jsonable, load_model, model_card
 from skindistil.serve.batching import MicroBatcher, NotRunning, Overloaded
-from skindistil.serve.guard import GuardStats, ServerLimits
+from skindistil.serve.guard import GuardStats, MemoryBudget, ServerLimits
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,13 @@ SERVE_MAX_PIXELS = 40_000_000
 # resizing the shorter side to the model's input would blow a sliver up into an enormous image.
 MIN_SIDE = 8
 MAX_ASPECT = 10.0
+# Peak memory of decoding and preprocessing one upload, per pixel of the image: measured at 30-36
+# bytes on 19-40 MP noisy JPEGs with and without a dark border (Pillow's RGB image, the array copy,
+# the border search's grey level, mask and labels, the float resize), rounded up.
+DECODE_BYTES_PER_PIXEL = 40
+# Default budget for decoding memory: one upload of the default limits (20 MiB, 40 MP: 1.5 GiB) at a
+# time, or many ordinary ones (a 1024 x 768 photo costs 30 MiB).
+DECODE_MEMORY_MB = 2048.0
 # Multipart framing around the file (boundaries, part headers) on top of max_upload_mb.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 # Endpoints that take no upload accept at most this much body.
@@ -154,9 +162,9 @@ class ServingConfig(BaseModel):
     max_connections: int = Field(description="connections served at once; requests on more are answered 503")
     header_timeout_s: float = Field(description="seconds a request's line and headers may take")
     body_timeout_s: float = Field(description="seconds a request's body may take, after its headers (else 408)")
-    max_decodes: int = Field(description="uploads held in memory and decoded at once (predict and explain)")
-    decode_memory_budget_mb: float = Field(
-        description="bound on decoding memory, MiB: max_decodes x (max_upload_bytes + 3 copies of a max_pixels RGB image)"
+    decode_memory_mb: float = Field(
+        description="budget for the uploads being decoded, MiB; each reserves its file size + "
+        f"{DECODE_BYTES_PER_PIXEL} bytes per pixel"
     )
 
 
@@ -185,7 +193,7 @@ class StatsResponse(BaseModel):
     queue_depth: int = Field(description="requests waiting now")
     max_batch: int
     max_wait_ms: float
-    decodes_waiting: int = Field(description="uploads waiting for a decoding slot now")
+    decodes_waiting: int = Field(description="uploads waiting for decoding memory now")
     connections_open: int = Field(description="connections held now (0 under a server other than skindistil's)")
     connections_peak: int
     connections_refused: int = Field(description="requests answered 503 because max_connections were held")
@@ -400,11 +408,24 @@ async def read_upload(file: UploadFile, limits: UploadLimits) -> tuple[bytes, st
 # ------------------------------------------------------------------------------------------ service
 
 
-def decode_memory_budget(max_decodes: int, limits: UploadLimits) -> int:
-    """Bytes decoding may hold at once: per slot, the upload's bytes and three RGB copies of the
-    largest accepted image (Pillow's decode, the EXIF-rotated or converted image, the border-cropped
-    array); the preprocessed model input is small beside them. Explanations decode inside a slot."""
-    return max_decodes * (limits.max_upload_bytes + 3 * 3 * limits.max_pixels)
+def decode_cost(fileobj, size: int, limits: UploadLimits) -> int:
+    """Bytes decoding an upload may take at its peak: its size plus `DECODE_BYTES_PER_PIXEL` per pixel,
+    read from the image header in the spooled file (no decoding; at most `limits.max_pixels`, which
+    is refused anyway; 0 pixels for a header that does not parse: the decoder refuses it at once)."""
+    try:
+        fileobj.seek(0)
+        with Image.open(fileobj) as img:
+            pixels = img.size[0] * img.size[1]
+    except Exception:  # not an image: decode_upload reports it
+        pixels = 0
+    finally:
+        fileobj.seek(0)
+    return min(size, limits.max_upload_bytes) + DECODE_BYTES_PER_PIXEL * min(pixels, limits.max_pixels)
+
+
+def largest_decode_cost(limits: UploadLimits) -> int:
+    """The most one accepted upload can reserve."""
+    return limits.max_upload_bytes + DECODE_BYTES_PER_PIXEL * limits.max_pixels
 
 
 def weights_version(model_dir: Path | None) -> str:
@@ -453,14 +474,14 @@ class ModelService:
         workers: int | None,
         max_queue: int,
         server_limits: ServerLimits,
-        max_decodes: int | None,
+        decode_memory_mb: float,
     ):
         self.loaded = loaded
         self.limits = limits
         self.predictor = Predictor(loaded, device=device, backend=backend, batch_size=max_batch, tta=tta)
         self.batcher = MicroBatcher(self._run_batch, max_batch, max_wait_ms, max_queue)
         self.workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
-        self.max_decodes = max_decodes or self.workers
+        self.decode_memory = int(decode_memory_mb * 2**20)
         self.guard_stats = GuardStats()
         self.ref = model_ref(loaded)
         self.serving = ServingConfig(
@@ -477,13 +498,11 @@ class ModelService:
             max_connections=server_limits.max_connections,
             header_timeout_s=server_limits.header_timeout_s,
             body_timeout_s=server_limits.body_timeout_s,
-            max_decodes=self.max_decodes,
-            decode_memory_budget_mb=decode_memory_budget(self.max_decodes, limits) / 2**20,
+            decode_memory_mb=decode_memory_mb,
         )
         self.started_at: float | None = None
-        self._decode_slots: asyncio.Semaphore | None = None
+        self._budget: MemoryBudget | None = None
         self._explain_slot: asyncio.Semaphore | None = None
-        self._decodes_waiting = 0
         self._decode_pool = None
         self._explain_pool = None
         self._explain_model: LoadedModel | None = None
@@ -501,7 +520,7 @@ class ModelService:
         # one explanation at a time: they share one copy of the network
         self._explain_pool = ThreadPoolExecutor(1, thread_name_prefix="skindistil-explain")
         # made here, in the loop that serves: they belong to it
-        self._decode_slots = asyncio.Semaphore(self.max_decodes)
+        self._budget = MemoryBudget(self.decode_memory)
         self._explain_slot = asyncio.Semaphore(1)
         # before the first request: compiled backends build their graphs, the others set up kernels
         started = time.perf_counter()
@@ -554,23 +573,27 @@ class ModelService:
             raise ApiError(503, "unavailable", "the server is not running (starting up or shutting down)")
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
-    async def load_upload(self, file: UploadFile, preprocess: bool):
-        """Read and decode (and preprocess) an upload in one of `max_decodes` slots: (image, name).
+    @asynccontextmanager
+    async def decoding_memory(self, file: UploadFile):
+        """Hold the upload's `decode_cost` of the decoding budget for the block (waiting for it first).
 
-        Waiting uploads stay in Starlette's spooled temporary files; only the slot holders' bytes and
-        pixels are in memory, and the bytes are dropped on return."""
-        if self._decode_slots is None:
+        Waiting uploads stay in Starlette's spooled temporary files: only those holding their share
+        are read into memory and decoded."""
+        if self._budget is None:
             raise ApiError(503, "unavailable", "the server is not running (starting up or shutting down)")
-        self._decodes_waiting += 1
+        cost = await self._in_pool(self._decode_pool, decode_cost, file.file, file.size or 0, self.limits)
+        await self._budget.acquire(cost)
         try:
-            await self._decode_slots.acquire()
+            yield
         finally:
-            self._decodes_waiting -= 1
-        try:
+            self._budget.release(cost)
+
+    async def load_upload(self, file: UploadFile, preprocess: bool):
+        """Read and decode (and preprocess) an upload within the decoding budget: (image, name).
+        The upload's bytes are dropped on return; the prepared uint8 image is small."""
+        async with self.decoding_memory(file):
             data, name = await read_upload(file, self.limits)
             return await self._in_pool(self._decode_pool, self._load_upload, data, name, preprocess), name
-        finally:
-            self._decode_slots.release()
 
     async def predict(self, file: UploadFile) -> dict:
         started = time.perf_counter()
@@ -614,9 +637,12 @@ class ModelService:
             raise ApiError(503, "unavailable", "the server is not running (starting up or shutting down)")
         self._pending_explains += 1
         try:
-            # one decoded full-size image for explanations at a time: the waiting ones hold only their upload
-            async with self._explain_slot:
-                image, _ = await self.load_upload(file, preprocess=False)
+            # one explanation at a time holds its full-size image, within the decoding budget until it
+            # is done; the waiting ones hold only their spooled upload
+            async with self._explain_slot, self.decoding_memory(file):
+                data, name = await read_upload(file, self.limits)
+                image = await self._in_pool(self._decode_pool, self._load_upload, data, name, False)
+                del data
                 return await self._in_pool(self._explain_pool, self._explain, image, method, class_name)
         finally:
             self._pending_explains -= 1
@@ -652,7 +678,7 @@ class ModelService:
             "queue_depth": self.batcher.queue_depth,
             "max_batch": self.batcher.max_batch,
             "max_wait_ms": self.batcher.max_wait_ms,
-            "decodes_waiting": self._decodes_waiting,
+            "decodes_waiting": self._budget.waiting if self._budget is not None else 0,
             **self.guard_stats.to_dict(),
         }
 
@@ -675,7 +701,7 @@ def create_app(
     max_connections: int = ServerLimits.max_connections,
     header_timeout_s: float = ServerLimits.header_timeout_s,
     body_timeout_s: float = ServerLimits.body_timeout_s,
-    max_decodes: int | None = None,
+    decode_memory_mb: float = DECODE_MEMORY_MB,
 ) -> FastAPI:
     """The FastAPI app serving `model` (a LoadedModel, or an artifact path loaded onto `device`).
 
@@ -685,13 +711,14 @@ def create_app(
     (default: CPU count, at most 8). max_queue: requests waiting for the model before 503s.
     max_connections, header_timeout_s: enforced by the server (`skindistil.serve.server.server_config`
     reads them from app.state.server_limits). body_timeout_s: seconds a request body may take.
-    max_decodes: uploads decoded at once (default: `workers`).
+    decode_memory_mb: budget, MiB, for the uploads being decoded (see `decode_cost`); it must hold
+    the largest accepted upload (`largest_decode_cost`).
     The app's lifespan starts and stops the batcher: use it under a server or `with TestClient(app)`.
     A model error at start-up (e.g. non-finite probabilities in the warm-up) stops the start and is
     kept in app.state.startup_error. Raises ModelError for an artifact that cannot be loaded.
     """
-    if max_connections < 1 or (max_decodes is not None and max_decodes < 1):
-        raise ConfigError(f"need max_connections >= 1 and max_decodes >= 1, got {max_connections} and {max_decodes}")
+    if max_connections < 1:
+        raise ConfigError(f"max_connections must be at least 1, got {max_connections}")
     if not (header_timeout_s > 0 and body_timeout_s > 0):
         raise ConfigError(f"timeouts must be positive, got header {header_timeout_s} s and body {body_timeout_s} s")
     if max_upload_mb <= 0:
@@ -702,6 +729,12 @@ def create_app(
         raise ConfigError(f"need max_batch >= 1 and max_wait_ms >= 0, got {max_batch} and {max_wait_ms}")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     limits = UploadLimits(int(max_upload_mb * 2**20), int(max_pixels))
+    if largest_decode_cost(limits) > decode_memory_mb * 2**20:
+        raise ConfigError(
+            f"decode memory {decode_memory_mb:g} MiB cannot hold one upload of {max_upload_mb:g} MiB and "
+            f"{max_pixels:,} pixels ({largest_decode_cost(limits) / 2**20:,.0f} MiB at {DECODE_BYTES_PER_PIXEL} "
+            "bytes per pixel): raise the decode memory or lower the pixel limit"
+        )
     server_limits = ServerLimits(max_connections, header_timeout_s, body_timeout_s)
     service = ModelService(
         loaded,
@@ -714,7 +747,7 @@ def create_app(
         workers=workers,
         max_queue=max_queue,
         server_limits=server_limits,
-        max_decodes=max_decodes,
+        decode_memory_mb=decode_memory_mb,
     )
 
     @asynccontextmanager

@@ -6,18 +6,22 @@ file descriptors. `guarded_protocol` wraps uvicorn's HTTP protocol class (httpto
 else h11) with three rules, each counted in `GuardStats` (reported by GET /v1/stats):
 
 - at most `max_connections` connections are served at once; a request on any connection beyond
-  that is answered 503 (JSON, Retry-After: 1, Connection: close) without reaching the app;
+  that is answered 503 (JSON, Retry-After: 1, Connection: close) without reaching the app, and
+  beyond twice that a new connection gets the 503 at once and is closed without being read, so the
+  sockets never exceed 2 x max_connections (`skindistil.serve.server.fds_needed`);
 - a request's line and headers must arrive within `header_timeout_s` of the connection opening (or
   of its first byte, on a kept-alive connection), else the connection is closed;
 - they may take at most `MAX_HEADER_BYTES`, else 431 and the connection is closed.
 
 The body's own deadline is enforced while the app reads it (`skindistil.serve.app.BodyLimit`), where
-it can be answered with a 408.
+it can be answered with a 408. `MemoryBudget` bounds the memory of the uploads being decoded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections import deque
 from dataclasses import asdict, dataclass
 
 # Request line and headers: uvicorn's h11 default, also applied to httptools (which sets no limit).
@@ -51,6 +55,7 @@ class GuardStats:
 
 
 def _json_response(status: int, reason: str, code: str, message: str, extra: str = "") -> bytes:
+    """A complete HTTP/1.1 response with a JSON error body, written straight to a transport."""
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
@@ -90,20 +95,28 @@ def guarded_protocol(limits: ServerLimits, stats: GuardStats) -> type:
         431, "Request Header Fields Too Large", "headers_too_large",
         f"the request line and headers exceed {MAX_HEADER_BYTES:,} bytes",
     )
+    full = _json_response(
+        503, "Service Unavailable", "overloaded",
+        f"the server already holds {2 * limits.max_connections} connections; retry later", "retry-after: 1\r\n",
+    )
 
     class GuardedProtocol(Base):
         # Both of uvicorn's protocols set `self.cycle` to a new RequestResponseCycle when a request's
         # headers are complete: while it is still the one seen when the timer was armed, the request
         # being waited for has not arrived.
         def connection_made(self, transport) -> None:
-            over = len(self.connections) >= limits.max_connections  # this one is not counted yet
+            held = len(self.connections)  # this one is not counted yet
             super().connection_made(transport)
             stats.connections_open = len(self.connections)
             stats.connections_peak = max(stats.connections_peak, stats.connections_open)
-            if over:
-                self.app = refusal_app(stats, limits.max_connections)
             self._header_timer = None
             self._arm_header_timer()
+            if held >= 2 * limits.max_connections:
+                stats.connections_refused += 1
+                transport.write(full)
+                transport.close()
+            elif held >= limits.max_connections:
+                self.app = refusal_app(stats, limits.max_connections)
 
         def connection_lost(self, exc) -> None:
             if self._header_timer is not None:
@@ -137,3 +150,49 @@ def guarded_protocol(limits: ServerLimits, stats: GuardStats) -> type:
                 self.transport.close()
 
     return GuardedProtocol
+
+
+class MemoryBudget:
+    """A first-come, first-served reservation of `total` bytes among asyncio tasks.
+
+    `acquire(n)` waits until n bytes are free and no earlier request is still waiting (so a large
+    request is never starved by a stream of small ones); `release(n)` gives them back. ValueError
+    for a request larger than the whole budget: it could never be served.
+    """
+
+    def __init__(self, total: int):
+        self.total = int(total)
+        self.free = self.total
+        self._waiting: deque[tuple[int, asyncio.Future]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    async def acquire(self, n: int) -> None:
+        if n > self.total:
+            raise ValueError(f"{n:,} bytes is more than the whole budget of {self.total:,}")
+        if not self._waiting and n <= self.free:
+            self.free -= n
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((n, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(n)  # granted just as it was cancelled
+            else:
+                self._waiting.remove((n, future))
+                self._grant()  # the next in line may fit now
+            raise
+
+    def release(self, n: int) -> None:
+        self.free += n
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting and self._waiting[0][0] <= self.free:
+            n, future = self._waiting.popleft()
+            self.free -= n
+            future.set_result(None)

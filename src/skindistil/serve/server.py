@@ -18,9 +18,11 @@ RESERVED_FDS = 64
 
 
 def fds_needed(max_connections: int) -> int:
-    """File descriptors `max_connections` connections may take: each one's socket, plus an upload
-    spooled to a temporary file (Starlette keeps parts over 1 MB on disk), plus `RESERVED_FDS`."""
-    return 2 * max_connections + RESERVED_FDS
+    """File descriptors the server may hold with `max_connections`: the sockets of up to twice as
+    many connections (those over the limit wait for their 503, see `skindistil.serve.guard`), an
+    upload spooled to a temporary file per served connection (Starlette keeps parts over 1 MB on
+    disk), and `RESERVED_FDS`."""
+    return 3 * max_connections + RESERVED_FDS
 
 
 def raise_fd_limit(max_connections: int) -> int:
@@ -38,7 +40,7 @@ def raise_fd_limit(max_connections: int) -> int:
     if soft != resource.RLIM_INFINITY and soft < needed:
         raise ConfigError(
             f"--max-connections {max_connections} needs {needed} open files, but the limit is {soft} "
-            f"(ulimit -n); lower --max-connections to {max(1, (soft - RESERVED_FDS) // 2)} or raise the limit"
+            f"(ulimit -n); lower --max-connections to {max(1, (soft - RESERVED_FDS) // 3)} or raise the limit"
         )
     return soft
 
