@@ -5,6 +5,8 @@
     .venv/bin/python benchmarks/load_serve.py --model runs/student/model --clients 32 --rounds 5
     .venv/bin/python benchmarks/load_serve.py --backends torch,bf16,fast --out load.json
     .venv/bin/python benchmarks/load_serve.py --device cuda --backends fast
+    .venv/bin/python benchmarks/load_serve.py --scenario slow-clients --slow 600 --seconds 15
+    .venv/bin/python benchmarks/load_serve.py --scenario large-uploads --uploads 40
 
 The servers run in this process (uvicorn in threads, 127.0.0.1, free ports), two per backend on the
 same model: with batching (--max-batch, default 32) and without (max batch 1). All of them start, and
@@ -20,6 +22,18 @@ Reported per configuration, over its windows: throughput (answers per second), e
 throughput, p50/p99 latency, errors (non-200 answers and transport failures) and the server's mean
 batch size; then the speedup of batching per backend, and the best batched configuration against the
 best batch-1 one. Traffic goes to 127.0.0.1 only.
+
+--scenario slow-clients: one batching server; --slow connections (from a process of their own) each
+send the start of a request and then one header byte every --slow-interval seconds, reconnecting when
+the server closes them; once all are open, --clients well-behaved clients load the server as above.
+Reported: the slow connections open when the window started and still open when it ended, the
+reconnections, the well-behaved answers (200s per second, errors, p50/p99), the server's counters
+(/v1/stats: header timeouts, refusals, peak connections) and the process's peak RSS.
+
+--scenario large-uploads: --uploads simultaneous uploads of one ~--upload-mb MB JPEG (a real HAM10000
+image enlarged to --upload-side px with noise, so that it compresses badly); reported: the statuses,
+the time until all are answered, and the server process's RSS before and at its peak (sampled every
+5 ms), i.e. the memory these uploads take.
 """
 
 from __future__ import annotations
@@ -27,11 +41,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import multiprocessing
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -184,6 +200,228 @@ def run_load(url: str, images: list[bytes], clients: int, processes: int, warmup
     }
 
 
+# ------------------------------------------------------------------------------ starvation scenarios
+
+
+class RssSampler:
+    """This process's resident memory (VmRSS), sampled every `interval` s in a thread: `peak_mb`."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak_mb = self.now_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def now_mb() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, self.now_mb())
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def slow_connections(host: str, port: int, count: int, interval: float, opened, stop) -> dict:
+    """`count` connections that each send the start of a request and then one header byte every
+    `interval` s (a slowloris); one the server closes is reconnected. `opened` is set once all are
+    open; runs until `stop` is set. Returns the counts of connections open at the start, still open at
+    the end (never cut off) and reconnections."""
+    first_open = set()
+    reconnects = 0
+
+    async def one(index: int) -> None:
+        nonlocal reconnects
+        first = True
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nX-Slow: ".encode())
+                await writer.drain()
+            except OSError:
+                await asyncio.sleep(interval)
+                continue
+            if first:
+                first_open.add(index)
+            while not stop.is_set():
+                await asyncio.sleep(interval)
+                if reader.at_eof():
+                    break
+                try:
+                    writer.write(b"a")
+                    await writer.drain()
+                except OSError:
+                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(reader.read(1024), 0.001)  # notices a close (and any answer)
+            else:
+                writer.close()
+                return  # held to the end
+            writer.close()  # closed by the server: cut off
+            if first:
+                first_open.discard(index)
+                first = False
+            reconnects += 1
+
+    tasks = [asyncio.create_task(one(i)) for i in range(count)]
+    while len(first_open) < count and not stop.is_set():
+        await asyncio.sleep(0.05)
+    at_start = len(first_open)
+    opened.set()
+    await asyncio.gather(*tasks)
+    return {"open_at_start": at_start, "held_to_end": len(first_open), "reconnects": reconnects}
+
+
+def slow_process(url: str, count: int, interval: float, opened, stop, results) -> None:
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+
+    async def run() -> dict:
+        loop_stop = asyncio.Event()
+        watcher = threading.Thread(target=lambda: (stop.wait(), loop.call_soon_threadsafe(loop_stop.set)), daemon=True)
+        loop = asyncio.get_running_loop()
+        watcher.start()
+        return await slow_connections(host, port, count, interval, opened, loop_stop)
+
+    results.put(asyncio.run(run()))
+
+
+def slow_clients_scenario(url: str, images: list[bytes], args, processes: int) -> dict:
+    """The --scenario slow-clients measurement against the server at `url` (see the module docstring)."""
+    context = multiprocessing.get_context("spawn")
+    opened, stop, results = context.Event(), context.Event(), context.Queue()
+    attacker = context.Process(target=slow_process, args=(url, args.slow, args.slow_interval, opened, stop, results))
+    with RssSampler() as rss:
+        attacker.start()
+        if not opened.wait(120):
+            raise RuntimeError(f"could not open {args.slow} slow connections in 120 s")
+        window = run_load(url, images, args.clients, processes, args.warmup, args.seconds)
+        stop.set()
+        slow = results.get(timeout=120)
+        attacker.join()
+    stats = httpx.get(f"{url}/v1/stats").json()
+    figures = combine_windows([window])
+    return {
+        "slow_connections": args.slow,
+        **slow,
+        "served": figures["requests"],
+        "served_per_s": figures["throughput"],
+        "errors": figures["errors"],
+        "p50_ms": figures["p50_ms"],
+        "p99_ms": figures["p99_ms"],
+        "header_timeouts": stats.get("header_timeouts", "n/a"),
+        "connections_refused": stats.get("connections_refused", "n/a"),
+        "connections_peak": stats.get("connections_peak", "n/a"),
+        "rss_peak_mb": rss.peak_mb,
+    }
+
+
+def large_upload(path: Path, side: int, target_mb: float) -> bytes:
+    """A JPEG of about `target_mb` MB: the image at `path` enlarged to `side` px wide with noise added
+    (noise compresses badly), at the lowest quality from 85 to 100 that reaches the size."""
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    height = round(side * image.height / image.width)
+    pixels = np.asarray(image.resize((side, height), Image.BILINEAR), dtype=np.int16)
+    noise = np.random.default_rng(0).normal(0, 24, pixels.shape).astype(np.int16)
+    noisy = Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))
+    data = b""
+    for quality in range(85, 101, 3):
+        buffer = io.BytesIO()
+        noisy.save(buffer, "JPEG", quality=quality)
+        data = buffer.getvalue()
+        if len(data) >= target_mb * 1e6:
+            break
+    return data
+
+
+async def simultaneous_uploads(url: str, request: bytes, count: int) -> list[str]:
+    """`count` connections each sending `request` at once; the status code of each answer."""
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+
+    async def one() -> str:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(request)
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 300)
+            writer.close()
+            return head[9:12].decode()
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            return type(exc).__name__
+
+    return await asyncio.gather(*(one() for _ in range(count)))
+
+
+def upload_process(url: str, request: bytes, count: int, results) -> None:
+    results.put(asyncio.run(simultaneous_uploads(url, request, count)))
+
+
+def large_uploads_scenario(url: str, image_path: Path, args) -> dict:
+    """The --scenario large-uploads measurement against the server at `url` (see the module docstring)."""
+    from collections import Counter
+
+    data = large_upload(image_path, args.upload_side, args.upload_mb)
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    request = predict_request(host, port, data).replace(b"keep-alive", b"close")
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    sender = context.Process(target=upload_process, args=(url, request, args.uploads, results))
+    before = RssSampler.now_mb()
+    with RssSampler() as rss:
+        started = time.monotonic()
+        sender.start()
+        statuses = results.get(timeout=600)
+        elapsed = time.monotonic() - started
+        sender.join()
+    return {
+        "uploads": args.uploads,
+        "upload_mb": len(data) / 1e6,
+        "statuses": dict(Counter(statuses)),
+        "seconds": elapsed,
+        "rss_before_mb": before,
+        "rss_peak_mb": rss.peak_mb,
+        "rss_growth_mb": rss.peak_mb - before,
+    }
+
+
+def run_scenario(args, loaded, images: list[bytes], paths: list[Path], processes: int) -> dict:
+    """Start one batching server with the given limits, run the scenario, print and return its figures."""
+    from skindistil.serve import create_app, serve_in_background
+
+    limits = {
+        key: value
+        for key, value in (("header_timeout_s", args.header_timeout), ("decode_memory_mb", args.decode_memory_mb))
+        if value is not None  # unset: the server's defaults (and a version without these options runs)
+    }
+    app = create_app(loaded, backend=args.backends.split(",")[0], max_batch=args.max_batch,
+                     max_wait_ms=args.max_wait_ms, device=args.device, **limits)
+    with serve_in_background(app, log_level="error", timeout=1800) as url:
+        if args.scenario == "slow-clients":
+            figures = slow_clients_scenario(url, images, args, processes)
+        else:
+            figures = large_uploads_scenario(url, paths[0], args)
+        serving = httpx.get(f"{url}/v1/model").json()["serving"]
+    figures["server"] = {k: serving.get(k) for k in ("max_connections", "header_timeout_s", "body_timeout_s",
+                                                     "decode_memory_mb")}
+    print()
+    print("| figure | value |")
+    print("| --- | --- |")
+    for key, value in figures.items():
+        print(f"| {key} | {value:.1f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    return figures
+
+
 def combine_windows(windows: list[dict]) -> dict:
     """One configuration's figures over its measured windows: answers per second over all of them,
     latency percentiles over all answers, errors, the server's mean batch size, and the throughput
@@ -240,6 +478,23 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated serving backends, each measured with and without batching (default torch)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument(
+        "--scenario",
+        choices=["throughput", "slow-clients", "large-uploads"],
+        default="throughput",
+        help="throughput (batching on and off), slow-clients or large-uploads (see above; default throughput)",
+    )
+    parser.add_argument("--slow", type=int, default=600, help="slow-clients: slow connections (default 600)")
+    parser.add_argument(
+        "--slow-interval", type=float, default=1.0, help="slow-clients: seconds between their header bytes (default 1)"
+    )
+    parser.add_argument("--uploads", type=int, default=40, help="large-uploads: simultaneous uploads (default 40)")
+    parser.add_argument("--upload-mb", type=float, default=14.0, help="large-uploads: upload size, MB (default 14)")
+    parser.add_argument(
+        "--upload-side", type=int, default=5000, help="large-uploads: the upload's width in pixels (default 5000)"
+    )
+    parser.add_argument("--header-timeout", type=float, help="server's header timeout, s (default: the server's)")
+    parser.add_argument("--decode-memory-mb", type=float, help="server's decoding memory, MiB (default: the server's)")
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     processes = min(args.clients, args.client_processes or max(1, (os.cpu_count() or 1) // 4))
@@ -267,6 +522,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(images)} images from {args.images}",
             flush=True,
         )
+        if args.scenario != "throughput":
+            figures = run_scenario(args, loaded, images, paths, processes)
+            if args.out:
+                args.out.write_text(json.dumps({"settings": vars(args), "figures": figures}, indent=2, default=str) + "\n")
+            return 0
         configs = [
             (backend, mode, max_batch)
             for backend in [b.strip() for b in args.backends.split(",") if b.strip()]

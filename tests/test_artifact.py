@@ -25,9 +25,9 @@ CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
 PRE = PreprocessConfig(image_size=32)
 
 
-def _vit(depth=4):
+def _vit(depth=4, img_size=32):
     torch.manual_seed(0)
-    return create_teacher(num_classes=8, embed_dim=32, depth=depth, num_heads=2, img_size=32, patch_size=8).eval()
+    return create_teacher(num_classes=8, embed_dim=32, depth=depth, num_heads=2, img_size=img_size, patch_size=8).eval()
 
 
 @pytest.fixture
@@ -112,6 +112,10 @@ def test_missing_and_corrupt_files_name_the_file(tmp_path):
     config = json.loads((out / "config.json").read_text())
     config["architecture"]["kwargs"]["depth"] = 2
     (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="num_parameters: config.json records 19,784 parameters but its architecture has 32,488"):
+        load_model(out)
+    config["num_parameters"] = sum(p.numel() for p in _vit(depth=2).parameters())
+    (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="weights do not match config.json.*blocks.1"):
         load_model(out)
     (out / "config.json").write_text("{not json")
@@ -158,7 +162,7 @@ def test_split_preprocessing_is_the_eval_transform_bit_for_bit(tmp_path, ham_roo
     from skindistil.data.transforms import build_eval_transform
 
     pre = PreprocessConfig(image_size=48)
-    save_artifact(_vit(depth=1), tmp_path, classes=CLASSES, preprocess=pre)
+    save_artifact(_vit(depth=1, img_size=48), tmp_path, classes=CLASSES, preprocess=pre)
     loaded = load_model(tmp_path)
     paths = sorted((ham_root / "images").glob("*.jpg"))[:12] + sorted((uda_root / "images").glob("*.jpg"))[:4]
     arrays = [np.asarray(read_image(p)) for p in paths]

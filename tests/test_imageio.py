@@ -190,12 +190,17 @@ def test_a_16_bit_png_is_the_same_image_as_its_8_bit_twin_everywhere(original, t
     tree = tmp_path / "tree"
     for cls in ("a", "b"):
         (tree / cls).mkdir(parents=True)
-        Image.fromarray(grey).save(tree / cls / "twin8.png")
-        Image.fromarray(grey.astype(np.uint16) * 257).save(tree / cls / "twin16.png")
+    Image.fromarray(grey).save(tree / "a" / "twin8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tree / "a" / "twin16.png")
+    Image.fromarray(np.ascontiguousarray(grey[::-1])).save(tree / "b" / "flipped.png")  # a second class
     twins = [tree / "a" / "twin8.png", tree / "a" / "twin16.png"]
     assert Image.open(twins[1]).mode == "I;16"
 
-    prepare_dataset(build_source("folder", tree), tmp_path / "data", short_side=64, workers=0, progress=False)
+    # the twins are one image by design: `keep` lets them through, and the duplicate check, which hashes
+    # the decoded pixels, puts the 8-bit and the 16-bit file in one cluster
+    result = prepare_dataset(build_source("folder", tree), tmp_path / "data", short_side=64, workers=0,
+                             progress=False, duplicates="keep")
+    assert [sorted(c["images"]) for c in result.duplicates["clusters"]] == [["a/twin16", "a/twin8"]]
     manifest, _ = load_manifest(tmp_path / "data")
     cached = {row.image_id: np.load(tmp_path / "data" / row.cache_file) for row in manifest.itertuples()}
     assert np.array_equal(cached["a/twin8"], cached["a/twin16"]) and cached["a/twin16"].mean() < 250

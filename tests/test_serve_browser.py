@@ -105,3 +105,34 @@ def test_page_reports_a_bad_upload(page, base_url, tmp_path):
     page.get_by_label("Choose a dermoscopic image").set_input_files(notes)
     expect(page.get_by_role("alert")).to_contain_text("notes.png: not an image")
     assert page.locator("#results").is_hidden() and page.locator("#overlay-figure").is_hidden()
+
+
+def test_api_docs_render_offline(page, base_url):
+    """/docs (Swagger UI) loads every script and style from this server: with every other host
+    unreachable, as on an offline machine, it still renders the API. (/redoc is off: ReDoc's bundle
+    fetches its logo from a CDN.)"""
+    from playwright.sync_api import expect
+
+    own, elsewhere = [], []
+
+    def offline(route):
+        url = route.request.url
+        if url.startswith(base_url):
+            own.append(url)
+            route.continue_()
+        else:
+            elsewhere.append(url)
+            route.abort()
+
+    page.route("**/*", offline)
+    try:
+        page.goto(base_url + "/docs")
+        expect(page.locator(".swagger-ui .info .title")).to_contain_text("skindistil")
+        expect(page.locator(".opblock-summary-path").first).to_be_visible()
+        paths = page.locator(".opblock-summary-path").all_inner_texts()
+        assert "/v1/predict" in paths and "/v1/explain" in paths
+    finally:
+        page.unroute("**/*")
+    assert elsewhere == []
+    assert any(u.endswith("/swagger-ui-bundle.js") for u in own) and any(u.endswith("/openapi.json") for u in own)
+    assert httpx.get(base_url + "/redoc").status_code == 404

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,13 @@ from skindistil.errors import ConfigError
 # The paper trains on a shorter side of 450 and random 400 px crops resized to 224: the crop keeps
 # 400/450 of the shorter side. Evaluation uses the same scale with a centre crop.
 PAPER_CROP_FRACTION = 400 / 450
+# Bounds on the model input side and on the shorter side images are resized to before the crop: a
+# model artifact naming more would make every prediction allocate gigabytes (a 100,000 px input is
+# 120 GB of float32 per image).
+MAX_IMAGE_SIZE = 1024
+MAX_RESIZE_SIZE = 4096
+# Modes every resize and warp path supports (torchvision's tensor resize and F.grid_sample).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,33 @@ class PreprocessConfig:
     border_crop: bool = True
     border_threshold: int = 20
     interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        """ConfigError naming the field for values that would give NaN inputs or absurd allocations:
+        std must be finite and positive, mean finite, sizes within MAX_IMAGE_SIZE / MAX_RESIZE_SIZE."""
+        if not _is_int(self.image_size) or not 1 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"preprocess.image_size: expected an integer 1..{MAX_IMAGE_SIZE}, got {self.image_size!r}")
+        if not _is_number(self.crop_fraction) or not 0 < self.crop_fraction <= 1:
+            raise ConfigError(f"preprocess.crop_fraction: expected a number in (0, 1], got {self.crop_fraction!r}")
+        if self.resize_size > MAX_RESIZE_SIZE:
+            raise ConfigError(
+                f"preprocess.crop_fraction: image_size {self.image_size} / crop_fraction {self.crop_fraction} "
+                f"resizes images to {self.resize_size} px, over the limit of {MAX_RESIZE_SIZE}"
+            )
+        for name, positive in (("mean", False), ("std", True)):
+            value = getattr(self, name)
+            ok = isinstance(value, (tuple, list)) and len(value) == 3 and all(_is_number(v) for v in value)
+            if not ok or (positive and not all(v > 0 for v in value)):
+                wanted = "3 finite numbers > 0" if positive else "3 finite numbers"
+                raise ConfigError(f"preprocess.{name}: expected {wanted} (one per RGB channel), got {value!r}")
+        if not isinstance(self.border_crop, bool):
+            raise ConfigError(f"preprocess.border_crop: expected true or false, got {self.border_crop!r}")
+        if not _is_int(self.border_threshold) or not 0 <= self.border_threshold <= 255:
+            raise ConfigError(f"preprocess.border_threshold: expected an integer 0..255, got {self.border_threshold!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(
+                f"preprocess.interpolation: expected one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
 
     @property
     def resize_size(self) -> int:
@@ -42,6 +77,14 @@ class PreprocessConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
         return from_dict(cls, data)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def from_dict(cls, data: dict[str, Any]):

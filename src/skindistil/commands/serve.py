@@ -8,11 +8,18 @@ Endpoints: POST /v1/predict and /v1/explain (multipart image upload in the field
 run as one model call (--max-batch 1 turns batching off). The model is loaded, and run once at every
 batch size the server will use (compiled backends build their graphs then), before the server accepts
 requests, so a bad --model fails at once and no request waits for a compilation. Stop it with Ctrl+C.
+
+No client can starve it: --max-connections are served at once (requests on more get 503), request
+headers must arrive within --header-timeout seconds and bodies within --body-timeout (else the
+connection is closed, or 408), and uploads are decoded only within --decode-memory-mb; /v1/stats
+counts each refusal and cut-off. The soft limit on open files is raised to what --max-connections needs.
+/docs works offline.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 # "torch" (= eager) and the names of skindistil.inference.backends.BACKENDS (not imported here: the
@@ -56,6 +63,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true", help="average probabilities over four flips of each image")
     parser.add_argument("--workers", type=int, help="image-decoding threads (default: CPU count, at most 8)")
     parser.add_argument(
+        "--decode-memory-mb",
+        type=float,
+        default=2048.0,
+        help="memory for the uploads being decoded, MiB: each takes its size + 40 bytes per pixel, the "
+        "others wait on disk; must hold one upload at --max-upload-mb and --max-pixels (default 2048)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=1024,
+        help="connections served at once; requests on more are answered 503 (default 1024)",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds a request's line and headers may take before the connection is closed (default 10)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds a request's body may take after its headers before a 408 (default 60)",
+    )
+    parser.add_argument(
         "--log-level",
         choices=["critical", "error", "warning", "info", "debug"],
         default="info",
@@ -66,8 +100,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from skindistil.errors import ModelError
     from skindistil.serve.app import SERVE_MAX_PIXELS, create_app
+    from skindistil.serve.server import raise_fd_limit, server_config
 
+    raise_fd_limit(args.max_connections)
     app = create_app(
         args.model,
         backend=args.backend,
@@ -78,6 +115,15 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         tta=args.tta,
         workers=args.workers,
+        max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        decode_memory_mb=args.decode_memory_mb,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    server = uvicorn.Server(server_config(app, args.host, args.port, args.log_level))
+    # uvicorn shuts down gracefully on Ctrl+C, then re-raises it (as uvicorn.run, exit 0)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        raise ModelError(f"the server did not start: {app.state.startup_error or 'see the log above'}")
     return 0

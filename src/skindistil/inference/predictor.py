@@ -123,7 +123,7 @@ def write_predictions(
         "errors": [e.to_dict() for e in result.errors],
         "skipped": [e.to_dict() for e in result.skipped],
     }
-    out.write_text(json.dumps(document, indent=2) + "\n")
+    out.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")  # strict JSON, never NaN
     return [out]
 
 
@@ -194,13 +194,13 @@ class Predictor:
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
         """Probabilities [B, C] (float32) for a preprocessed batch [B, 3, S, S]: float32 model input,
         or uint8 from `LoadedModel.prepare_image`, normalised here on the model's device (a quarter of
-        the bytes to move, one vectorised operation for the batch)."""
+        the bytes to move, one vectorised operation for the batch). ModelError if any is not finite."""
         images = images.to(self._batch_device)
         if images.dtype == torch.uint8:
             images = self.loaded.normalize(images)
         # the artifact's calibration temperature (1.0 when uncalibrated), as LoadedModel.predict applies it
         if self.tta:
-            probs = tta_probabilities(self._logits, images, self.loaded.temperature)
+            probs = self.loaded.require_finite(tta_probabilities(self._logits, images, self.loaded.temperature))
         else:
             probs = self.loaded.probabilities(torch.as_tensor(self._logits(images)))
         return probs.cpu().numpy()

@@ -8,7 +8,9 @@
       model_card.md      a short human summary generated from the two JSON files
 
 `load_model` rebuilds the network from config.json alone (no download) and returns a `LoadedModel`
-that predicts class probabilities from image files, PIL images or uint8 arrays.
+that predicts class probabilities from image files, PIL images or uint8 arrays. config.json is checked
+against `skindistil.models.schema` on every save and load, and its parameter count is bounded before
+anything is allocated; weights must be finite, and so must every probability the model reports.
 """
 
 from __future__ import annotations
@@ -29,14 +31,13 @@ from skindistil import __version__
 from skindistil.config import PreprocessConfig
 from skindistil.errors import ModelError
 from skindistil.models.depth import DepthViT
+from skindistil.models.schema import FORMAT_VERSION, MAX_PARAMETERS, ArtifactConfig, validate_config
 from skindistil.models.weights import read_json_object
 
-FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "model_card.md"
-KINDS = ("vit", "depth_vit")
 
 
 def vit_architecture(vit: nn.Module) -> dict[str, Any]:
@@ -105,6 +106,8 @@ def save_artifact(
     model: a timm model or a DepthViT. arch: {'name': timm name, 'kwargs': {...}}; optional for timm
     models (their structure is read from the model, see `model_architecture`). extra: provenance
     recorded under config["provenance"] (e.g. role, kept_blocks, teacher, method, data).
+    Raises ModelError, naming the field, when the config.json it would write does not pass
+    `skindistil.models.schema` (so every artifact written can be loaded).
     """
     classes = [str(c) for c in classes]
     num_classes = model.num_classes if isinstance(model, DepthViT) else getattr(model, "num_classes", None)
@@ -125,6 +128,7 @@ def save_artifact(
     if isinstance(model, DepthViT):
         config["exits"] = list(model.exits)
         config["shared_head"] = model.shared_head
+    validate_config(config, str(out_dir / CONFIG_FILE))
     _write_json(out_dir / CONFIG_FILE, config)
     _save_weights(model, out_dir / WEIGHTS_FILE)
     _write_json(out_dir / METRICS_FILE, jsonable(metrics or {}))
@@ -143,10 +147,13 @@ def update_metrics(model_dir: str | Path, metrics: dict) -> dict:
 
 
 def set_calibration(model_dir: str | Path, temperature: float, fitted_on: str) -> None:
-    """Record a fitted softmax temperature in config.json; `LoadedModel` applies it from then on."""
+    """Record a fitted softmax temperature in config.json; `LoadedModel` applies it from then on.
+
+    ModelError when the temperature is not finite and positive (nothing is written then)."""
     model_dir = resolve_model_dir(model_dir)
     config = read_json_object(model_dir / CONFIG_FILE)
     config["calibration"] = {"temperature": float(temperature), "fitted_on": fitted_on}
+    validate_config(config, str(model_dir / CONFIG_FILE))
     _write_json(model_dir / CONFIG_FILE, config)
 
 
@@ -279,22 +286,40 @@ def cascade_members(path: str | Path) -> list[Path]:
     return sorted(found, key=lambda d: d.name, reverse=True)
 
 
-def build_model(config: dict, where: str = CONFIG_FILE) -> nn.Module:
-    """The network described by an artifact config, randomly initialised (no download)."""
+def build_model(config: dict | ArtifactConfig, where: str = CONFIG_FILE) -> nn.Module:
+    """The network described by an artifact config, randomly initialised (no download).
+
+    The config is checked first (`skindistil.models.schema`), then the network is built on PyTorch's
+    meta device (no memory) to count its parameters: over `MAX_PARAMETERS`, or not the
+    `num_parameters` config.json records, is a ModelError naming `where`; only then is it allocated.
+    """
+    checked = config if isinstance(config, ArtifactConfig) else validate_config(config, where)
+    with torch.device("meta"):
+        count = sum(p.numel() for p in _instantiate(checked, where).parameters())
+    if count > MAX_PARAMETERS:
+        raise ModelError(f"{where}: architecture has {count:,} parameters, over the limit of {MAX_PARAMETERS:,}")
+    if count != checked.num_parameters:
+        raise ModelError(
+            f"{where}: num_parameters: config.json records {checked.num_parameters:,} parameters but its "
+            f"architecture has {count:,}"
+        )
+    return _instantiate(checked, where)
+
+
+def _instantiate(checked: ArtifactConfig, where: str) -> nn.Module:
     import timm
 
-    kind = config.get("kind")
-    if config.get("format") != FORMAT_VERSION:
-        raise ModelError(f"{where}: unsupported artifact format {config.get('format')!r} (expected {FORMAT_VERSION})")
-    if kind not in KINDS:
-        raise ModelError(f"{where}: unknown model kind {kind!r}; expected one of {', '.join(KINDS)}")
+    arch = checked.architecture
     try:
-        arch = config["architecture"]
-        vit = timm.create_model(arch["name"], pretrained=False, **arch.get("kwargs", {}))
-    except (KeyError, TypeError, RuntimeError) as exc:
+        # only the keys config.json holds: the others keep the timm entrypoint's defaults
+        vit = timm.create_model(arch.name, pretrained=False, **arch.kwargs.model_dump(exclude_unset=True))
+    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
         raise ModelError(f"{where}: cannot build the architecture ({type(exc).__name__}: {exc})") from None
-    if kind == "depth_vit":
-        return DepthViT(vit, exits=config.get("exits", "all"), shared_head=bool(config.get("shared_head", False)))
+    if checked.kind == "depth_vit":
+        try:
+            return DepthViT(vit, exits=checked.exits or "all", shared_head=bool(checked.shared_head))
+        except ModelError as exc:
+            raise ModelError(f"{where}: {exc}") from None
     return vit
 
 
@@ -317,6 +342,9 @@ def _load_weights(model: nn.Module, path: Path) -> None:
             f"{path}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"shape mismatch {mismatched[:5]})"
         )
+    non_finite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if non_finite:
+        raise ModelError(f"{path}: {len(non_finite)} tensor(s) hold NaN or infinite values: {', '.join(non_finite[:5])}")
     model.load_state_dict(state)
 
 
@@ -350,8 +378,21 @@ class LoadedModel:
             return self.model(x.to(self.device))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated class probabilities from logits: softmax(logits / temperature)."""
-        return (logits.float() / self.temperature).softmax(dim=-1)
+        """Calibrated class probabilities [B, C] (float32) from logits [B, C]: softmax(logits / temperature).
+
+        Raises ModelError if any is NaN or infinite (see `require_finite`)."""
+        return self.require_finite((logits.float() / self.temperature).softmax(dim=-1))
+
+    def require_finite(self, probs: torch.Tensor) -> torch.Tensor:
+        """`probs` [B, C] unchanged, or ModelError if any row holds NaN or infinity: such a row is no
+        prediction (overflowing logits, a broken backend), and must never be reported as one."""
+        bad = ~torch.isfinite(probs).all(dim=-1)
+        if bad.any():
+            raise ModelError(
+                f"{self.path or 'model'}: the model gave non-finite probabilities (NaN or infinity) for "
+                f"{int(bad.sum())} of {len(probs)} image(s); refusing to report them"
+            )
+        return probs
 
     def preprocess_images(self, images: Sequence) -> torch.Tensor:
         """Raw images (paths, PIL images, arrays; see `predict`) -> the model's input batch [N, 3, S, S].
@@ -404,18 +445,17 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild an artifact (model/ dir, run dir or config.json) in eval mode on `device`."""
+    """Rebuild an artifact (model/ dir, run dir or config.json) in eval mode on `device`.
+
+    Raises ModelError naming the file and field: a config.json that fails `skindistil.models.schema`,
+    an architecture over the parameter limit, weights that are missing, corrupt, of other shapes or
+    not finite.
+    """
     model_dir = resolve_model_dir(path)
     config_path = model_dir / CONFIG_FILE
     config = read_json_object(config_path)
-    for key in ("architecture", "classes", "preprocess"):
-        if key not in config:
-            raise ModelError(f"{config_path}: missing field {key!r}")
-    model = build_model(config, str(config_path))
+    checked = validate_config(config, str(config_path))
+    model = build_model(checked, str(config_path))
     _load_weights(model, model_dir / WEIGHTS_FILE)
     metrics = read_json_object(model_dir / METRICS_FILE) if (model_dir / METRICS_FILE).is_file() else {}
-    try:
-        preprocess = PreprocessConfig.from_dict(config["preprocess"])
-    except Exception as exc:  # ConfigError or a TypeError from a malformed field
-        raise ModelError(f"{config_path}: bad 'preprocess' section ({exc})") from None
-    return LoadedModel(model.eval().to(device), config, list(config["classes"]), preprocess, metrics, model_dir)
+    return LoadedModel(model.eval().to(device), config, list(checked.classes), checked.preprocess, metrics, model_dir)

@@ -195,16 +195,21 @@ def resolve_weight_file(source: str | Path) -> tuple[Path, dict | None]:
 
 
 def read_json_object(path: Path) -> dict:
-    """A JSON file that must hold an object; ModelError naming the file otherwise."""
+    """A JSON file that must hold an object; ModelError naming the file otherwise (also for the bare
+    NaN and Infinity that Python writes but JSON does not allow)."""
     if not path.is_file():
         raise ModelError(f"{path}: file not found")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_text(), parse_constant=_reject_constant)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise ModelError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise ModelError(f"{path}: expected a JSON object")
     return data
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def select_state_dict(data: dict, *, where: str, ema: bool = False) -> CheckpointWeights:

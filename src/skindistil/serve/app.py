@@ -5,7 +5,8 @@
     GET  /v1/model     classes, preprocessing, metrics.json, model card, serving limits
     GET  /v1/stats     micro-batching counters: batches, mean batch size, ...
     GET  /health       200 while the model worker runs, else 503
-    GET  /             the web page (static/index.html); /openapi.json and /docs describe the API
+    GET  /             the web page (static/index.html); /openapi.json and /docs (Swagger UI, its
+                       scripts served from this server by fastapi-offline, no CDN) describe the API
 
 Every error is JSON, {"error": {"code": ..., "message": ...}}. Bad input is rejected before it
 reaches the model, with a 4xx: a body over the limit (counted while it is read, for every endpoint),
@@ -18,6 +19,13 @@ model takes; a 5xx means a fault of the server (503: overloaded or not running, 
 Decoding and preprocessing run per request in a thread pool; the model runs on micro-batches of
 requests (`skindistil.serve.batching`). Explanations run on a private copy of the network, because
 attention rollout switches the attention modules to their unfused path and hooks them.
+
+No client can starve the server (`ServerLimits`): connections beyond `max_connections` are answered
+503, request headers must arrive within `header_timeout_s` (`skindistil.serve.guard`), a body within
+`body_timeout_s` (else 408), and uploads are read into memory and decoded only while their
+estimated decoding memory fits in `decode_memory_mb` (`decode_cost`; the others wait, first come
+first served, as Starlette's spooled temporary files), so decoding memory stays within that budget
+at any load. /v1/stats counts every refusal and cut-off.
 """
 
 # No `from __future__ import annotations`: FastAPI reads endpoint annotations at run time, and the
@@ -41,6 +49,7 @@ from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
@@ -49,12 +58,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from skindistil import __version__
 from skindistil.data.imageio import image_size, read_image
-from skindistil.errors import ConfigError, ImageError
+from skindistil.errors import ConfigError, ImageError, ModelError
 from skindistil.inference.backends import warmup_batch_sizes
 from skindistil.inference.explain import METHODS, explain_png
 from skindistil.inference.predictor import Predictor
 from skindistil.models.artifact import CARD_FILE, WEIGHTS_FILE, LoadedModel, jsonable, load_model, model_card
 from skindistil.serve.batching import MicroBatcher, NotRunning, Overloaded
+from skindistil.serve.guard import GuardStats, MemoryBudget, ServerLimits
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +76,13 @@ SERVE_MAX_PIXELS = 40_000_000
 # resizing the shorter side to the model's input would blow a sliver up into an enormous image.
 MIN_SIDE = 8
 MAX_ASPECT = 10.0
+# Peak memory of decoding and preprocessing one upload, per pixel of the image: measured at 30-36
+# bytes on 19-40 MP noisy JPEGs with and without a dark border (Pillow's RGB image, the array copy,
+# the border search's grey level, mask and labels, the float resize), rounded up.
+DECODE_BYTES_PER_PIXEL = 40
+# Default budget for decoding memory: one upload of the default limits (20 MiB, 40 MP: 1.5 GiB) at a
+# time, or many ordinary ones (a 1024 x 768 photo costs 30 MiB).
+DECODE_MEMORY_MB = 2048.0
 # Multipart framing around the file (boundaries, part headers) on top of max_upload_mb.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 # Endpoints that take no upload accept at most this much body.
@@ -86,6 +103,7 @@ HTTP_ERROR_CODES = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_request",
@@ -140,6 +158,13 @@ class ServingConfig(BaseModel):
     min_side: int
     max_aspect: float
     warmup_batch_sizes: list[int] = Field(description="batch sizes the model ran at start-up, before any request")
+    max_connections: int = Field(description="connections served at once; requests on more are answered 503")
+    header_timeout_s: float = Field(description="seconds a request's line and headers may take")
+    body_timeout_s: float = Field(description="seconds a request's body may take, after its headers (else 408)")
+    decode_memory_mb: float = Field(
+        description="budget for the uploads being decoded, MiB; each reserves its file size + "
+        f"{DECODE_BYTES_PER_PIXEL} bytes per pixel"
+    )
 
 
 class ModelResponse(BaseModel):
@@ -167,6 +192,13 @@ class StatsResponse(BaseModel):
     queue_depth: int = Field(description="requests waiting now")
     max_batch: int
     max_wait_ms: float
+    decodes_waiting: int = Field(description="uploads waiting for decoding memory now")
+    connections_open: int = Field(description="connections held now (0 under a server other than skindistil's)")
+    connections_peak: int
+    connections_refused: int = Field(description="requests answered 503 because max_connections were held")
+    header_timeouts: int = Field(description="connections closed because their request headers were too slow")
+    headers_too_large: int = Field(description="connections closed because their request headers were too long")
+    body_timeouts: int = Field(description="requests answered 408 because their body was too slow")
 
 
 class HealthResponse(BaseModel):
@@ -180,6 +212,7 @@ class HealthResponse(BaseModel):
 def _errors(*statuses: int) -> dict:
     reasons = {
         400: "the upload is not a usable image (empty, not an image, truncated, corrupt)",
+        408: "the request body did not arrive within the server's body timeout",
         413: "the request body, the file or the image's pixel count is over the limit",
         415: "the request is not multipart/form-data, or the file part is not an image",
         422: "the file field is missing, the image's dimensions are out of range, or a parameter is invalid",
@@ -224,23 +257,33 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return _error_response(422, "invalid_request", details)
 
 
+async def _model_error(request: Request, exc: ModelError) -> JSONResponse:
+    # the model, not the request, is at fault (e.g. non-finite probabilities): never a number
+    log.error("model error on %s %s: %s", request.method, request.url.path, exc)
+    return _error_response(500, "model_error", str(exc))
+
+
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _error_response(500, "internal_error", "internal server error (logged on the server)")
 
 
 class BodyLimit:
-    """ASGI middleware: 413 JSON for a request body over its path's limit, counted while it is read.
+    """ASGI middleware: 413 JSON for a request body over its path's limit, counted while it is read,
+    and 408 JSON (the connection then closed) for one still incomplete `timeout_s` after the request
+    started (a slow client holding a connection; counted in `stats.body_timeouts`).
 
     A declared Content-Length over the limit is refused before anything is read; a body without one
     (chunked) fails as soon as the bytes read pass the limit. (Starlette's own limiter answers in plain
     text, and this API answers every error in JSON.)
     """
 
-    def __init__(self, app: ASGIApp, limits: dict[str, int], default: int):
+    def __init__(self, app: ASGIApp, limits: dict[str, int], default: int, timeout_s: float, stats: GuardStats):
         self.app = app
         self.limits = limits
         self.default = default
+        self.timeout_s = timeout_s
+        self.stats = stats
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -253,10 +296,20 @@ class BodyLimit:
             await _error_response(413, "payload_too_large", too_large)(scope, receive, send)
             return
         received = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
 
         async def limited_receive() -> Message:
             nonlocal received
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                self.stats.body_timeouts += 1
+                raise ApiError(
+                    408, "request_timeout",
+                    f"the request body did not arrive within {self.timeout_s:g} s ({received:,} bytes received)",
+                    headers={"Connection": "close"},
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
@@ -345,6 +398,26 @@ async def read_upload(file: UploadFile, limits: UploadLimits) -> tuple[bytes, st
 # ------------------------------------------------------------------------------------------ service
 
 
+def decode_cost(fileobj, size: int, limits: UploadLimits) -> int:
+    """Bytes decoding an upload may take at its peak: its size plus `DECODE_BYTES_PER_PIXEL` per pixel,
+    read from the image header in the spooled file (no decoding; at most `limits.max_pixels`, which
+    is refused anyway; 0 pixels for a header that does not parse: the decoder refuses it at once)."""
+    try:
+        fileobj.seek(0)
+        with Image.open(fileobj) as img:
+            pixels = img.size[0] * img.size[1]
+    except Exception:  # not an image: decode_upload reports it
+        pixels = 0
+    finally:
+        fileobj.seek(0)
+    return min(size, limits.max_upload_bytes) + DECODE_BYTES_PER_PIXEL * min(pixels, limits.max_pixels)
+
+
+def largest_decode_cost(limits: UploadLimits) -> int:
+    """The most one accepted upload can reserve."""
+    return limits.max_upload_bytes + DECODE_BYTES_PER_PIXEL * limits.max_pixels
+
+
 def weights_version(model_dir: Path | None) -> str:
     """First 12 hex digits of the sha256 of model_dir/model.safetensors ("unversioned" without one)."""
     path = model_dir / WEIGHTS_FILE if model_dir is not None else None
@@ -390,12 +463,16 @@ class ModelService:
         tta: bool,
         workers: int | None,
         max_queue: int,
+        server_limits: ServerLimits,
+        decode_memory_mb: float,
     ):
         self.loaded = loaded
         self.limits = limits
         self.predictor = Predictor(loaded, device=device, backend=backend, batch_size=max_batch, tta=tta)
         self.batcher = MicroBatcher(self._run_batch, max_batch, max_wait_ms, max_queue)
         self.workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
+        self.decode_memory = int(decode_memory_mb * 2**20)
+        self.guard_stats = GuardStats()
         self.ref = model_ref(loaded)
         self.serving = ServingConfig(
             backend=self.predictor.backend,
@@ -408,8 +485,14 @@ class ModelService:
             min_side=limits.min_side,
             max_aspect=limits.max_aspect,
             warmup_batch_sizes=warmup_batch_sizes(self.predictor.backend, max_batch),
+            max_connections=server_limits.max_connections,
+            header_timeout_s=server_limits.header_timeout_s,
+            body_timeout_s=server_limits.body_timeout_s,
+            decode_memory_mb=decode_memory_mb,
         )
         self.started_at: float | None = None
+        self._budget: MemoryBudget | None = None
+        self._explain_slot: asyncio.Semaphore | None = None
         self._decode_pool = None
         self._explain_pool = None
         self._explain_model: LoadedModel | None = None
@@ -426,6 +509,9 @@ class ModelService:
         )
         # one explanation at a time: they share one copy of the network
         self._explain_pool = ThreadPoolExecutor(1, thread_name_prefix="skindistil-explain")
+        # made here, in the loop that serves: they belong to it
+        self._budget = MemoryBudget(self.decode_memory)
+        self._explain_slot = asyncio.Semaphore(1)
         # before the first request: compiled backends build their graphs, the others set up kernels
         started = time.perf_counter()
         sizes = await asyncio.get_running_loop().run_in_executor(self._explain_pool, self._warm_up)
@@ -477,9 +563,31 @@ class ModelService:
             raise ApiError(503, "unavailable", "the server is not running (starting up or shutting down)")
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
-    async def predict(self, data: bytes, name: str) -> dict:
+    @asynccontextmanager
+    async def decoding_memory(self, file: UploadFile):
+        """Hold the upload's `decode_cost` of the decoding budget for the block (waiting for it first).
+
+        Waiting uploads stay in Starlette's spooled temporary files: only those holding their share
+        are read into memory and decoded."""
+        if self._budget is None:
+            raise ApiError(503, "unavailable", "the server is not running (starting up or shutting down)")
+        cost = await self._in_pool(self._decode_pool, decode_cost, file.file, file.size or 0, self.limits)
+        await self._budget.acquire(cost)
+        try:
+            yield
+        finally:
+            self._budget.release(cost)
+
+    async def load_upload(self, file: UploadFile, preprocess: bool):
+        """Read and decode (and preprocess) an upload within the decoding budget: (image, name).
+        The upload's bytes are dropped on return; the prepared uint8 image is small."""
+        async with self.decoding_memory(file):
+            data, name = await read_upload(file, self.limits)
+            return await self._in_pool(self._decode_pool, self._load_upload, data, name, preprocess), name
+
+    async def predict(self, file: UploadFile) -> dict:
         started = time.perf_counter()
-        image = await self._in_pool(self._decode_pool, self._load_upload, data, name, True)
+        image, _ = await self.load_upload(file, preprocess=True)
         preprocessed = time.perf_counter()
         try:
             result = await self.batcher.submit(image)
@@ -509,16 +617,23 @@ class ModelService:
             self._explain_model = dataclasses.replace(self.loaded, model=copy.deepcopy(self.loaded.model))
         return explain_png(self._explain_model, image, method=method, class_name=class_name)
 
-    async def explain(self, data: bytes, name: str, method: str, class_name: str | None) -> tuple[bytes, str, float]:
+    async def explain(self, file: UploadFile, method: str, class_name: str | None) -> tuple[bytes, str, float]:
         if self._pending_explains >= MAX_PENDING_EXPLAINS:
             raise ApiError(
                 503, "overloaded", f"{self._pending_explains} explanations are already running or waiting",
                 headers={"Retry-After": "1"},
             )
+        if self._explain_slot is None:
+            raise ApiError(503, "unavailable", "the server is not running (starting up or shutting down)")
         self._pending_explains += 1
         try:
-            image = await self._in_pool(self._decode_pool, self._load_upload, data, name, False)
-            return await self._in_pool(self._explain_pool, self._explain, image, method, class_name)
+            # one explanation at a time holds its full-size image, within the decoding budget until it
+            # is done; the waiting ones hold only their spooled upload
+            async with self._explain_slot, self.decoding_memory(file):
+                data, name = await read_upload(file, self.limits)
+                image = await self._in_pool(self._decode_pool, self._load_upload, data, name, False)
+                del data
+                return await self._in_pool(self._explain_pool, self._explain, image, method, class_name)
         finally:
             self._pending_explains -= 1
 
@@ -553,6 +668,8 @@ class ModelService:
             "queue_depth": self.batcher.queue_depth,
             "max_batch": self.batcher.max_batch,
             "max_wait_ms": self.batcher.max_wait_ms,
+            "decodes_waiting": self._budget.waiting if self._budget is not None else 0,
+            **self.guard_stats.to_dict(),
         }
 
 
@@ -571,6 +688,10 @@ def create_app(
     tta: bool = False,
     workers: int | None = None,
     max_queue: int = 1024,
+    max_connections: int = ServerLimits.max_connections,
+    header_timeout_s: float = ServerLimits.header_timeout_s,
+    body_timeout_s: float = ServerLimits.body_timeout_s,
+    decode_memory_mb: float = DECODE_MEMORY_MB,
 ) -> FastAPI:
     """The FastAPI app serving `model` (a LoadedModel, or an artifact path loaded onto `device`).
 
@@ -578,8 +699,18 @@ def create_app(
     max_batch / max_wait_ms: micro-batching (max_batch=1 turns it off). max_upload_mb: file limit in
     MiB. max_pixels: decoded-pixel limit. tta: flip test-time augmentation. workers: decoding threads
     (default: CPU count, at most 8). max_queue: requests waiting for the model before 503s.
+    max_connections, header_timeout_s: enforced by the server (`skindistil.serve.server.server_config`
+    reads them from app.state.server_limits). body_timeout_s: seconds a request body may take.
+    decode_memory_mb: budget, MiB, for the uploads being decoded (see `decode_cost`); it must hold
+    the largest accepted upload (`largest_decode_cost`).
     The app's lifespan starts and stops the batcher: use it under a server or `with TestClient(app)`.
+    A model error at start-up (e.g. non-finite probabilities in the warm-up) stops the start and is
+    kept in app.state.startup_error. Raises ModelError for an artifact that cannot be loaded.
     """
+    if max_connections < 1:
+        raise ConfigError(f"max_connections must be at least 1, got {max_connections}")
+    if not (header_timeout_s > 0 and body_timeout_s > 0):
+        raise ConfigError(f"timeouts must be positive, got header {header_timeout_s} s and body {body_timeout_s} s")
     if max_upload_mb <= 0:
         raise ConfigError(f"max_upload_mb must be positive, got {max_upload_mb}")
     if max_pixels <= 0:
@@ -588,6 +719,13 @@ def create_app(
         raise ConfigError(f"need max_batch >= 1 and max_wait_ms >= 0, got {max_batch} and {max_wait_ms}")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     limits = UploadLimits(int(max_upload_mb * 2**20), int(max_pixels))
+    if largest_decode_cost(limits) > decode_memory_mb * 2**20:
+        raise ConfigError(
+            f"decode memory {decode_memory_mb:g} MiB cannot hold one upload of {max_upload_mb:g} MiB and "
+            f"{max_pixels:,} pixels ({largest_decode_cost(limits) / 2**20:,.0f} MiB at {DECODE_BYTES_PER_PIXEL} "
+            "bytes per pixel): raise the decode memory or lower the pixel limit"
+        )
+    server_limits = ServerLimits(max_connections, header_timeout_s, body_timeout_s)
     service = ModelService(
         loaded,
         backend=backend,
@@ -598,17 +736,28 @@ def create_app(
         tta=tta,
         workers=workers,
         max_queue=max_queue,
+        server_limits=server_limits,
+        decode_memory_mb=decode_memory_mb,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await service.start()
+        try:
+            await service.start()
+        except Exception as exc:
+            app.state.startup_error = f"{type(exc).__name__}: {exc}"
+            await service.stop()
+            raise
         try:
             yield
         finally:
             await service.stop()
 
-    app = FastAPI(
+    # FastAPIOffline: FastAPI with /docs served from the package's own copy of Swagger UI (mounted at
+    # /static-offline-docs) instead of a CDN, so it works offline. No /redoc: ReDoc's bundle still
+    # fetches its logo from a CDN.
+    app = FastAPIOffline(
+        redoc_url=None,
         title="skindistil",
         version=__version__,
         summary=f"Skin-lesion classifier {service.ref['name']} ({len(loaded.classes)} classes)",
@@ -617,23 +766,32 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
+    app.state.server_limits = server_limits
+    app.state.guard_stats = service.guard_stats
+    app.state.startup_error = None
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ModelError, _model_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _server_error)
     upload_body = limits.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
-    app.add_middleware(BodyLimit, limits={"/v1/predict": upload_body, "/v1/explain": upload_body}, default=SMALL_BODY_BYTES)
+    app.add_middleware(
+        BodyLimit,
+        limits={"/v1/predict": upload_body, "/v1/explain": upload_body},
+        default=SMALL_BODY_BYTES,
+        timeout_s=body_timeout_s,
+        stats=service.guard_stats,
+    )
     upload_field = File(description="the image: JPEG, PNG, BMP, TIFF or WebP")
     class_choice = Literal[tuple(loaded.classes)]
 
     @app.post(
         "/v1/predict",
         response_model=PredictResponse,
-        responses=_errors(400, 413, 415, 422, 503),
+        responses=_errors(400, 408, 413, 415, 422, 503),
         summary="Class probabilities for one image",
     )
     async def predict(file: Annotated[UploadFile, upload_field]) -> dict:
-        data, name = await read_upload(file, limits)
-        return await service.predict(data, name)
+        return await service.predict(file)
 
     @app.post(
         "/v1/explain",
@@ -644,7 +802,7 @@ def create_app(
                 "description": "PNG: the model's view of the image | its attention-rollout overlay. Headers "
                 "X-Top-Class and X-Top-Probability carry the prediction.",
             },
-            **_errors(400, 413, 415, 422, 503),
+            **_errors(400, 408, 413, 415, 422, 503),
         },
         summary="Attention overlay for one image",
     )
@@ -655,8 +813,7 @@ def create_app(
             class_choice | None, Query(alias="class", description="class grad-rollout explains (default: the top one)")
         ] = None,
     ) -> Response:
-        data, name = await read_upload(file, limits)
-        png, top_class, probability = await service.explain(data, name, method, class_name)
+        png, top_class, probability = await service.explain(file, method, class_name)
         headers = {"X-Top-Class": top_class, "X-Top-Probability": f"{probability:.6f}", "Cache-Control": "no-store"}
         return Response(png, media_type="image/png", headers=headers)
 

@@ -1,0 +1,224 @@
+"""The schema of an artifact's config.json: checked on every save and every load, in one place.
+
+A config.json is only a promise about the weights beside it, and it is often edited by hand. Every
+field that decides a number the model reports is checked here before anything is built: the timm
+architecture (a ViT of timm's `vision_transformer` module, only the constructor arguments listed in
+`VitKwargs`, each within a sane range), the class names (unique, one per output), the preprocessing
+(finite mean, finite positive std, bounded sizes: `skindistil.config.PreprocessConfig`), the
+calibration temperature (finite, positive) and the exits of a per-depth model. The parameter count
+is then computed on PyTorch's meta device (no memory) and bounded by `MAX_PARAMETERS` before the
+network is allocated (`skindistil.models.artifact.build_model`).
+
+`validate_config(data, where)` is the entry point; it raises ModelError naming the file and the
+field, e.g. "model/config.json: architecture.kwargs.num_heads: 0 is not >= 1".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    InstanceOf,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from skindistil.config import MAX_IMAGE_SIZE, PreprocessConfig
+from skindistil.errors import ConfigError, ModelError
+
+FORMAT_VERSION = 1
+KINDS = ("vit", "depth_vit")
+# timm modules whose models `vit_architecture` describes and `load_model` rebuilds.
+TIMM_MODULES = ("vision_transformer",)
+# Bounds that stop a config.json from allocating until memory runs out. They sit well above every
+# ViT in use (ViT-B/16: 12 blocks of width 768, 86 M parameters; ViT-G/14: 48 blocks, 1.8 G).
+MAX_DEPTH = 64
+MAX_EMBED_DIM = 8192
+MAX_MLP_RATIO = 16.0
+MAX_REG_TOKENS = 64
+# Patches per image: attention costs grow with its square (a 64 x 64 grid = 1024 px at patch 16).
+MAX_PATCHES = 4096
+MAX_PARAMETERS = 2_000_000_000
+
+Strict = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+def _check_size(value: int | list[int]) -> int | list[int]:
+    sides = [value] if isinstance(value, int) else value
+    if len(sides) not in (1, 2) or not all(1 <= s <= MAX_IMAGE_SIZE for s in sides):
+        raise ValueError(f"expected a side or [height, width] of 1..{MAX_IMAGE_SIZE} pixels")
+    return value
+
+
+# timm takes one side or [height, width]
+Size = Annotated[int | list[int], AfterValidator(_check_size)]
+
+
+def _pair(value: int | list[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (value[0], value[-1])
+
+
+class VitKwargs(BaseModel):
+    """The `timm.create_model` arguments an artifact may carry (those `vit_architecture` writes, plus
+    the training-time regularisers, which do nothing in eval mode). Any other key is refused: it
+    would reach timm's constructor unchecked (e.g. `checkpoint_path`, which timm obeys)."""
+
+    model_config = Strict
+
+    img_size: Size
+    patch_size: Size
+    in_chans: Literal[3] = 3
+    num_classes: Annotated[int, Field(ge=1)]
+    global_pool: Literal["token", "avg", "avgmax", "max", "map", ""] = "token"
+    embed_dim: Annotated[int, Field(ge=1, le=MAX_EMBED_DIM)]
+    depth: Annotated[int, Field(ge=1, le=MAX_DEPTH)]
+    num_heads: Annotated[int, Field(ge=1)]
+    mlp_ratio: Annotated[float, Field(gt=0.0, le=MAX_MLP_RATIO)] = 4.0
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    class_token: bool = True
+    reg_tokens: Annotated[int, Field(ge=0, le=MAX_REG_TOKENS)] = 0
+    no_embed_class: bool = False
+    pre_norm: bool = False
+    fc_norm: bool | None = None
+    init_values: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    drop_rate: Rate = 0.0
+    pos_drop_rate: Rate = 0.0
+    patch_drop_rate: Rate = 0.0
+    proj_drop_rate: Rate = 0.0
+    attn_drop_rate: Rate = 0.0
+    drop_path_rate: Rate = 0.0
+
+    @model_validator(mode="after")
+    def _shapes(self) -> VitKwargs:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        (h, w), (ph, pw) = _pair(self.img_size), _pair(self.patch_size)
+        if ph > h or pw > w:
+            raise ValueError(f"patch_size {self.patch_size} is larger than img_size {self.img_size}")
+        patches = (h // ph) * (w // pw)
+        if patches > MAX_PATCHES:
+            raise ValueError(f"img_size {self.img_size} / patch_size {self.patch_size} gives {patches:,} patches, over {MAX_PATCHES:,}")
+        return self
+
+
+class Architecture(BaseModel):
+    model_config = Strict
+
+    name: str
+    kwargs: VitKwargs
+
+    @field_validator("name")
+    @classmethod
+    def _timm_vit(cls, name: str) -> str:
+        from timm.models import is_model_in_modules
+
+        if not is_model_in_modules(name, list(TIMM_MODULES)):
+            raise ValueError(f"{name!r} is not a timm model of module(s) {', '.join(TIMM_MODULES)}")
+        return name
+
+
+class Calibration(BaseModel):
+    model_config = Strict
+
+    temperature: Annotated[float, Field(gt=0.0)]
+    fitted_on: str
+
+
+class ArtifactConfig(BaseModel):
+    """config.json, checked. `preprocess` is built (and checked) as a PreprocessConfig."""
+
+    model_config = Strict
+
+    format: Literal[1]
+    skindistil_version: str
+    kind: Literal["vit", "depth_vit"]
+    architecture: Architecture
+    classes: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    preprocess: InstanceOf[PreprocessConfig]
+    num_parameters: Annotated[int, Field(ge=1, le=MAX_PARAMETERS)]
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    exits: Literal["all"] | list[int] | None = None
+    shared_head: bool | None = None
+    calibration: Calibration | None = None
+
+    @field_validator("preprocess", mode="before")
+    @classmethod
+    def _preprocess(cls, value: Any) -> PreprocessConfig:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected an object, got {type(value).__name__}")
+        try:
+            return PreprocessConfig.from_dict(value)
+        except (ConfigError, TypeError) as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, classes: list[str]) -> list[str]:
+        seen: set[str] = set()
+        duplicates = [c for c in classes if c in seen or seen.add(c)]
+        if duplicates:
+            raise ValueError(f"duplicate class name(s) {', '.join(sorted(set(duplicates)))}")
+        return classes
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ArtifactConfig:
+        kwargs = self.architecture.kwargs
+        if kwargs.num_classes != len(self.classes):
+            raise ValueError(
+                f"architecture.kwargs.num_classes is {kwargs.num_classes} but {len(self.classes)} class names are listed"
+            )
+        if _pair(kwargs.img_size) != (self.preprocess.image_size,) * 2:
+            raise ValueError(
+                f"architecture.kwargs.img_size {kwargs.img_size} differs from preprocess.image_size "
+                f"{self.preprocess.image_size} (the model's input)"
+            )
+        if self.kind == "vit" and (self.exits is not None or self.shared_head is not None):
+            raise ValueError("exits and shared_head belong to kind 'depth_vit' only")
+        return self
+
+
+def validate_config(data: dict, where: str) -> ArtifactConfig:
+    """The checked config.json `data`, or ModelError naming `where` and every field at fault."""
+    if not isinstance(data, dict):
+        raise ModelError(f"{where}: expected a JSON object")
+    if data.get("format") != FORMAT_VERSION:
+        raise ModelError(f"{where}: unsupported artifact format {data.get('format')!r} (expected {FORMAT_VERSION})")
+    try:
+        return ArtifactConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ModelError(f"{where}: invalid model config: {describe_errors(exc)}") from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """'field.path: what is wrong (got VALUE)' for each error, joined by '; '."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        # a union reports each branch; the path without the branch's type tag names the field
+        loc = ".".join(str(x) for x in error["loc"] if not _is_union_tag(x))
+        message = error["msg"].removeprefix("Value error, ")
+        value = error.get("input")
+        if not loc or message.startswith(f"{loc}."):  # the message names the field itself
+            parts.append(message)
+            continue
+        shown = "" if isinstance(value, (dict, BaseModel)) or error["type"] == "missing" else f" (got {_short(value)})"
+        parts.append(f"{loc}: {message}{shown}")
+    return "; ".join(dict.fromkeys(parts))
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part.startswith(("list[", "literal[", "function-", "constrained-")) or part in ("int", "str", "bool", "float"))
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
