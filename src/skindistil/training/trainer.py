@@ -1,20 +1,59 @@
-"""Trainer factory: precision, devices/strategy, checkpoints (best by validation BMA + last), logs, progress."""
+"""Trainer factory: precision, devices/strategy, checkpoints (best by validation BMA + last), logs, progress.
+
+Checkpoints are written atomically and verified before they replace the previous file
+(`AtomicCheckpointIO`); the last.ckpt before the current one is kept as last-prev.ckpt, so a
+checkpoint damaged later still leaves one to resume from (`--resume-from`).
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import warnings
 import zipfile
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from skindistil.config import TrainerConfig
-from skindistil.errors import ModelError
+from skindistil.data.datamodule import SkinDataModule
+from skindistil.errors import ConfigError, ModelError
+from skindistil.files import atomic_path, save_torch, temporary_path
 from skindistil.training.callbacks import RNGStateCallback, TrainThroughput
+from skindistil.training.logs import HistoryCSVLogger
 
 MONITOR = "val/bma"
+LAST = "last.ckpt"
+PREVIOUS = "last-prev.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file in the same folder, fsync'ed, checked
+    (`check_checkpoint`) and renamed over the target: a full disk or a kill never leaves a truncated
+    checkpoint. Before last.ckpt is replaced, the current one is kept as last-prev.ckpt (keep-last-good).
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        if path.name == LAST and path.is_file():
+            keep_previous(path, path.with_name(PREVIOUS))
+        save_torch(checkpoint, path, verify=check_checkpoint)
+
+
+def keep_previous(path: Path, previous: Path) -> None:
+    """Make `previous` a copy of `path` (a hard link when the file system allows one), atomically."""
+    tmp = temporary_path(previous)
+    try:
+        os.link(path, tmp)
+        os.replace(tmp, previous)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        with atomic_path(previous) as copy:
+            shutil.copyfile(path, copy)
 
 
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:
@@ -25,7 +64,11 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
-def build_trainer(cfg: TrainerConfig, run_dir: Path, *, extra_callbacks=(), monitor: str = MONITOR) -> L.Trainer:
+def build_trainer(cfg: TrainerConfig, run_dir: Path, *, resume_from: Path | None = None, extra_callbacks=(),
+                  monitor: str = MONITOR) -> L.Trainer:
+    """The Trainer of a run in `run_dir`. `resume_from`: the checkpoint `fit` will continue from (its
+    step tells the metrics log which rows to keep). `cfg.checkpoint_every_n_steps` adds mid-epoch
+    saves of last.ckpt, from which a resume is exact too."""
     run_dir = Path(run_dir)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -37,14 +80,20 @@ def build_trainer(cfg: TrainerConfig, run_dir: Path, *, extra_callbacks=(), moni
         auto_insert_metric_name=False,
     )
     callbacks = [checkpoint, RNGStateCallback(), TrainThroughput(run_dir / "logs" / "throughput.json")]
+    if cfg.checkpoint_every_n_steps is not None:
+        if int(cfg.checkpoint_every_n_steps) < 1:
+            raise ConfigError(f"trainer.checkpoint_every_n_steps: must be at least 1, got {cfg.checkpoint_every_n_steps}")
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
+                                         every_n_train_steps=int(cfg.checkpoint_every_n_steps)))
     callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.early_stopping_patience))
     if cfg.progress:
         callbacks.append(RichProgressBar(leave=True))
     callbacks.extend(extra_callbacks)
+    resume_step = checkpoint_step(resume_from) if resume_from is not None else None
     loggers = [
-        CSVLogger(run_dir, name="logs", version=""),
+        HistoryCSVLogger(run_dir, name="logs", resume_step=resume_step),
         TensorBoardLogger(run_dir, name="logs", version="tb", default_hp_metric=False),
     ]
     limits = {}
@@ -70,6 +119,7 @@ def build_trainer(cfg: TrainerConfig, run_dir: Path, *, extra_callbacks=(), moni
         use_distributed_sampler=False,
         deterministic=False,
         num_sanity_val_steps=0,
+        plugins=[AtomicCheckpointIO()],
         **limits,
     )
 
@@ -83,12 +133,52 @@ def check_checkpoint(path: str | Path) -> Path:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise ModelError(
-            f"{path}: checkpoint is truncated or corrupt ({exc}); delete it to restart, or resume from another"
-        ) from None
+        raise ModelError(f"{path}: checkpoint is truncated or corrupt ({exc}); {_other_checkpoint(path)}") from None
     if bad is not None:
-        raise ModelError(f"{path}: checkpoint is corrupt (member {bad} fails its CRC check)")
+        raise ModelError(f"{path}: checkpoint is corrupt (member {bad} fails its CRC check); {_other_checkpoint(path)}")
     return path
+
+
+def _other_checkpoint(path: Path) -> str:
+    previous = path.with_name(PREVIOUS)
+    if path.name == LAST and previous.is_file():
+        return f"resume from the one before it with --resume-from {previous}, or delete it to restart"
+    return "delete it to restart, or resume from another with --resume-from PATH"
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The global step a Lightning checkpoint was saved at. ModelError naming the file when the
+    checkpoint is unusable or lacks the training loop's state, including the data loader's position
+    (written by an older skindistil: a resume would replay the wrong samples)."""
+    path = check_checkpoint(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        position = state.get(SkinDataModule.__qualname__, {}).get("train_position")
+        step = int(state["global_step"])
+    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as exc:
+        raise ModelError(f"{path}: not a Lightning training checkpoint ({type(exc).__name__}: {exc})") from None
+    if position is None:
+        raise ModelError(f"{path}: the checkpoint does not record the data loader's position (written by an older "
+                         "skindistil); a resume would not be exact: train again without --resume")
+    return step
+
+
+def resume_checkpoint(run_dir: str | Path, *, resume: bool = False, resume_from: str | Path | None = None
+                      ) -> Path | None:
+    """The checkpoint a run continues from: `resume_from` when given, RUN/checkpoints/last.ckpt with
+    `resume` when it exists, else None (a fresh start). ModelError naming the file when it is
+    missing, truncated or corrupt."""
+    if resume_from is not None:
+        return check_checkpoint(resume_from)
+    if not resume:
+        return None
+    last = Path(run_dir) / "checkpoints" / LAST
+    if last.exists():
+        return check_checkpoint(last)
+    previous = last.with_name(PREVIOUS)
+    if previous.is_file():
+        raise ModelError(f"{last}: missing, but {previous} exists; resume from it with --resume-from {previous}")
+    return None
 
 
 def load_checkpoint_state(path: str | Path, map_location="cpu") -> dict:
@@ -97,10 +187,10 @@ def load_checkpoint_state(path: str | Path, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def fit(trainer: L.Trainer, module: L.LightningModule, datamodule, run_dir: Path, *, resume: bool) -> None:
-    """`trainer.fit`, continuing from RUN/checkpoints/last.ckpt when `resume` and it exists."""
-    ckpt_path = None
-    last = Path(run_dir) / "checkpoints" / "last.ckpt"
-    if resume and last.exists():
-        ckpt_path = check_checkpoint(last)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+def fit(trainer: L.Trainer, module: L.LightningModule, datamodule, ckpt_path: Path | None) -> None:
+    """`trainer.fit`, continuing from `ckpt_path` (see `resume_checkpoint`) when given."""
+    with warnings.catch_warnings():
+        # Lightning only knows resumable loaders through its own protocol; SkinDataModule restores the
+        # training position itself (its state_dict), so a mid-epoch resume is exact despite the warning
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
