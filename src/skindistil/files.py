@@ -64,8 +64,9 @@ def temporary_path(path: str | Path) -> Path:
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, verify: Callable[[Path], Any] | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `path` for a writer that only takes a file name (safetensors,
-    matplotlib, torch.onnx, onnxruntime); on success fsync it, run `verify(tmp)` if given, and rename
-    it to `path`. On any failure the temporary file is removed and `path` is left as it was.
+    matplotlib, torch.onnx, onnxruntime); on success fsync it, run `verify(tmp)` if given (it checks
+    the file and may raise to abort; it runs just before the rename), and rename it to `path`. On any
+    failure the temporary file is removed and `path` is left as it was.
 
     Raises WriteError(path, reason) for an OSError (disk full, read-only, permission); exceptions of
     the writer or `verify` other than OSError propagate unchanged.
@@ -158,10 +159,16 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] |
 
 
 def save_torch(obj: Any, path: str | Path, *, verify: Callable[[Path], Any] | None = None) -> Path:
-    """`torch.save` (e.g. a Lightning checkpoint dict); `verify(tmp)` checks the file before it replaces `path`."""
+    """`torch.save` (e.g. a Lightning checkpoint dict); `verify(tmp)` checks the file before it replaces `path`.
+
+    Serialised in memory first (as Lightning does): torch's zip writer turns a failed file write
+    into a RuntimeError without the reason, a plain write keeps the OSError (ENOSPC, ...)."""
+    import io
+
     import torch
 
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path, verify=verify) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+        f.write(buffer.getbuffer())
     return Path(path)
-

@@ -3,7 +3,6 @@ which writes all of them (plus the plots) for one set of scores."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ import pandas as pd
 from skindistil.errors import CSVError, DataError
 from skindistil.evaluation import plots
 from skindistil.evaluation.metrics import classification_metrics
+from skindistil.files import write_csv, write_json, write_text
 
 IMAGE_COLUMN = "image"
 # Columns of an ISIC ground-truth CSV that are not classes: UNK is never set in ISIC 2019 training data
@@ -109,15 +109,12 @@ def write_predictions_csv(
     path = Path(path)
     table = pd.DataFrame(np.asarray(probs, dtype=np.float64), columns=list(class_names))
     table.insert(0, IMAGE_COLUMN, list(image_ids))
-    table.to_csv(path, index=False)
-    return path
+    return write_csv(path, table)
 
 
 def write_metrics_json(path: str | Path, metrics: dict) -> Path:
     """Write `metrics` as strict JSON (NaN and infinities become null)."""
-    path = Path(path)
-    path.write_text(json.dumps(_json_ready(metrics), indent=2) + "\n")
-    return path
+    return write_json(path, _json_ready(metrics))
 
 
 PER_CLASS_COLUMNS = (
@@ -218,7 +215,7 @@ def evaluate_arrays(
         ),
         "metrics": out / "metrics.json",
     }
-    files["report"].write_text(render_report_md(metrics, title))
+    write_text(files["report"], render_report_md(metrics, title))
     metrics["files"] = {key: str(path) for key, path in files.items()}
     write_metrics_json(files["metrics"], metrics)
     return metrics

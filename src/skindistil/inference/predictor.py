@@ -16,7 +16,6 @@ of the model, which runs batched under `torch.inference_mode` (or onnxruntime).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ import torch
 
 from skindistil.data.records import Problem
 from skindistil.errors import ConfigError, CSVError, ImageError, SkinDistilError
+from skindistil.files import write_csv, write_json
 from skindistil.models.artifact import LoadedModel, load_model
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -126,8 +126,7 @@ def errors_csv_path(out: str | Path) -> Path:
 def write_errors_csv(path: str | Path, errors: Sequence[Problem]) -> Path:
     """Write `where,reason` rows (header only when there are none)."""
     path = Path(path)
-    pd.DataFrame([e.to_dict() for e in errors], columns=["where", "reason"]).to_csv(path, index=False)
-    return path
+    return write_csv(path, pd.DataFrame([e.to_dict() for e in errors], columns=["where", "reason"]))
 
 
 def write_predictions(
@@ -169,7 +168,7 @@ def write_predictions(
         "predictions": predictions,
         "errors": [e.to_dict() for e in result.errors],
     }
-    out.write_text(json.dumps(document, indent=2) + "\n")
+    write_json(out, document)
     return [out]
 
 

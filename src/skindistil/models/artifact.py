@@ -13,7 +13,6 @@ that predicts class probabilities from image files, PIL images or uint8 arrays.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from torch import nn
 from skindistil import __version__
 from skindistil.config import PreprocessConfig
 from skindistil.errors import ModelError
+from skindistil.files import save_safetensors, write_json, write_text
 from skindistil.models.depth import DepthViT
 from skindistil.models.weights import read_json_object
 
@@ -124,10 +124,12 @@ def save_artifact(
     if isinstance(model, DepthViT):
         config["exits"] = list(model.exits)
         config["shared_head"] = model.shared_head
-    _write_json(out_dir / CONFIG_FILE, config)
+    # config.json last: it marks a complete artifact (runs skip stages whose model/config.json exists),
+    # so a write that fails midway never leaves an artifact that looks finished
     _save_weights(model, out_dir / WEIGHTS_FILE)
     _write_json(out_dir / METRICS_FILE, jsonable(metrics or {}))
-    (out_dir / CARD_FILE).write_text(model_card(config, metrics or {}))
+    write_text(out_dir / CARD_FILE, model_card(config, metrics or {}))
+    _write_json(out_dir / CONFIG_FILE, config)
     return out_dir
 
 
@@ -137,7 +139,7 @@ def update_metrics(model_dir: str | Path, metrics: dict) -> dict:
     path = model_dir / METRICS_FILE
     merged = {**(read_json_object(path) if path.is_file() else {}), **jsonable(metrics)}
     _write_json(model_dir / METRICS_FILE, merged)
-    (model_dir / CARD_FILE).write_text(model_card(read_json_object(model_dir / CONFIG_FILE), merged))
+    write_text(model_dir / CARD_FILE, model_card(read_json_object(model_dir / CONFIG_FILE), merged))
     return merged
 
 
@@ -150,17 +152,13 @@ def set_calibration(model_dir: str | Path, temperature: float, fitted_on: str) -
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path)  # a crash never leaves a half-written model.safetensors behind
+    save_safetensors(state, path, metadata={"format": "pt"})
 
 
 def _write_json(path: Path, data: dict) -> None:
     # default=str: an exotic provenance value must not lose a finished training run's artifact
-    path.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
+    write_json(path, data, allow_nan=False, default=str)
 
 
 def jsonable(value: Any) -> Any:

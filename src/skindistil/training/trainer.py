@@ -8,7 +8,6 @@ checkpoint damaged later still leaves one to resume from (`--resume-from`).
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -22,8 +21,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from skindistil.config import TrainerConfig
 from skindistil.data.datamodule import SkinDataModule
 from skindistil.errors import ConfigError, ModelError
-from skindistil.files import atomic_path, save_torch, temporary_path
-from skindistil.training.callbacks import RNGStateCallback, TrainThroughput
+from skindistil.files import save_torch
+from skindistil.training.callbacks import EpochMeanLoss, RNGStateCallback, TrainThroughput
 from skindistil.training.logs import HistoryCSVLogger
 
 MONITOR = "val/bma"
@@ -34,26 +33,29 @@ PREVIOUS = "last-prev.ckpt"
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written to a temporary file in the same folder, fsync'ed, checked
     (`check_checkpoint`) and renamed over the target: a full disk or a kill never leaves a truncated
-    checkpoint. Before last.ckpt is replaced, the current one is kept as last-prev.ckpt (keep-last-good).
+    checkpoint. Keep-last-good: once the new last.ckpt is complete and verified, the current one (if
+    complete) is renamed to last-prev.ckpt just before the new one takes its place.
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
-        if path.name == LAST and path.is_file():
-            keep_previous(path, path.with_name(PREVIOUS))
-        save_torch(checkpoint, path, verify=check_checkpoint)
+        keep = path.name == LAST and _complete_zip(path)
+
+        def verify_then_keep_previous(tmp: Path) -> None:
+            check_checkpoint(tmp)
+            if keep:
+                os.replace(path, path.with_name(PREVIOUS))
+
+        save_torch(checkpoint, path, verify=verify_then_keep_previous)
 
 
-def keep_previous(path: Path, previous: Path) -> None:
-    """Make `previous` a copy of `path` (a hard link when the file system allows one), atomically."""
-    tmp = temporary_path(previous)
+def _complete_zip(path: Path) -> bool:
+    """`path` exists and its zip central directory (at the end of the file) is readable: not cut short."""
     try:
-        os.link(path, tmp)
-        os.replace(tmp, previous)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        with atomic_path(previous) as copy:
-            shutil.copyfile(path, copy)
+        zipfile.ZipFile(path).close()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return True
 
 
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:
@@ -79,7 +81,7 @@ def build_trainer(cfg: TrainerConfig, run_dir: Path, *, resume_from: Path | None
         save_top_k=1,
         auto_insert_metric_name=False,
     )
-    callbacks = [checkpoint, RNGStateCallback(), TrainThroughput(run_dir / "logs" / "throughput.json")]
+    callbacks = [checkpoint, RNGStateCallback(), EpochMeanLoss(), TrainThroughput(run_dir / "logs" / "throughput.json")]
     if cfg.checkpoint_every_n_steps is not None:
         if int(cfg.checkpoint_every_n_steps) < 1:
             raise ConfigError(f"trainer.checkpoint_every_n_steps: must be at least 1, got {cfg.checkpoint_every_n_steps}")
