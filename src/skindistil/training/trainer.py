@@ -49,6 +49,37 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_torch(checkpoint, path, verify=verify_then_keep_previous)
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """The one writer of last.ckpt: at the end of every epoch (after validation) and, with
+    `every_n_train_steps`, every N optimiser steps within an epoch, except on its last batch (the
+    epoch-end save follows, with the validation's results and the best checkpoint's new state).
+
+    ModelCheckpoint alone takes steps or epochs, not both, and with `save_last` it writes last.ckpt
+    only when it also writes a top-k checkpoint (for `best`: only when validation BMA improves).
+    """
+
+    def __init__(self, dirpath: Path, every_n_train_steps: int | None = None):
+        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True)
+        self.every_n_steps = int(every_n_train_steps) if every_n_train_steps else None
+
+    def _save_last(self, trainer) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0
+                and batch_idx + 1 < trainer.num_training_batches):
+            self._save_last(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last(trainer)
+
+
 def _complete_zip(path: Path) -> bool:
     """`path` exists and its zip central directory (at the end of the file) is readable: not cut short."""
     try:
@@ -72,21 +103,20 @@ def build_trainer(cfg: TrainerConfig, run_dir: Path, *, resume_from: Path | None
     step tells the metrics log which rows to keep). `cfg.checkpoint_every_n_steps` adds mid-epoch
     saves of last.ckpt, from which a resume is exact too."""
     run_dir = Path(run_dir)
-    checkpoint = ModelCheckpoint(
+    every = cfg.checkpoint_every_n_steps
+    if every is not None and int(every) < 1:
+        raise ConfigError(f"trainer.checkpoint_every_n_steps: must be at least 1, got {every}")
+    best = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
         monitor=monitor,
         mode="max",
-        save_last=True,
         save_top_k=1,
         auto_insert_metric_name=False,
     )
-    callbacks = [checkpoint, RNGStateCallback(), EpochMeanLoss(), TrainThroughput(run_dir / "logs" / "throughput.json")]
-    if cfg.checkpoint_every_n_steps is not None:
-        if int(cfg.checkpoint_every_n_steps) < 1:
-            raise ConfigError(f"trainer.checkpoint_every_n_steps: must be at least 1, got {cfg.checkpoint_every_n_steps}")
-        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
-                                         every_n_train_steps=int(cfg.checkpoint_every_n_steps)))
+    # best first: Lightning runs checkpoint callbacks last and in order, so last.ckpt holds best's new state
+    callbacks = [best, LastCheckpoint(run_dir / "checkpoints", every_n_train_steps=every),
+                 RNGStateCallback(), EpochMeanLoss(), TrainThroughput(run_dir / "logs" / "throughput.json")]
     callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.early_stopping_patience))
