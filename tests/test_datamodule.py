@@ -179,3 +179,28 @@ def test_lightning_applies_batch_augment_on_the_device_path(data_dir):
     trainer.fit(model, datamodule=_module(data_dir, augment_on="device"))
     assert {stage for stage, _, _ in model.seen} == {"train", "val"}
     assert all(dtype == torch.float32 and shape == (3, 32, 32) for _, dtype, shape in model.seen)
+
+
+def test_loaders_leave_the_global_rng_alone_and_resume_at_the_saved_position(data_dir):
+    """Creating a loader's iterator (with workers: once per run when persistent) must not draw from the
+    global RNG that dropout uses, or a resumed run's dropout would shift; and a restored training
+    position makes the next training loader yield exactly the rest of that epoch."""
+    module = SkinDataModule(data_dir, CFG, batch_size=8, num_workers=2)
+    module.setup()
+    reference = module.train_dataloader()
+    reference.sampler.set_epoch(1)
+    state = torch.get_rng_state()
+    labels = [batch[1] for batch in reference]
+    val_iter = iter(module.val_dataloader())
+    next(val_iter)
+    assert torch.equal(torch.get_rng_state(), state)
+
+    resumed = SkinDataModule(data_dir, CFG, batch_size=8, num_workers=2)
+    resumed.setup()
+    resumed.load_state_dict({"train_position": {"epoch": 1, "batches": 3}})
+    rest = [batch[1] for batch in resumed.train_dataloader()]
+    assert len(rest) == len(labels) - 3
+    for got, want in zip(rest, labels[3:], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="built before the checkpoint was restored"):
+        resumed.load_state_dict({"train_position": {"epoch": 0, "batches": 0}})

@@ -358,3 +358,72 @@ def test_ablate_cli_reports_every_variant(teacher, ham_small, tmp_path):
     stamp = (tmp_path / "ablation" / "variants" / "full" / "model" / "model.safetensors").stat().st_mtime_ns
     assert main(args) == 0  # a rerun scores again without retraining
     assert (tmp_path / "ablation" / "variants" / "full" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+# ------------------------------------------------------------------------------------------ exact resume
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+class CrashOnce:
+    """A callback that raises (as a crash would) once, at the start of optimiser step `step`."""
+
+    def __init__(self, step: int):
+        import lightning as L
+
+        crash = self
+
+        class _Callback(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if not crash.done and trainer.global_step == step:
+                    crash.done = True
+                    raise SimulatedCrash(f"step {step}")
+
+        self.done = False
+        self.callback = _Callback()
+
+
+@pytest.mark.parametrize("method", ["distilvit", "fcvit", "fcvit-probs", "full", "cascade"])
+def test_resume_mid_epoch_with_workers_matches_uninterrupted_distillation(teacher, ham_small, tmp_path,
+                                                                           monkeypatch, method):
+    """2 epochs of 4 batches, 2 loader workers, last.ckpt every 3 steps: a crash at step 6 (mid-epoch 1)
+    and a resume from the step-6 checkpoint end with the weights and the log of an uninterrupted run."""
+    from skindistil.training import distill_run
+
+    trainer = {**TRAINER, "max_epochs": 2, "checkpoint_every_n_steps": 3}
+    fields = {"trainer": trainer, "data": {"dir": str(ham_small), "batch_size": 32, "num_workers": 2,
+                                          "imbalance": "weighted-loss"}}
+    full = distill_config(teacher, ham_small, tmp_path / "full", method, **fields)
+    distill(full)
+
+    crash = CrashOnce(step=6)
+    build = distill_run.build_trainer
+    monkeypatch.setattr(distill_run, "build_trainer",
+                        lambda *a, **k: build(*a, extra_callbacks=[crash.callback], **k))
+    crashed = distill_config(teacher, ham_small, tmp_path / "crashed", method, **fields)
+    with pytest.raises(SimulatedCrash):
+        distill(crashed)
+    runs = sorted(p.parent.parent for p in (tmp_path / "crashed").rglob("checkpoints/last.ckpt"))
+    assert torch.load(runs[-1] / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    distill(crashed, resume=True)
+
+    members = sorted(p.parent.parent.relative_to(tmp_path / "full") for p in
+                     (tmp_path / "full").rglob("checkpoints/last.ckpt"))
+    assert len(members) == (2 if method == "cascade" else 1)
+    for member in members:
+        a = torch.load(tmp_path / "full" / member / "checkpoints" / "last.ckpt", weights_only=True)
+        b = torch.load(tmp_path / "crashed" / member / "checkpoints" / "last.ckpt", weights_only=True)
+        assert a["global_step"] == b["global_step"] == 8
+        assert b["state_dict"].keys() == a["state_dict"].keys()
+        for key, value in a["state_dict"].items():
+            torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=f"{member}: {key}")
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "crashed" / member / "logs" / "metrics.csv"),
+                                      pd.read_csv(tmp_path / "full" / member / "logs" / "metrics.csv"))
+
+
+def test_resume_from_is_refused_for_a_cascade(capsys):
+    code = main(["distill", "--teacher", "t", "--data", "d", "--method", "cascade", "--resume-from", "x.ckpt"])
+    assert code == 1
+    assert "--resume-from: a cascade has one checkpoint per member" in capsys.readouterr().err

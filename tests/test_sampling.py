@@ -11,6 +11,7 @@ from skindistil.data.sampling import (
     class_counts,
     effective_number_weights,
     inverse_frequency_weights,
+    resume_position,
 )
 from skindistil.data.synthetic import ISIC2019_COUNTS
 from skindistil.errors import DataError
@@ -87,3 +88,29 @@ def test_epoch_sampler_tags_items_with_the_epoch():
     sampler = EpochSampler(5, tag_epoch=True)
     sampler.set_epoch(2)
     assert list(sampler) == [10, 11, 12, 13, 14]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_epoch_sampler_resumes_mid_epoch_with_the_rest_of_that_epoch(world_size):
+    for rank in range(world_size):
+        reference = EpochSampler(50, shuffle=True, seed=3, rank=rank, world_size=world_size, tag_epoch=True)
+        reference.set_epoch(4)
+        whole = list(reference)
+        resumed = EpochSampler(50, shuffle=True, seed=3, rank=rank, world_size=world_size, tag_epoch=True)
+        resumed.resume_at(4, 16)
+        resumed.set_epoch(4)  # Lightning sets the same epoch again before iterating: the skip survives
+        assert list(resumed) == whole[16:]
+        assert list(resumed) == whole  # the skip applies once; the epoch replays in full afterwards
+        resumed.resume_at(4, 8)
+        resumed.set_epoch(5)  # another epoch: the pending skip is dropped
+        reference.set_epoch(5)
+        assert list(resumed) == list(reference)
+    with pytest.raises(DataError, match="cannot resume at item 60"):
+        EpochSampler(50).resume_at(0, 60)
+
+
+def test_resume_position_continues_the_epoch_or_starts_the_next():
+    assert resume_position(2, 5, 9) == (2, 5)
+    assert resume_position(2, 0, 9) == (2, 0)
+    assert resume_position(2, 9, 9) == (3, 0)  # checkpoint at the epoch's end
+    assert resume_position(2, 4, 4) == (3, 0)  # limit_train_batches reached

@@ -80,37 +80,87 @@ def _cli(*args: str, **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def test_resume_after_kill_matches_uninterrupted_run(ham_small, tmp_path):
-    runs = tmp_path / "runs"
-    full = _write_config(tiny_train_config(ham_small, runs, name="full", max_epochs=3), tmp_path / "full.yaml")
-    killed = _write_config(tiny_train_config(ham_small, runs, name="killed", max_epochs=3), tmp_path / "killed.yaml")
+RESUME_TRAINER = {"max_epochs": 3, "checkpoint_every_n_steps": 4}
 
-    uninterrupted = _cli("train", "--config", str(full))
-    out = uninterrupted.communicate(timeout=600)[0]
-    assert uninterrupted.returncode == 0, out
 
-    victim = _cli("train", "--config", str(killed))
-    last = runs / "killed" / "checkpoints" / "last.ckpt"
+def _resume_config(ham_small, runs: Path, name: str, tmp_path: Path) -> Path:
+    """3 epochs of 9 batches with 2 loader workers; last.ckpt also every 4 steps (mid-epoch)."""
+    cfg = tiny_train_config(ham_small, runs, name=name, **RESUME_TRAINER)
+    cfg.data.num_workers = 2
+    return _write_config(cfg, tmp_path / f"{name}.yaml")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ham_small, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    proc = _cli("train", "--config", str(_resume_config(ham_small, tmp / "runs", "full", tmp)))
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out
+    return tmp / "runs" / "full"
+
+
+def _kill_after_checkpoint(config: Path, run_dir: Path, min_step: int) -> int:
+    """Start `train`, SIGKILL it once last.ckpt is at `min_step` or later; returns that checkpoint's step."""
+    victim = _cli("train", "--config", str(config))
+    last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 600
-    while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    step = -1
+    while step < min_step and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+        if last.exists():
+            step = torch.load(last, weights_only=True, map_location="cpu")["global_step"]
     victim.send_signal(signal.SIGKILL)
     victim.communicate(timeout=60)
     assert victim.returncode == -signal.SIGKILL, "training ended before it could be interrupted"
-    assert not (runs / "killed" / "model").exists()
+    assert not (run_dir / "model").exists()
+    return torch.load(last, weights_only=True)["global_step"]
 
-    resumed = _cli("train", "--config", str(killed), "--resume")
-    out = resumed.communicate(timeout=600)[0]
-    assert resumed.returncode == 0, out
 
-    a = torch.load(runs / "full" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(runs / "killed" / "checkpoints" / "last.ckpt", weights_only=True)
+def _assert_same_run(run_dir: Path, reference: Path) -> None:
+    """Every weight tensor bit-identical, and the whole metrics.csv (every row, every column) equal."""
+    a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
+    assert b["state_dict"].keys() == a["state_dict"].keys()
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=key)
-    full_metrics, resumed_metrics = epoch_metrics(runs / "full"), epoch_metrics(runs / "killed")
-    np.testing.assert_array_equal(resumed_metrics.loc[2, "val/bma"], full_metrics.loc[2, "val/bma"])
-    assert (runs / "killed" / "model" / "model.safetensors").is_file()
+    full_log = pd.read_csv(reference / "logs" / "metrics.csv")
+    resumed_log = pd.read_csv(run_dir / "logs" / "metrics.csv")
+    pd.testing.assert_frame_equal(resumed_log, full_log)
+    assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_resume_after_kill_mid_epoch_with_workers_matches_uninterrupted_run(uninterrupted, ham_small, tmp_path):
+    runs = tmp_path / "runs"
+    config = _resume_config(ham_small, runs, "killed", tmp_path)
+    step = _kill_after_checkpoint(config, runs / "killed", min_step=12)
+    assert step % 9 != 0, f"the kill should follow a mid-epoch checkpoint, got step {step}"
+    resumed = _cli("train", "--config", str(config), "--resume")
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out
+    _assert_same_run(runs / "killed", uninterrupted)
+
+
+def test_damaged_last_checkpoint_resumes_from_the_previous_one(uninterrupted, ham_small, tmp_path):
+    runs = tmp_path / "runs"
+    config = _resume_config(ham_small, runs, "damaged", tmp_path)
+    _kill_after_checkpoint(config, runs / "damaged", min_step=16)
+    checkpoints = runs / "damaged" / "checkpoints"
+    previous = checkpoints / "last-prev.ckpt"
+    assert 0 < torch.load(previous, weights_only=True)["global_step"] < torch.load(
+        checkpoints / "last.ckpt", weights_only=True)["global_step"]
+    data = (checkpoints / "last.ckpt").read_bytes()
+    (checkpoints / "last.ckpt").write_bytes(data[: len(data) // 2])  # e.g. a copy cut short by a full disk
+
+    refused = _cli("train", "--config", str(config), "--resume")
+    out = refused.communicate(timeout=300)[0]
+    assert refused.returncode == 1, out
+    assert "truncated or corrupt" in out and f"--resume-from {previous}" in out
+
+    resumed = _cli("train", "--config", str(config), "--resume-from", str(previous))
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out
+    _assert_same_run(runs / "damaged", uninterrupted)
 
 
 def test_ddp_two_cpu_processes_validate_on_the_whole_split(ham_small, tmp_path):

@@ -75,9 +75,24 @@ def main(argv: list[str] | None = None) -> int:
     except SkinDistilError as exc:
         print(f"skindistil {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # a full disk, a read-only or forbidden folder: one line naming the path, not a traceback
+        if exc.errno is None:
+            raise
+        print(f"skindistil {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"skindistil {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def os_error_message(exc: OSError) -> str:
+    """'PATH: No space left on device (ENOSPC)' (both paths for a rename or link)."""
+    from skindistil.files import describe_os_error
+
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    reason = describe_os_error(exc)
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
 
 
 if __name__ == "__main__":

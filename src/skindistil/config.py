@@ -136,7 +136,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def dump_yaml(data: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    """Write `data` as YAML, atomically (WriteError naming the file when it cannot be written)."""
+    from skindistil.files import write_text
+
+    write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -222,6 +225,7 @@ class TrainerConfig:
     limit_train_batches: float | int | None = None
     limit_val_batches: float | int | None = None
     progress: bool = True
+    checkpoint_every_n_steps: int | None = None  # also save last.ckpt every N optimiser steps (mid-epoch)
 
 
 @dataclass

@@ -34,3 +34,16 @@ class ModelError(SkinDistilError):
 
 class ConfigError(SkinDistilError):
     """An invalid configuration value or override."""
+
+
+class WriteError(SkinDistilError):
+    """A file or folder that could not be written (disk full, read-only file system, no permission).
+    `path` names it, `reason` says why; the previous version of the file, if any, is left intact."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason))

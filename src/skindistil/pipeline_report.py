@@ -13,6 +13,7 @@ from skindistil.config import RunConfig
 from skindistil.evaluation.document import Document
 from skindistil.evaluation.plots import plot_training_curves
 from skindistil.evaluation.report import headline_rows, incomplete_warning
+from skindistil.files import write_bytes
 
 DISCLAIMER = ("Research software: these models are not medical devices and their outputs are not diagnoses. "
               "Figures below are measured in this run on the data it names.")
@@ -174,6 +175,6 @@ def _attention_section(doc, cfg, data_dir, manifest, models, assets) -> None:
             image = Image.fromarray(np.load(Path(data_dir) / row["cache_file"]))
             png, top, prob = explain_png(loaded, image, "rollout")
             name = f"attention_{safe_file_stem(entry.label)}_{safe_file_stem(row['image_id'])}.png"
-            (assets / name).write_bytes(png)
+            write_bytes(assets / name, png)
             section.figure(f"report_assets/{name}",
                            f"{entry.label} on {row['image_id']} (true {row['class_name']}): {top} {prob:.2f}")

@@ -8,7 +8,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +16,7 @@ from rich.table import Table
 
 from skindistil.data.sources import available_sources, build_source
 from skindistil.errors import ConfigError
+from skindistil.files import write_json
 
 if TYPE_CHECKING:
     from skindistil.data.bench import BenchResult
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"target: {TARGET_IMAGES_PER_SECOND:,} augmented {args.image_size} px samples/s on "
                   f"{args.target_cores} cores + 1 GPU (the student trains at about 4,800 img/s on one H100)")
     if args.json is not None:
-        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        write_json(args.json, result.to_dict())
         console.print(f"wrote {args.json}")
     return 0
 

@@ -35,6 +35,8 @@ FLAG_KEYS = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=["distilvit", "fcvit", "fcvit-probs", "cascade", "full"])
     p.add_argument("--min-depth", type=int, help="cascade: depth of the last member (default 1)")
+    p.add_argument("--resume-from", metavar="CKPT",
+                   help="continue from this checkpoint, e.g. RUN/checkpoints/last-prev.ckpt (not for cascade)")
     add_student_arguments(p)
 
 
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(args, DistillConfig, FLAG_KEYS)
     console = Console()
-    for result in distill(cfg, resume=args.resume):
+    for result in distill(cfg, resume=args.resume, resume_from=args.resume_from):
         if result.model_dir is not None:
             bma = "n/a" if result.best_val_bma is None else f"{result.best_val_bma:.4f}"
             console.print(f"[bold]model[/bold] {result.model_dir}  best val BMA {bma}")

@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", help="trainer.precision (auto: bf16-mixed on GPU, 32-true on CPU)")
     p.add_argument("--workers", type=int, help="data.num_workers")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.ckpt if it exists")
+    p.add_argument("--resume-from", metavar="CKPT",
+                   help="continue from this checkpoint, e.g. RUN/checkpoints/last-prev.ckpt (the one before last)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.schedule=cosine")
 
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     weights_log.setLevel(logging.INFO)
     weights_log.addHandler(handler)
     try:
-        result = train_classifier(cfg, resume=args.resume)
+        result = train_classifier(cfg, resume=args.resume, resume_from=args.resume_from)
     finally:
         weights_log.removeHandler(handler)
     if result.model_dir is not None:

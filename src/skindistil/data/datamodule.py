@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from skindistil.config import PreprocessConfig
 from skindistil.data.prepare import default_workers, load_manifest
-from skindistil.data.sampling import EpochSampler, class_balanced_sampler, class_counts
+from skindistil.data.sampling import EpochSampler, class_balanced_sampler, class_counts, resume_position
 from skindistil.data.transforms import (
     PAPER_AUGMENT,
     AugmentConfig,
@@ -155,7 +155,8 @@ class SkinDataModule(L.LightningDataModule):
     augment_on: "cpu" or "device" (see the module docstring). Train and test loaders yield
     (images, labels), validation (images, labels, row indices), `predict_dataloader` (test split
     unless told otherwise) (images, labels, image_ids). Training order and augmentation are functions
-    of (seed, epoch): reproducible across worker counts and after a resume.
+    of (seed, epoch): reproducible across worker counts and after a resume, mid-epoch too (the
+    training position travels in Lightning checkpoints through `state_dict`/`load_state_dict`).
     """
 
     def __init__(
@@ -199,6 +200,8 @@ class SkinDataModule(L.LightningDataModule):
         self.info: dict | None = None
         self._frames: dict[str, pd.DataFrame] = {}
         self._vocab: ClassVocab | None = None
+        self._train_sampler: EpochSampler | None = None
+        self._resume_at: dict | None = None
 
     # ------------------------------------------------------------------ data
 
@@ -275,7 +278,12 @@ class SkinDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ loaders
 
     def loader(self, dataset: CachedImageDataset, batch_size: int, **kwargs) -> DataLoader:
-        """A DataLoader over `dataset` with this module's workers, pinning and uint8-aware collate."""
+        """A DataLoader over `dataset` with this module's workers, pinning and uint8-aware collate.
+
+        Each loader draws its workers' base seed from its own generator, never from torch's global RNG:
+        creating an iterator (once per epoch, or once per run with persistent workers) then leaves the
+        global RNG, which dropout uses, exactly where a checkpoint recorded it.
+        """
         workers = self.num_workers
         return DataLoader(
             dataset,
@@ -284,6 +292,7 @@ class SkinDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers and workers > 0,
             pin_memory=self.pin_memory,
             collate_fn=collate_images,
+            generator=torch.Generator().manual_seed(self.seed),
             **kwargs,
         )
 
@@ -300,7 +309,39 @@ class SkinDataModule(L.LightningDataModule):
             sampler = class_balanced_sampler(dataset.labels, self.num_classes, **shard)
         else:
             sampler = EpochSampler(len(dataset), shuffle=True, **shard)
+        if self._resume_at is not None:
+            sampler.resume_at(self._resume_at["epoch"], self._resume_at["batches"] * self.batch_size)
+            self._resume_at = None
+        self._train_sampler = sampler
         return self.loader(dataset, self.batch_size, sampler=sampler)
+
+    # ------------------------------------------------------------------ exact resume
+
+    def state_dict(self) -> dict:
+        """Saved by Lightning in every checkpoint: {"train_position": {"epoch", "batches"}}, where training
+        continues (the rest of the current epoch, or the next one when it is complete).
+
+        Counted from the batches the training loop has consumed, not those the loader has produced
+        (workers and Lightning's fetcher prefetch ahead)."""
+        trainer = self.trainer
+        if self._train_sampler is None or trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epoch, batches = resume_position(self._train_sampler.epoch, done, trainer.num_training_batches)
+        return {"train_position": {"epoch": epoch, "batches": batches}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the training position (Lightning calls this before it builds the training loader):
+        the next training loader's sampler starts at that epoch and skips the consumed batches, so
+        the resumed run sees the samples, order and augmentation of the uninterrupted run for any
+        number of workers. Raises ConfigError when the loader already exists (too late to resume exactly)."""
+        position = state.get("train_position")
+        if position is None:
+            return
+        if self._train_sampler is not None:
+            raise ConfigError("the training loader was built before the checkpoint was restored: "
+                              "this strategy cannot resume exactly")
+        self._resume_at = {"epoch": int(position["epoch"]), "batches": int(position["batches"])}
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches are (images, labels, row indices): under DDP each rank takes a shard, and

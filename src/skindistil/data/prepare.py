@@ -63,7 +63,8 @@ from skindistil.data.splits import (
     stratified_subset,
 )
 from skindistil.data.vocab import ClassVocab
-from skindistil.errors import ConfigError, DataError, ImageError
+from skindistil.errors import ConfigError, DataError, ImageError, WriteError
+from skindistil.files import describe_os_error, save_npy, write_csv, write_json, write_text
 
 FORMAT = 1
 DATASET_JSON = "dataset.json"
@@ -233,7 +234,7 @@ def prepare_dataset(
     counts = {name: vocab.counts(labels[split == name].tolist()) for name in SPLIT_NAMES}
     notes += split_class_notes(counts)
     reused = sum(1 for _, entry in kept if entry.get("reused"))
-    _write_csv_atomic(data_dir / MANIFEST_CSV, manifest)
+    write_csv(data_dir / MANIFEST_CSV, manifest)
     _finish_cache(data_dir, [entry for _, entry in cached])
     timings["write"] = time.perf_counter() - write_started
     timings["total"] = time.perf_counter() - started
@@ -264,7 +265,7 @@ def prepare_dataset(
         "workers": workers,
         "duplicates": duplicate_report,
     }
-    _write_json_atomic(data_dir / REPORT_JSON, report)
+    write_json(data_dir / REPORT_JSON, report)
     dataset = {
         "format": FORMAT,
         "source": source.name,
@@ -287,7 +288,7 @@ def prepare_dataset(
         "notes": notes,
         "duplicates": {k: duplicate_report[k] for k in ("method", "threshold", "mode", "num_clusters")},
     }
-    _write_json_atomic(data_dir / DATASET_JSON, dataset)
+    write_json(data_dir / DATASET_JSON, dataset)
     return PrepareResult(
         data_dir=data_dir,
         num_images=len(kept),
@@ -523,7 +524,7 @@ def _process_all(source, tasks, settings, workers, on_error, problems, progress)
     journal_path = settings.data_dir / CACHE_DIR / JOURNAL
     journal_path.parent.mkdir(parents=True, exist_ok=True)
     with (
-        open(journal_path, "a", encoding="utf-8") as journal,
+        open(journal_path, "ab", buffering=0) as journal,  # unbuffered: nothing left to fail at close
         _outcomes(source, tasks, settings, workers) as outcomes,
         Progress(
             TextColumn("[bold]prepare[/] {task.description}"),
@@ -546,12 +547,21 @@ def _process_all(source, tasks, settings, workers, on_error, problems, progress)
             else:
                 entry = outcome[1]
                 if not entry.get("reused"):
-                    journal.write(json.dumps(entry) + "\n")
-                    journal.flush()
+                    _append_journal(journal, journal_path, entry)
                 entries[record.image_id] = entry
             elapsed = time.perf_counter() - started
             bar.update(job, advance=1, rate=f"{done / elapsed:.0f} img/s" if elapsed > 0 else "")
     return entries
+
+
+def _append_journal(journal, path: Path, entry: dict) -> None:
+    """One line per cached image, flushed at once (a rerun reads it back; a line cut short is ignored)."""
+    line = memoryview((json.dumps(entry) + "\n").encode("utf-8"))
+    try:
+        while line:  # a raw write may be partial (a nearly full disk); the next one then fails
+            line = line[journal.write(line):]
+    except OSError as exc:
+        raise WriteError(path, f"cannot append to the journal: {describe_os_error(exc)}") from exc
 
 
 @contextlib.contextmanager
@@ -643,7 +653,7 @@ def _cache_image(source: Source, settings: _Settings, record: Record, cache_file
     phash = dups.perceptual_hash(image)
     box = border_crop_box(pixels) if settings.border_crop else (0, 0, width, height)
     cached = np.asarray(resize_shorter(image.crop(box), settings.short_side), dtype=np.uint8)
-    _save_npy_atomic(settings.data_dir / cache_file, cached)
+    save_npy(settings.data_dir / cache_file, cached)
     return {
         "image_id": record.image_id,
         "sha256": content_hash,
@@ -672,14 +682,6 @@ def _pixels_sha256(pixels: np.ndarray) -> str:
     digest = hashlib.sha256(f"{pixels.shape}|{pixels.dtype}|".encode())
     digest.update(np.ascontiguousarray(pixels).data)
     return digest.hexdigest()
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
 
 
 def _cache_intact(data_dir: Path, entry: dict) -> bool:
@@ -734,23 +736,8 @@ def _read_journal(data_dir: Path) -> dict[str, dict]:
 def _finish_cache(data_dir: Path, entries: list[dict]) -> None:
     """Rewrite the journal with exactly the kept images and delete cache files nothing refers to."""
     journal = [{k: v for k, v in entry.items() if k != "reused"} for entry in entries]
-    _write_text_atomic(data_dir / CACHE_DIR / JOURNAL, "".join(json.dumps(e) + "\n" for e in journal))
+    write_text(data_dir / CACHE_DIR / JOURNAL, "".join(json.dumps(e) + "\n" for e in journal))
     wanted = {e["cache_file"] for e in journal}
     for path in (data_dir / CACHE_DIR).glob("*/*.npy"):
         if path.relative_to(data_dir).as_posix() not in wanted:
             path.unlink()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    _write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
-def _write_csv_atomic(path: Path, frame: pd.DataFrame) -> None:
-    _write_text_atomic(path, frame.to_csv(index=False))

@@ -66,6 +66,9 @@ class EpochSampler(Sampler[int]):
     With `tag_epoch`, items are `epoch * num_samples + index`: the dataset recovers the epoch and seeds
     that sample's augmentation from (seed, epoch, index), which makes augmentation independent of the
     number of loader workers and identical after a resume.
+
+    `resume_at(epoch, skip)` continues an epoch in the middle: the next iteration of that epoch starts
+    at item `skip` of this rank's shard (a resume from a mid-epoch checkpoint).
     """
 
     def __init__(self, num_samples: int, *, shuffle: bool = False, weights: Sequence[float] | np.ndarray | None = None,
@@ -81,9 +84,19 @@ class EpochSampler(Sampler[int]):
         self.rank, self.world_size = rank, world_size
         self.tag_epoch = tag_epoch
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
+        if self._resume is not None and self._resume[0] != int(epoch):
+            self._resume = None
         self.epoch = int(epoch)
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        """Make the next iteration the rest of epoch `epoch`, from item `skip` of this rank's shard."""
+        if not 0 <= skip <= len(self):
+            raise DataError("sampler", f"cannot resume at item {skip} of an epoch of {len(self)} items")
+        self.epoch = int(epoch)
+        self._resume = (int(epoch), int(skip))
 
     def order(self) -> torch.Tensor:
         """This epoch's full order (all ranks), before padding and sharding."""
@@ -103,7 +116,19 @@ class EpochSampler(Sampler[int]):
         if total > len(order):
             order = torch.cat([order, order[: total - len(order)]])
         offset = self.epoch * self.num_samples if self.tag_epoch else 0
-        return iter((order[self.rank :: self.world_size] + offset).tolist())
+        shard = order[self.rank :: self.world_size] + offset
+        if self._resume is not None:
+            shard = shard[self._resume[1]:]
+            self._resume = None
+        return iter(shard.tolist())
+
+
+def resume_position(epoch: int, batches_done: int, batches_per_epoch: int) -> tuple[int, int]:
+    """(epoch, batches to skip) at which training continues after `batches_done` batches of `epoch`:
+    the rest of this epoch, or the start of the next one when the epoch is complete."""
+    if batches_done >= batches_per_epoch:
+        return epoch + 1, 0
+    return epoch, max(0, int(batches_done))
 
 
 def class_balanced_sampler(labels: Sequence[int] | np.ndarray, num_classes: int, seed: int = 42, **kwargs) -> EpochSampler:

@@ -6,6 +6,8 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from skindistil.files import write_text
+
 
 @dataclass
 class Table:
@@ -89,8 +91,8 @@ class Document:
     def write(self, folder: str | Path, stem: str = "report") -> tuple[Path, Path]:
         folder = Path(folder)
         md, page = folder / f"{stem}.md", folder / f"{stem}.html"
-        md.write_text(self.markdown())
-        page.write_text(self.html())
+        write_text(md, self.markdown())
+        write_text(page, self.html())
         return md, page
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from skindistil.evaluation.metrics import roc_auc, roc_curve
+from skindistil.files import save_figure
 
 DPI = 120
 
@@ -161,9 +162,7 @@ def plot_ablation(labels: Sequence[str], val_bma: Sequence[float], test_bma: Seq
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    fig.savefig(path, dpi=DPI, format="png")
-    return path
+    return save_figure(fig, path, dpi=DPI, format="png")
 
 
 def plot_training_curves(histories: dict[str, dict[str, Sequence[float]]], path: str | Path) -> Path:

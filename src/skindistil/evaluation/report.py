@@ -3,7 +3,6 @@ which writes all of them (plus the plots) for one set of scores."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from skindistil.data.sources import find_isic_image, isic_image_key
 from skindistil.errors import CSVError, DataError
 from skindistil.evaluation import plots
 from skindistil.evaluation.metrics import UNKNOWN_CLASS, classification_metrics
+from skindistil.files import write_csv, write_json, write_text
 
 IMAGE_COLUMN = "image"
 # Per-row weights of the official scorer's truth files; not classes.
@@ -182,15 +182,12 @@ def write_predictions_csv(
     path = Path(path)
     table = pd.DataFrame(np.asarray(probs, dtype=np.float64), columns=list(class_names))
     table.insert(0, IMAGE_COLUMN, list(image_ids))
-    table.to_csv(path, index=False)
-    return path
+    return write_csv(path, table)
 
 
 def write_metrics_json(path: str | Path, metrics: dict) -> Path:
     """Write `metrics` as strict JSON (NaN and infinities become null)."""
-    path = Path(path)
-    path.write_text(json.dumps(_json_ready(metrics), indent=2) + "\n")
-    return path
+    return write_json(path, _json_ready(metrics))
 
 
 PER_CLASS_COLUMNS = (
@@ -317,7 +314,7 @@ def evaluate_arrays(
         ),
         "metrics": out / "metrics.json",
     }
-    files["report"].write_text(render_report_md(metrics, title))
+    write_text(files["report"], render_report_md(metrics, title))
     metrics["files"] = {key: str(path) for key, path in files.items()}
     write_metrics_json(files["metrics"], metrics)
     return metrics

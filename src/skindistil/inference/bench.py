@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
-import json
 import math
 import os
 import platform
@@ -58,6 +57,7 @@ from torch import nn
 
 from skindistil.devices import parse_device
 from skindistil.errors import ConfigError
+from skindistil.files import save_figure, write_json, write_text
 from skindistil.inference.backends import (
     BACKENDS,
     BackendUnavailable,
@@ -729,9 +729,7 @@ def plot_throughput(result: dict, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     if result["results"]:
         ax.legend(title="backend")
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _threads(count: int) -> str:
@@ -747,7 +745,7 @@ def write_report(result: dict, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md", "plot": out_dir / "bench.png"}
-    files["json"].write_text(json.dumps(result, indent=2) + "\n")
-    files["markdown"].write_text(markdown_report(result))
+    write_json(files["json"], result)
+    write_text(files["markdown"], markdown_report(result))
     plot_throughput(result, files["plot"])
     return files

@@ -26,6 +26,7 @@ from skindistil.errors import ConfigError
 from skindistil.evaluation.metrics import AbsentClassWarning, accuracy, balanced_accuracy, decide
 from skindistil.evaluation.plots import plot_early_exit_curve
 from skindistil.evaluation.report import evaluate_arrays, write_metrics_json
+from skindistil.files import write_text
 from skindistil.models import DepthViT, LoadedModel, load_model
 
 # 0.3..0.99, then the full-depth reference (every sample at the last exit)
@@ -277,7 +278,7 @@ def write_sweep_report(result: dict, out_dir: str | Path) -> dict[str, str]:
               "BMA of each exit alone: " + ", ".join(f"{d}: {b:.4f}" for d, b in result["per_exit_bma"].items())]
     files = {"json": out / "early_exit.json", "md": out / "early_exit.md", "png": out / "early_exit.png"}
     write_metrics_json(files["json"], result)
-    files["md"].write_text("\n".join(lines) + "\n")
+    write_text(files["md"], "\n".join(lines) + "\n")
     plot_early_exit_curve(result["points"], result["per_exit_bma"], files["png"], title=title)
     return {key: str(path) for key, path in files.items()}
 

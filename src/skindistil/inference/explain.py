@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from skindistil.data.records import Problem
 from skindistil.errors import ConfigError, ImageError, ModelError
+from skindistil.files import write_bytes
 from skindistil.models.artifact import LoadedModel
 from skindistil.models.depth import DepthViT
 
@@ -294,6 +295,6 @@ def explain_images(
             continue
         png, _, _ = explain_png(loaded, image, method, class_name, head_fusion)
         target = out_dir / f"{stem}_{method}.png"
-        target.write_bytes(png)
+        write_bytes(target, png)
         written.append(target)
     return written

@@ -8,7 +8,6 @@ The batch axis is dynamic: one file serves any batch size.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from torch import nn
 
 from skindistil.data.discovery import IMAGE_SUFFIXES, Discovery, discover_images
 from skindistil.errors import ConfigError, ImageError, ModelError
+from skindistil.files import atomic_path, write_json
 from skindistil.inference.backends import OnnxRunner
 from skindistil.inference.bench import summarize_times, time_calls
 
@@ -49,16 +49,17 @@ def export_onnx(
         # which runs the file at two batch sizes.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=opset,
-            dynamo=False,
-        )
+        with atomic_path(path) as tmp:
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=opset,
+                dynamo=False,
+            )
     return path
 
 
@@ -86,13 +87,14 @@ def quantize_int8(onnx_path: str | Path, out_path: str | Path) -> Path:
     root = logging.getLogger()
     root.addFilter(advice)
     try:
-        quantize_dynamic(
-            str(onnx_path),
-            str(out_path),
-            op_types_to_quantize=["MatMul", "Gemm"],
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-        )
+        with atomic_path(out_path) as tmp:
+            quantize_dynamic(
+                str(onnx_path),
+                str(tmp),
+                op_types_to_quantize=["MatMul", "Gemm"],
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+            )
     finally:
         root.removeFilter(advice)
     return out_path
@@ -209,7 +211,7 @@ def export_artifact(
     if int8:
         record["int8"] = _int8_report(out, runner, image_inputs if len(image_inputs) else random_inputs, threads)
         record["int8"]["agreement_on"] = "images" if len(image_inputs) else "random inputs"
-    (out.parent / EXPORT_INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out.parent / EXPORT_INFO_FILE, record)
     return record
 
 

@@ -31,6 +31,7 @@ from skindistil.evaluation.metrics import (
 )
 from skindistil.evaluation.plots import plot_bma_by_depth
 from skindistil.evaluation.report import write_metrics_json
+from skindistil.files import write_text
 from skindistil.models import DepthViT, LoadedModel, load_model
 from skindistil.models.artifact import CONFIG_FILE, resolve_model_dir
 
@@ -164,7 +165,7 @@ def family_report(runs: list[str | Path], data_dir: str | Path, split: str = "te
     files = {"json": out / "family.json", "md": out / "family.md", "png": out / "family.png"}
     result = {"data": str(data_dir), "split": split, "families": families, "teachers": list(teachers.values())}
     write_metrics_json(files["json"], result)
-    files["md"].write_text(family_markdown(families, teacher_lines, split))
+    write_text(files["md"], family_markdown(families, teacher_lines, split))
     plot_bma_by_depth({f["label"]: {r["depth"]: r["bma"] for r in f["rows"]} for f in families}, teacher_lines,
                       files["png"], title=f"BMA by depth ({split})")
     return {**result, "files": {k: str(v) for k, v in files.items()}}

@@ -16,7 +16,6 @@ of the model, which runs batched under `torch.inference_mode` (or onnxruntime).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,7 @@ import torch
 from skindistil.data.imageio import as_image_list
 from skindistil.data.records import Problem
 from skindistil.errors import ConfigError, ImageError, SkinDistilError
+from skindistil.files import write_csv, write_json
 from skindistil.models.artifact import LoadedModel, load_model
 
 # TTA views as the image axes to flip: identity, horizontal, vertical, both (see the module docstring).
@@ -73,8 +73,7 @@ def errors_csv_path(out: str | Path) -> Path:
 def write_errors_csv(path: str | Path, errors: Sequence[Problem]) -> Path:
     """Write `where,reason` rows."""
     path = Path(path)
-    pd.DataFrame([e.to_dict() for e in errors], columns=["where", "reason"]).to_csv(path, index=False)
-    return path
+    return write_csv(path, pd.DataFrame([e.to_dict() for e in errors], columns=["where", "reason"]))
 
 
 def write_predictions(
@@ -123,7 +122,7 @@ def write_predictions(
         "errors": [e.to_dict() for e in result.errors],
         "skipped": [e.to_dict() for e in result.skipped],
     }
-    out.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")  # strict JSON, never NaN
+    write_json(out, document)
     return [out]
 
 

@@ -15,9 +15,7 @@ anything is allocated; weights must be finite, and so must every probability the
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from torch import nn
 from skindistil import __version__
 from skindistil.config import PreprocessConfig
 from skindistil.errors import ModelError
+from skindistil.files import save_safetensors, write_json, write_text
 from skindistil.models.depth import DepthViT
 from skindistil.models.schema import FORMAT_VERSION, MAX_PARAMETERS, ArtifactConfig, validate_config
 from skindistil.models.weights import read_json_object
@@ -128,11 +127,13 @@ def save_artifact(
     if isinstance(model, DepthViT):
         config["exits"] = list(model.exits)
         config["shared_head"] = model.shared_head
-    validate_config(config, str(out_dir / CONFIG_FILE))
-    _write_json(out_dir / CONFIG_FILE, config)
+    validate_config(config, str(out_dir / CONFIG_FILE))  # nothing is written for a config that would not load
+    # config.json last: it marks a complete artifact (runs skip stages whose model/config.json exists),
+    # so a write that fails midway never leaves an artifact that looks finished
     _save_weights(model, out_dir / WEIGHTS_FILE)
     _write_json(out_dir / METRICS_FILE, jsonable(metrics or {}))
-    (out_dir / CARD_FILE).write_text(model_card(config, metrics or {}))
+    write_text(out_dir / CARD_FILE, model_card(config, metrics or {}))
+    _write_json(out_dir / CONFIG_FILE, config)
     return out_dir
 
 
@@ -142,7 +143,7 @@ def update_metrics(model_dir: str | Path, metrics: dict) -> dict:
     path = model_dir / METRICS_FILE
     merged = {**(read_json_object(path) if path.is_file() else {}), **jsonable(metrics)}
     _write_json(model_dir / METRICS_FILE, merged)
-    (model_dir / CARD_FILE).write_text(model_card(read_json_object(model_dir / CONFIG_FILE), merged))
+    write_text(model_dir / CARD_FILE, model_card(read_json_object(model_dir / CONFIG_FILE), merged))
     return merged
 
 
@@ -158,20 +159,13 @@ def set_calibration(model_dir: str | Path, temperature: float, fitted_on: str) -
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # safetensors creates its file 0600; every artifact file reads alike
-    tmp.replace(path)  # a crash never leaves a half-written model.safetensors behind
+    save_safetensors(state, path, metadata={"format": "pt"})
 
 
 def _write_json(path: Path, data: dict) -> None:
     # default=str: an exotic provenance value must not lose a finished training run's artifact
-    path.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
+    write_json(path, data, allow_nan=False, default=str)
 
 
 def jsonable(value: Any) -> Any:

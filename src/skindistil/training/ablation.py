@@ -26,6 +26,7 @@ from skindistil.data.datamodule import SkinDataModule
 from skindistil.evaluation.metrics import AbsentClassWarning, balanced_accuracy, decide
 from skindistil.evaluation.plots import plot_ablation
 from skindistil.evaluation.report import write_metrics_json
+from skindistil.files import write_text
 from skindistil.models import load_model
 from skindistil.models.artifact import CONFIG_FILE
 from skindistil.training.distill_run import distill
@@ -135,7 +136,7 @@ def write_ablation_report(result: dict, out_dir: str | Path) -> dict[str, str]:
                      f"{r['delta_test_bma']:+.4f} |")
     files = {"json": out / "ablation.json", "md": out / "ablation.md", "png": out / "ablation.png"}
     write_metrics_json(files["json"], result)
-    files["md"].write_text("\n".join(lines) + "\n")
+    write_text(files["md"], "\n".join(lines) + "\n")
     variants = result["variants"]
     plot_ablation([r["variant"] for r in variants], [r["val_bma"] for r in variants],
                   [r["test_bma"] for r in variants], files["png"], teacher_bma=teacher["test_bma"])

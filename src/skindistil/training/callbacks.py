@@ -1,8 +1,7 @@
-"""Callbacks: exact resume of random state, and training throughput without validation."""
+"""Callbacks: exact resume of random state and of the epoch's mean loss, and training throughput without validation."""
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -10,6 +9,8 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+
+from skindistil.files import write_json
 
 
 class RNGStateCallback(L.Callback):
@@ -34,6 +35,43 @@ class RNGStateCallback(L.Callback):
         torch.set_rng_state(state_dict["torch"])
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class EpochMeanLoss(L.Callback):
+    """Logs `train/loss_epoch`, the batch-size-weighted mean training loss of the epoch, from sums kept in
+    every checkpoint: an epoch resumed mid-way still averages over all its batches (Lightning's own
+    `on_epoch` aggregate is not checkpointed and would restart empty, logging a wrong mean).
+
+    The sums stay on the device during the epoch (no synchronisation per step). Rank-local under DDP,
+    like Lightning's unsynchronised default.
+    """
+
+    NAME = "train/loss_epoch"
+
+    def __init__(self):
+        self.total: torch.Tensor | float = 0.0
+        self.count = 0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.total, self.count = 0.0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        size = len(batch[1])
+        self.total = self.total + loss.detach().float() * size
+        self.count += size
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.count:
+            pl_module.log(self.NAME, self.total / self.count, on_step=False, on_epoch=True, batch_size=1)
+
+    def state_dict(self) -> dict:
+        return {"total": float(self.total), "count": self.count}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.total, self.count = float(state_dict["total"]), int(state_dict["count"])
 
 
 def _numpy_state_to_plain(state):
@@ -91,7 +129,5 @@ class TrainThroughput(L.Callback):
     def on_fit_end(self, trainer, pl_module):
         self._close(trainer)
         if self.path is not None and trainer.is_global_zero:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(
-                json.dumps({"images": self.images, "seconds": self.seconds, "images_per_second": self.images_per_second})
-            )
+            write_json(self.path, {"images": self.images, "seconds": self.seconds,
+                                   "images_per_second": self.images_per_second}, indent=None)

@@ -39,7 +39,8 @@ class ClassifierModule(L.LightningModule):
         loss = F.cross_entropy(
             logits, targets, weight=self.class_weights, label_smoothing=self.optim_cfg.label_smoothing
         )
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        # the epoch mean is EpochMeanLoss's (it survives a mid-epoch resume)
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(targets))
         return loss
 
     def validation_step(self, batch, batch_idx):

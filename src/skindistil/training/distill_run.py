@@ -12,15 +12,22 @@ from skindistil.models import DepthViT, extract_student, load_model
 from skindistil.models.artifact import resolve_model_dir
 from skindistil.training.distiller import METHODS, DistillerModule
 from skindistil.training.teacher import TrainResult, finish_run, loss_class_weights, start_run
-from skindistil.training.trainer import build_trainer, fit
+from skindistil.training.trainer import build_trainer, fit, resume_checkpoint
 
 ALL_METHODS = (*METHODS, "cascade")
 
 
-def distill(cfg: DistillConfig, *, resume: bool = False) -> list[TrainResult]:
-    """Run `cfg.method` from the teacher artifact `cfg.teacher`; returns one result per trained model."""
+def distill(cfg: DistillConfig, *, resume: bool = False, resume_from: str | Path | None = None) -> list[TrainResult]:
+    """Run `cfg.method` from the teacher artifact `cfg.teacher`; returns one result per trained model.
+
+    `resume`: continue each run from its checkpoints/last.ckpt when it exists; `resume_from`: continue
+    the (single, non-cascade) run from that checkpoint.
+    """
     if cfg.method not in ALL_METHODS:
         raise ConfigError(f"method: {cfg.method!r} is not one of {', '.join(ALL_METHODS)}")
+    if resume_from is not None and cfg.method == "cascade":
+        raise ConfigError("--resume-from: a cascade has one checkpoint per member; use --resume (each member "
+                          "continues from its own last.ckpt)")
     if not cfg.teacher:
         raise ConfigError("teacher: give the teacher's model/ or run directory (--teacher DIR)")
     teacher = load_model(cfg.teacher)
@@ -35,8 +42,9 @@ def distill(cfg: DistillConfig, *, resume: bool = False) -> list[TrainResult]:
     if cfg.method == "cascade":
         return _cascade(cfg, teacher, datamodule, provenance, resume)
     student, extra = _initial_student(cfg, teacher.model)
+    ckpt_path = resume_checkpoint(run_dir, resume=resume, resume_from=resume_from)
     result = _train_one(cfg, student, teacher.model, cfg.method, datamodule, run_dir, teacher,
-                        {**provenance, **extra}, resume)
+                        {**provenance, **extra}, ckpt_path)
     return [result]
 
 
@@ -49,14 +57,14 @@ def _initial_student(cfg: DistillConfig, teacher_vit):
     return depth_model, {"kept_blocks": list(range(len(teacher_vit.blocks)))}
 
 
-def _train_one(cfg, student, teacher_vit, method, datamodule, run_dir: Path, teacher, provenance, resume):
+def _train_one(cfg, student, teacher_vit, method, datamodule, run_dir: Path, teacher, provenance, ckpt_path):
     module = DistillerModule(student, teacher_vit, method, teacher.classes, cfg.optim, cfg.loss,
                              class_weights=loss_class_weights(cfg, datamodule))
-    trainer = build_trainer(cfg.trainer, run_dir)
+    trainer = build_trainer(cfg.trainer, run_dir, resume_from=ckpt_path)
     with warnings.catch_warnings():
         # Lightning warns about modules in eval mode at the start of training: the frozen teacher's, on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        fit(trainer, module, datamodule, run_dir, resume=resume)
+        fit(trainer, module, datamodule, ckpt_path)
     arch = {"name": teacher.config["architecture"]["name"]} if "architecture" in teacher.config else None
     return finish_run(trainer, module, run_dir, arch=arch, classes=teacher.classes, preprocess=teacher.preprocess,
                       extra={"role": "student", **provenance}, net_attr="student")
@@ -80,6 +88,7 @@ def _cascade(cfg: DistillConfig, teacher, datamodule, provenance, resume) -> lis
             continue
         student, kept = extract_student(previous, k, "first")
         extra = {**provenance, "kept_blocks": list(kept), "cascade_depth": k}
-        results.append(_train_one(cfg, student, previous, "distilvit", datamodule, member_dir, teacher, extra, resume))
+        ckpt_path = resume_checkpoint(member_dir, resume=resume)
+        results.append(_train_one(cfg, student, previous, "distilvit", datamodule, member_dir, teacher, extra, ckpt_path))
         previous = student
     return results

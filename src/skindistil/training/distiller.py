@@ -105,7 +105,8 @@ class DistillerModule(L.LightningModule):
             loss = task + self.loss_cfg.a_chain * chain
             parts = {**parts, "chain_kl": chain.detach(), "enabled_depths": float(len(depths))}
         batch_size = len(targets)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        # the epoch mean is EpochMeanLoss's (it survives a mid-epoch resume)
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, on_step=True, batch_size=batch_size)
         return loss
 

@@ -16,7 +16,7 @@ from skindistil.data.splits import check_trainable
 from skindistil.errors import ConfigError
 from skindistil.models import create_teacher, save_artifact
 from skindistil.training.classifier import ClassifierModule
-from skindistil.training.trainer import MONITOR, build_trainer, fit, load_checkpoint_state
+from skindistil.training.trainer import MONITOR, build_trainer, fit, load_checkpoint_state, resume_checkpoint
 
 IMBALANCE_MODES = ("none", "weighted-loss", "balanced-sampler")
 
@@ -81,9 +81,13 @@ def start_run(cfg: TrainConfig | DistillConfig, preprocess: PreprocessConfig) ->
     return datamodule
 
 
-def train_classifier(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
-    """Train `cfg.model` on `cfg.data.dir`; select on validation BMA; write the run directory and model/."""
+def train_classifier(cfg: TrainConfig, *, resume: bool = False, resume_from: str | Path | None = None) -> TrainResult:
+    """Train `cfg.model` on `cfg.data.dir`; select on validation BMA; write the run directory and model/.
+
+    `resume`: continue from RUN/checkpoints/last.ckpt when it exists; `resume_from`: from that checkpoint.
+    """
     run_dir = cfg.run_dir
+    ckpt_path = resume_checkpoint(run_dir, resume=resume, resume_from=resume_from)
     datamodule = start_run(cfg, cfg.preprocess)
     classes = datamodule.vocab.to_list()
     arch = architecture(cfg, len(classes))
@@ -92,8 +96,8 @@ def train_classifier(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
                            **{k: v for k, v in arch["kwargs"].items() if k != "num_classes"})
     module = ClassifierModule(model, classes, cfg.optim, class_weights=loss_class_weights(cfg, datamodule))
 
-    trainer = build_trainer(cfg.trainer, run_dir)
-    fit(trainer, module, datamodule, run_dir, resume=resume)
+    trainer = build_trainer(cfg.trainer, run_dir, resume_from=ckpt_path)
+    fit(trainer, module, datamodule, ckpt_path)
     return finish_run(trainer, module, run_dir, arch=arch, classes=classes, preprocess=cfg.preprocess,
                       extra={"role": "teacher", "train_config": cfg.to_dict()})
 

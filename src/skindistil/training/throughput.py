@@ -43,6 +43,7 @@ from skindistil.data.sources import build_source
 from skindistil.devices import parse_device
 from skindistil.distill.losses import DistillationLoss
 from skindistil.errors import ConfigError
+from skindistil.files import write_json, write_text
 from skindistil.models import create_teacher, extract_student, save_artifact
 from skindistil.models.depth import vit_logits_and_hidden
 from skindistil.training.distill_run import distill
@@ -401,6 +402,6 @@ def write_results(rows: Sequence[ThroughputRow], settings: ComparisonSettings, o
         "rows": [row.to_dict() for row in rows],
     }
     files = {"json": out_dir / "train_throughput.json", "markdown": out_dir / "train_throughput.md"}
-    files["json"].write_text(json.dumps(result, indent=2) + "\n")
-    files["markdown"].write_text(markdown_table(rows))
+    write_json(files["json"], result)
+    write_text(files["markdown"], markdown_table(rows))
     return files
