@@ -385,6 +385,7 @@ class CrashOnce:
         self.callback = _Callback()
 
 
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("method", ["distilvit", "fcvit", "fcvit-probs", "full", "cascade"])
 def test_resume_mid_epoch_with_workers_matches_uninterrupted_distillation(teacher, ham_small, tmp_path,
                                                                            monkeypatch, method):

@@ -130,6 +130,7 @@ def _assert_same_run(run_dir: Path, reference: Path) -> None:
     assert (run_dir / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.timeout(1800)  # three training runs in one test (two when the fixture is cached)
 def test_resume_after_kill_mid_epoch_with_workers_matches_uninterrupted_run(uninterrupted, ham_small, tmp_path):
     runs = tmp_path / "runs"
     config = _resume_config(ham_small, runs, "killed", tmp_path)
@@ -141,6 +142,7 @@ def test_resume_after_kill_mid_epoch_with_workers_matches_uninterrupted_run(unin
     _assert_same_run(runs / "killed", uninterrupted)
 
 
+@pytest.mark.timeout(1800)
 def test_damaged_last_checkpoint_resumes_from_the_previous_one(uninterrupted, ham_small, tmp_path):
     runs = tmp_path / "runs"
     config = _resume_config(ham_small, runs, "damaged", tmp_path)
