@@ -44,12 +44,21 @@ def readme_commands(text: str) -> list[str]:
 
 
 def _lines(block: str, start: int):
-    offset = start
+    """(offset, command) per shell line of a block; a line ending in a backslash continues on the next."""
+    offset, pending, pending_at = start, "", start
     for raw in block.splitlines(keepends=True):
         line = raw.split("   #", 1)[0].strip()
-        if line and not line.startswith("#"):
-            yield offset, line
+        if pending:
+            line = f"{pending} {line}"
+        else:
+            pending_at = offset
         offset += len(raw)
+        if line.endswith("\\"):
+            pending = line[:-1].strip()
+            continue
+        pending = ""
+        if line and not line.startswith("#"):
+            yield pending_at, line
 
 
 def skindistil_argv(line: str) -> list[str] | None:
