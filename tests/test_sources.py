@@ -287,7 +287,7 @@ def test_ham_bad_rows(ham_root, tmp_path):
     header = "lesion_id,image_id,dx,dx_type,age,sex,localization"
     cases = {
         "unknown dx 'cancer'": f"L9,{images[0].stem}x,cancer,histo,50,male,back",
-        "duplicate image_id": f"L9,{images[0].stem},nv,histo,50,male,back",
+        "duplicate image id": f"L9,{images[0].stem},nv,histo,50,male,back",
         "image 'ISIC_7777777' not found": "L9,ISIC_7777777,nv,histo,50,male,back",
     }
     for message, bad in cases.items():

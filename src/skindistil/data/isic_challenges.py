@@ -43,6 +43,7 @@ from PIL import Image
 from skindistil.data.imageio import DEFAULT_MAX_PIXELS, read_image
 from skindistil.data.records import Record, standard_metadata
 from skindistil.data.sources import (
+    RowIds,
     Source,
     _image_index,
     _require_root,
@@ -106,6 +107,15 @@ class ChallengeSource(Source):
     def labelled(self) -> list[Labelled]:
         raise NotImplementedError
 
+    def _binary_target(self, ids: RowIds, image: str, row: int, where: str, value: str) -> int | None:
+        """The 0/1 `target` of a row whose image id is new (see RowIds); None (reported) otherwise."""
+        if not ids.claim(image, row, where):
+            return None
+        if value not in ("0", "1", "0.0", "1.0"):
+            self._problem(where, f"image {image}: target {value!r} is not 0 or 1")
+            return None
+        return int(float(value))
+
     def records(self) -> list[Record]:
         labelled = self.labelled()
         index = _image_index(self.root, self.IMAGE_FOLDERS, self.image_dirs)
@@ -156,18 +166,11 @@ class ISIC2016Source(ChallengeSource):
         if table.iat[0, 1].lower() not in self._VALUES:  # a header line some copies add
             table = table.iloc[1:]
         out: list[Labelled] = []
-        first_row: dict[str, int] = {}
+        ids = RowIds("image", self._problem)
         for row, image, value in zip(table.index, table[0], table[1], strict=True):
             where = row_where(path, row)
-            if not image and not value:
+            if (not image and not value) or not ids.claim(image, row, where):
                 continue
-            if not image:
-                self._problem(where, "empty image id")
-                continue
-            if image in first_row:
-                self._problem(where, f"duplicate image id {image!r} (first at row {first_row[image]})")
-                continue
-            first_row[image] = row
             if value.lower() not in self._VALUES:
                 self._problem(where, f"image {image}: label {value!r} is not benign/malignant or 0/1")
                 continue
@@ -297,24 +300,16 @@ class ISIC2020Source(ChallengeSource):
         table, vocab, path = self._table(), self.vocab, self.ground_truth
         site = "anatom_site_general_challenge" if "anatom_site_general_challenge" in table.columns else "anatom_site_general"
         out: list[Labelled] = []
-        first_row: dict[str, int] = {}
+        ids = RowIds("image_name", self._problem)
         unknown = 0
         for row, fields in zip(table.index, table.to_dict("records"), strict=True):
             where, image = row_where(path, row), fields["image_name"]
-            if not image:
-                self._problem(where, "empty 'image_name' value")
-                continue
-            if image in first_row:
-                self._problem(where, f"duplicate image_name {image!r} (first at row {first_row[image]})")
-                continue
-            first_row[image] = row
-            target = fields["target"]
-            if target not in ("0", "1", "0.0", "1.0"):
-                self._problem(where, f"image {image}: target {target!r} is not 0 or 1")
+            target = self._binary_target(ids, image, row, where, fields["target"])
+            if target is None:
                 continue
             verdict = fields.get("benign_malignant", "")
-            if verdict and verdict != BINARY.names[int(float(target))]:
-                self._problem(where, f"image {image}: target {target} contradicts benign_malignant {verdict!r}")
+            if verdict and verdict != BINARY.names[target]:
+                self._problem(where, f"image {image}: target {fields['target']} contradicts benign_malignant {verdict!r}")
                 continue
             if self.labels == "diagnosis":
                 if _unknown(fields["diagnosis"]):
@@ -322,7 +317,7 @@ class ISIC2020Source(ChallengeSource):
                     continue
                 label = vocab.index(fields["diagnosis"])
             else:
-                label = int(float(target))
+                label = target
             patient = fields["patient_id"]
             info = standard_metadata(age=fields.get("age_approx"), sex=fields.get("sex"), site=fields.get(site),
                                      patient_id=patient, lesion_id=fields.get("lesion_id"))
@@ -375,23 +370,16 @@ class ISIC2024Source(ChallengeSource):
         path = self.ground_truth
         table = read_csv_table(path, self.REQUIRED, self.WHAT)
         out: list[Labelled] = []
-        first_row: dict[str, int] = {}
+        ids = RowIds("isic_id", self._problem)
         for row, fields in zip(table.index, table.to_dict("records"), strict=True):
             where, image = row_where(path, row), fields["isic_id"]
-            if not image:
-                self._problem(where, "empty 'isic_id' value")
-                continue
-            if image in first_row:
-                self._problem(where, f"duplicate isic_id {image!r} (first at row {first_row[image]})")
-                continue
-            first_row[image] = row
-            if fields["target"] not in ("0", "1", "0.0", "1.0"):
-                self._problem(where, f"image {image}: target {fields['target']!r} is not 0 or 1")
+            target = self._binary_target(ids, image, row, where, fields["target"])
+            if target is None:
                 continue
             info = standard_metadata(age=fields.get("age_approx"), sex=fields.get("sex"),
                                      site=fields.get("anatom_site_general"), patient_id=fields["patient_id"],
                                      lesion_id=fields.get("lesion_id"))
-            out.append((row, image, int(float(fields["target"])), info, fields["patient_id"] or None))
+            out.append((row, image, target, info, fields["patient_id"] or None))
         return out
 
     def records(self) -> list[Record]:

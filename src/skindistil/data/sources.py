@@ -25,7 +25,7 @@ import inspect
 import os
 import warnings
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -196,6 +196,26 @@ def row_where(path: Path, row: int) -> str:
     return f"{path} row {row}"
 
 
+class RowIds:
+    """The image ids of one CSV, one row each. `claim(image, row, where)` is True for a new id; an
+    empty or repeated one is reported through `report(where, reason)` (naming the column, or the row
+    that had it first) and is False."""
+
+    def __init__(self, column: str, report: Callable[[str, str], None]):
+        self.column, self.report = column, report
+        self.first_row: dict[str, int] = {}
+
+    def claim(self, image: str, row: int, where: str) -> bool:
+        if not image:
+            self.report(where, f"empty {self.column!r} value")
+            return False
+        if image in self.first_row:
+            self.report(where, f"duplicate image id {image!r} (first at row {self.first_row[image]})")
+            return False
+        self.first_row[image] = row
+        return True
+
+
 def read_csv_table(path: Path, required: Sequence[str], what: str) -> pd.DataFrame:
     """Read a CSV as strings (values stripped), check `required` columns, drop blank lines.
 
@@ -307,16 +327,11 @@ def read_onehot_ground_truth(
     values = table[onehot_columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
     valid_value = (values == 0) | (values == 1)
     rows: list[tuple[int, str, int]] = []
-    first_row: dict[str, int] = {}
+    ids = RowIds(id_column, report)
     for i, (row, image) in enumerate(zip(table.index, table[id_column], strict=True)):
         where = row_where(path, row)
-        if not image:
-            report(where, f"empty {id_column!r} value")
+        if not ids.claim(image, row, where):
             continue
-        if image in first_row:
-            report(where, f"duplicate image id {image!r} (first at row {first_row[image]})")
-            continue
-        first_row[image] = row
         if not valid_value[i].all():
             column = onehot_columns[int(np.argmin(valid_value[i]))]
             report(where, f"image {image}: column {column!r} holds {table.at[row, column]!r}, expected 0 or 1")
@@ -406,14 +421,11 @@ class ISIC2019Source(Source):
             return {}
         table = read_csv_table(path, ["image", "lesion_id"], "ISIC 2019 metadata")
         out: dict[str, dict[str, str]] = {}
-        first_row: dict[str, int] = {}
+        ids = RowIds("image", self._problem)
         for row, fields in zip(table.index, table.to_dict("records"), strict=True):
             image = fields.pop("image")
-            if image in first_row:
-                self._problem(row_where(path, row), f"duplicate image id {image!r} (first at row {first_row[image]})")
-                continue
-            first_row[image] = row
-            out[image] = fields
+            if ids.claim(image, row, row_where(path, row)):
+                out[image] = fields
         return out
 
     @classmethod
@@ -469,17 +481,12 @@ class HAM10000Source(Source):
             isic_label = {image: label for _, image, label in read_isic2019_ground_truth(self.ground_truth, self._problem)}
         index = _image_index(self.root, self._image_folder_names(), self.image_dirs)
         records = []
-        first_row: dict[str, int] = {}
+        ids = RowIds("image_id", self._problem)
         for row, fields in zip(table.index, table.to_dict("records"), strict=True):
             where = row_where(self.metadata, row)
             image, dx, lesion = fields.pop("image_id"), fields["dx"], fields.pop("lesion_id")
-            if not image:
-                self._problem(where, "empty 'image_id' value")
+            if not ids.claim(image, row, where):
                 continue
-            if image in first_row:
-                self._problem(where, f"duplicate image_id {image!r} (first at row {first_row[image]})")
-                continue
-            first_row[image] = row
             if dx not in HAM10000:
                 self._problem(where, f"image {image}: unknown dx {dx!r}; known: {', '.join(HAM10000.names)}")
                 continue
@@ -687,7 +694,7 @@ class CSVSource(Source):
         vocab = self.vocab
         folder = self.root.parent
         records = []
-        first_row: dict[str, int] = {}
+        ids = RowIds("path", self._problem)
         for row, fields in zip(table.index, table.to_dict("records"), strict=True):
             where = row_where(self.root, row)
             path_value, label = fields["path"], fields["label"]
@@ -698,10 +705,8 @@ class CSVSource(Source):
                 self._problem(where, f"unknown label {label!r}; known classes: {', '.join(vocab.names)}")
                 continue
             image_id = fields.get("image_id") or _relative_image_id(path_value)
-            if image_id in first_row:
-                self._problem(where, f"duplicate image id {image_id!r} (first at row {first_row[image_id]})")
+            if not ids.claim(image_id, row, where):
                 continue
-            first_row[image_id] = row
             try:
                 path = resolve_listed_path(path_value, folder, where)
             except DataError as exc:
