@@ -56,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true", help="average probabilities over four flips of each image")
     parser.add_argument("--workers", type=int, help="image-decoding threads (default: CPU count, at most 8)")
     parser.add_argument(
+        "--operating-point",
+        metavar="NAME",
+        help="stored operating point whose binary decision /v1/predict reports (e.g. cancer@sens95; `all` or "
+        "`none`); default: the artifact's default point, when it stores any",
+    )
+    parser.add_argument(
         "--log-level",
         choices=["critical", "error", "warning", "info", "debug"],
         default="info",
@@ -78,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         tta=args.tta,
         workers=args.workers,
+        operating_point=args.operating_point,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -28,6 +28,8 @@ from skindistil import __version__
 from skindistil.config import PreprocessConfig
 from skindistil.errors import ModelError
 from skindistil.models.depth import DepthViT
+from skindistil.models.operating_points import CONFIG_KEY as OPERATING_POINTS_KEY
+from skindistil.models.operating_points import OperatingPoints, parse_operating_points
 from skindistil.models.weights import read_json_object
 
 FORMAT_VERSION = 1
@@ -141,12 +143,35 @@ def update_metrics(model_dir: str | Path, metrics: dict) -> dict:
     return merged
 
 
-def set_calibration(model_dir: str | Path, temperature: float, fitted_on: str) -> None:
-    """Record a fitted softmax temperature in config.json; `LoadedModel` applies it from then on."""
+def set_calibration(model_dir: str | Path, temperature: float, fitted_on: str) -> bool:
+    """Record a fitted softmax temperature in config.json; `LoadedModel` applies it from then on.
+
+    Stored operating points chosen at another temperature no longer mean what they say: they are
+    removed. Returns True when that happened.
+    """
     model_dir = resolve_model_dir(model_dir)
     config = read_json_object(model_dir / CONFIG_FILE)
     config["calibration"] = {"temperature": float(temperature), "fitted_on": fitted_on}
+    points = config.get(OPERATING_POINTS_KEY)
+    stale = isinstance(points, dict) and points.get("temperature") != float(temperature)
+    if stale:
+        del config[OPERATING_POINTS_KEY]
     _write_json(model_dir / CONFIG_FILE, config)
+    return stale
+
+
+def set_operating_points(model_dir: str | Path, points: dict, *, fitted_on: str, default: str) -> OperatingPoints:
+    """Store operating points ({name: point}, from `evaluation.operating_points.fit_operating_points`)
+    in config.json with the artifact's current temperature, replacing any stored before; `default`
+    names the point predict and serve report. Validated before writing (ModelError)."""
+    model_dir = resolve_model_dir(model_dir)
+    config = read_json_object(model_dir / CONFIG_FILE)
+    temperature = float(config.get("calibration", {}).get("temperature", 1.0))
+    config[OPERATING_POINTS_KEY] = jsonable(
+        {"fitted_on": fitted_on, "temperature": temperature, "default": default, "points": points})
+    stored = parse_operating_points(config, str(model_dir / CONFIG_FILE))
+    _write_json(model_dir / CONFIG_FILE, config)
+    return stored
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
@@ -160,7 +185,9 @@ def _save_weights(model: nn.Module, path: Path) -> None:
 
 def _write_json(path: Path, data: dict) -> None:
     # default=str: an exotic provenance value must not lose a finished training run's artifact
-    path.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
+    tmp.replace(path)  # readers never see a half-written file
 
 
 def jsonable(value: Any) -> Any:
@@ -322,6 +349,11 @@ class LoadedModel:
         return self
 
     @property
+    def operating_points(self) -> OperatingPoints | None:
+        """The stored operating points (`evaluate --operating-point`), validated; None when none."""
+        return parse_operating_points(self.config, str((self.path or Path(".")) / CONFIG_FILE))
+
+    @property
     def temperature(self) -> float:
         """Softmax temperature fitted on validation data (`evaluate --calibrate`); 1.0 when uncalibrated."""
         return float(self.config.get("calibration", {}).get("temperature", 1.0))
@@ -398,6 +430,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         if key not in config:
             raise ModelError(f"{config_path}: missing field {key!r}")
     model = build_model(config, str(config_path))
+    parse_operating_points(config, str(config_path))
     _load_weights(model, model_dir / WEIGHTS_FILE)
     metrics = read_json_object(model_dir / METRICS_FILE) if (model_dir / METRICS_FILE).is_file() else {}
     try:

@@ -1,6 +1,7 @@
 """The REST API and web page that serve one model artifact.
 
-    POST /v1/predict   multipart upload (field "file") -> class probabilities, top class, model, latency
+    POST /v1/predict   multipart upload (field "file") -> class probabilities, top class, decisions at the
+                       stored operating point(s), model, latency
     POST /v1/explain   multipart upload -> PNG: the model's view of the image beside its attention overlay
     GET  /v1/model     classes, preprocessing, metrics.json, model card, serving limits
     GET  /v1/stats     micro-batching counters: batches, mean batch size, ...
@@ -51,9 +52,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from skindistil import __version__
 from skindistil.data.imageio import read_image
 from skindistil.errors import ConfigError, ImageError
+from skindistil.evaluation.operating_points import decide
 from skindistil.inference.backends import warmup_batch_sizes
 from skindistil.inference.explain import METHODS, explain_png
-from skindistil.inference.predictor import Predictor
+from skindistil.inference.predictor import Predictor, select_operating_points
 from skindistil.models.artifact import CARD_FILE, WEIGHTS_FILE, LoadedModel, jsonable, load_model, model_card
 from skindistil.serve.batching import MicroBatcher, NotRunning, Overloaded
 
@@ -119,6 +121,17 @@ class Latency(BaseModel):
     total: float = Field(description="from the parsed request to the response, ms")
 
 
+class Decision(BaseModel):
+    name: str = Field(description="operating point, e.g. cancer@sens95: view @ target and level chosen on validation")
+    view: Literal["cancer", "melanoma"]
+    positive_classes: list[str] = Field(description="the classes whose probabilities the score sums")
+    target: Literal["sensitivity", "specificity"]
+    level: float = Field(description="the sensitivity or specificity the threshold reached on validation")
+    threshold: float
+    score: float = Field(description="summed probability of the positive classes")
+    positive: bool = Field(description="score >= threshold")
+
+
 class PredictResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
@@ -126,6 +139,8 @@ class PredictResponse(BaseModel):
     top_class: str
     top_probability: float
     probabilities: dict[str, float] = Field(description="class -> probability, in the model's class order")
+    operating_points: list[Decision] = Field(
+        description="the decision at each operating point the server reports (empty when the model stores none)")
     batch_size: int = Field(description="number of requests in the model call that answered this one")
     latency_ms: Latency
 
@@ -141,6 +156,7 @@ class ServingConfig(BaseModel):
     min_side: int
     max_aspect: float
     warmup_batch_sizes: list[int] = Field(description="batch sizes the model ran at start-up, before any request")
+    operating_points: list[str] = Field(description="the stored operating points /v1/predict reports")
 
 
 class ModelResponse(BaseModel):
@@ -153,6 +169,7 @@ class ModelResponse(BaseModel):
     classes: list[str]
     preprocess: dict[str, Any]
     calibration: dict[str, Any] | None
+    operating_points: dict[str, Any] | None = Field(description="the artifact's stored operating points")
     metrics: dict[str, Any] = Field(description="the artifact's metrics.json")
     model_card: str = Field(description="the artifact's model_card.md (Markdown)")
     serving: ServingConfig
@@ -400,9 +417,13 @@ class ModelService:
         tta: bool,
         workers: int | None,
         max_queue: int,
+        operating_point: str | None = None,
     ):
         self.loaded = loaded
         self.limits = limits
+        self.points, warning = select_operating_points(loaded, operating_point, tta=tta)
+        if warning:
+            log.warning(warning)
         self.predictor = Predictor(loaded, device=device, backend=backend, batch_size=max_batch, tta=tta)
         self.batcher = MicroBatcher(self._run_batch, max_batch, max_wait_ms, max_queue)
         self.workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
@@ -418,6 +439,7 @@ class ModelService:
             min_side=limits.min_side,
             max_aspect=limits.max_aspect,
             warmup_batch_sizes=warmup_batch_sizes(self.predictor.backend, max_batch),
+            operating_points=list(self.points),
         )
         self.started_at: float | None = None
         self._decode_pool = None
@@ -504,6 +526,7 @@ class ModelService:
             "top_class": self.loaded.classes[top],
             "top_probability": float(probs[top]),
             "probabilities": dict(zip(self.loaded.classes, map(float, probs), strict=True)),
+            "operating_points": self.decisions(probs),
             "batch_size": result.batch_size,
             "latency_ms": {
                 "preprocess": (preprocessed - started) * 1000,
@@ -512,6 +535,15 @@ class ModelService:
                 "total": (time.perf_counter() - started) * 1000,
             },
         }
+
+    def decisions(self, probs: np.ndarray) -> list[dict]:
+        """The decision at each reported operating point for one image's probabilities (C,)."""
+        out = []
+        for name, point in self.points.items():
+            scores, positive = decide(probs[None], self.loaded.classes, point)
+            out.append({"name": name, **{k: point[k] for k in ("view", "positive_classes", "target", "level", "threshold")},
+                        "score": float(scores[0]), "positive": bool(positive[0])})
+        return out
 
     def _explain(self, image: Image.Image, method: str, class_name: str | None) -> tuple[bytes, str, float]:
         torch.set_num_threads(MODEL_THREADS)
@@ -546,6 +578,7 @@ class ModelService:
             "classes": loaded.classes,
             "preprocess": loaded.preprocess.to_dict(),
             "calibration": jsonable(loaded.config.get("calibration")),
+            "operating_points": jsonable(loaded.config.get("operating_points")),
             "metrics": jsonable(loaded.metrics),
             "model_card": card,
             "serving": self.serving,
@@ -581,6 +614,7 @@ def create_app(
     tta: bool = False,
     workers: int | None = None,
     max_queue: int = 1024,
+    operating_point: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `model` (a LoadedModel, or an artifact path loaded onto `device`).
 
@@ -588,6 +622,8 @@ def create_app(
     max_batch / max_wait_ms: micro-batching (max_batch=1 turns it off). max_upload_mb: file limit in
     MiB. max_pixels: decoded-pixel limit. tta: flip test-time augmentation. workers: decoding threads
     (default: CPU count, at most 8). max_queue: requests waiting for the model before 503s.
+    operating_point: the stored operating point(s) /v1/predict reports decisions at (a name, "all" or
+    "none"; default: the artifact's default point when it stores any; see `select_operating_points`).
     The app's lifespan starts and stops the batcher: use it under a server or `with TestClient(app)`.
     """
     if max_upload_mb <= 0:
@@ -608,6 +644,7 @@ def create_app(
         tta=tta,
         workers=workers,
         max_queue=max_queue,
+        operating_point=operating_point,
     )
 
     @asynccontextmanager
