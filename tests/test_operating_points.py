@@ -340,3 +340,10 @@ def test_serve_reports_the_decision_beside_the_probabilities(evaluated, ham_root
     with TestClient(create_app(plain)) as client:
         body = client.post("/v1/predict", files={"file": (image.name, image.read_bytes(), "image/jpeg")}).json()
     assert body["operating_points"] == []
+
+
+def test_cli_refuses_operating_point_without_a_model_split(tmp_path, capsys):
+    for extra in (["--predictions", str(tmp_path / "p.csv"), "--truth", str(tmp_path / "t.csv")],
+                  ["--model", str(tmp_path), "--data", str(tmp_path), "--sweep-exits"]):
+        assert main(["evaluate", *extra, "--operating-point"]) == 1
+        assert "--operating-point goes with --model DIR --data DATA_DIR" in capsys.readouterr().err

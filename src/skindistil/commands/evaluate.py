@@ -57,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     from skindistil.errors import ConfigError
 
     loader = {"batch_size": args.batch_size, "num_workers": args.workers, "device": args.device}
+    if args.operating_point is not None and (args.model is None or args.family is not None or args.sweep_exits
+                                             or args.exit_threshold is not None):
+        raise ConfigError("evaluate: --operating-point goes with --model DIR --data DATA_DIR (not with --family, "
+                          "--sweep-exits or --exit-threshold)")
     if args.family is not None:
         if args.data is None:
             raise ConfigError("evaluate: --family needs --data DATA_DIR (a dataset from `skindistil prepare`)")
@@ -64,8 +68,6 @@ def run(args: argparse.Namespace) -> int:
 
         _print_family(family_report(args.family, args.data, args.split, args.out, **loader))
         return 0
-    if args.operating_point is not None and args.model is None:
-        raise ConfigError("evaluate: --operating-point needs --model DIR --data DATA_DIR")
     if args.predictions is not None:
         metrics = _evaluate_predictions_csv(args.predictions, args.truth, args.out)
     elif args.model is not None:
