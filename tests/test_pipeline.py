@@ -41,6 +41,13 @@ def test_report_has_every_section_with_numbers(quick_run):
         assert "n/a" not in cells, row
         assert all(re.fullmatch(r"[\d.,]+", c) for c in cells[1:]), row
     assert re.search(r"\d+\.\d% smaller, -?\d+\.\d% faster", report)
+    # operating points chosen on val, applied on test, with intervals, for the teacher and the student
+    melanoma = report.split("## Operating points: melanoma vs rest (test split)")[1].split("\n## ")[0]
+    for model in ("teacher", "distilvit"):
+        for point in ("melanoma@sens95", "melanoma@spec80"):
+            row = next(line for line in melanoma.splitlines() if line.startswith(f"| {model} | {point} | MEL |"))
+            assert re.search(r"\| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \|", row), row
+    assert "## Operating points: cancer vs non-cancer (test split)" in report
     html = (run_dir / "report.html").read_text()
     assert "<table>" in html and "not medical devices" in html
     for image in re.findall(r"\]\((report_assets/[^)]+\.png)\)", report):

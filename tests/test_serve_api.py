@@ -94,7 +94,9 @@ def test_predict_a_real_image(client, artifact, images, reference):
     response = client.post("/v1/predict", files=upload(images[0].read_bytes(), images[0].name))
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"model", "top_class", "top_probability", "probabilities", "batch_size", "latency_ms"}
+    assert set(body) == {"model", "top_class", "top_probability", "probabilities", "operating_points", "batch_size",
+                         "latency_ms"}
+    assert body["operating_points"] == []  # the artifact stores none
     assert body["model"] == {"name": "lesions", "version": weights_version(artifact), "role": "student"}
     assert list(body["probabilities"]) == CLASSES
     probs = np.array(list(body["probabilities"].values()))

@@ -137,3 +137,32 @@ def test_api_docs_render_offline(page, base_url):
     assert elsewhere == []
     assert any(u.endswith("/swagger-ui-bundle.js") for u in own) and any(u.endswith("/openapi.json") for u in own)
     assert httpx.get(base_url + "/redoc").status_code == 404
+def test_page_shows_the_decisions_at_the_stored_operating_points(page, ham_root, tmp_path):
+    import numpy as np
+    from playwright.sync_api import expect
+
+    from skindistil.evaluation.operating_points import fit_operating_points
+    from skindistil.models.artifact import set_operating_points
+
+    artifact = serving_artifact(tmp_path)
+    rng = np.random.default_rng(0)
+    classes = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
+    points, _ = fit_operating_points(rng.dirichlet(np.ones(8), 300), rng.integers(0, 8, 300), classes)
+    set_operating_points(artifact, points, fitted_on="data:val", default="cancer@sens95")
+    image = sorted((ham_root / "images").glob("*.jpg"))[3]
+    with serve_in_background(create_app(artifact, operating_point="all")) as url:
+        expected = httpx.post(f"{url}/v1/predict", files={"file": (image.name, image.read_bytes(), "image/jpeg")})
+        page.goto(url)
+        page.get_by_label("Choose a dermoscopic image").set_input_files(image)
+        decisions = page.locator("#decisions li")
+        decisions.nth(11).wait_for()
+        expect(page.locator("#decisions")).to_be_visible()
+    api = {d["name"]: d for d in expected.json()["operating_points"]}
+    shown = {item.get_attribute("data-point"): item for item in decisions.all()}
+    assert list(shown) == list(api) and len(api) == 12
+    for name, item in shown.items():
+        text = item.inner_text()
+        assert item.get_attribute("data-positive") == str(api[name]["positive"]).lower()
+        assert text.startswith(f"{name}: {'positive' if api[name]['positive'] else 'negative'} (score "
+                               f"{api[name]['score']:.4f}")
+        assert f"threshold {api[name]['threshold']:.4f}" in text

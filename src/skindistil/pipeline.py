@@ -187,10 +187,23 @@ class Pipeline:
         for entry in models:
             metrics_file = entry.run_dir / "eval" / split / "metrics.json"
             if not metrics_file.is_file():
-                evaluate_model(entry.model_dir, data_dir, split, progress=self.progress,
-                               num_workers=self.cfg.teacher.data.num_workers)
+                self.evaluate_model(evaluate_model, entry, data_dir, split)
             entry.metrics = json.loads(metrics_file.read_text())
         self.evaluate_families(data_dir, models)
+
+    def evaluate_model(self, evaluate_model, entry: ModelEntry, data_dir: Path, split: str) -> None:
+        """Score one model on `split`, with operating points chosen on val (skipped, with a console note,
+        when the model has no cancer or melanoma class or val cannot fix any threshold)."""
+        from skindistil.errors import DataError
+
+        options = {"progress": self.progress, "num_workers": self.cfg.teacher.data.num_workers}
+        try:
+            evaluate_model(entry.model_dir, data_dir, split, operating_point="auto", **options)
+        except DataError as exc:
+            if "no operating point can be chosen" not in str(exc):
+                raise
+            console.print(f"{entry.label}: no operating points ({exc})", markup=False, highlight=False)
+            evaluate_model(entry.model_dir, data_dir, split, **options)
 
     def evaluate_families(self, data_dir: Path, models: list[ModelEntry]) -> None:
         """Per-depth BMA of every family (cascade members, per-depth exits) and early-exit curves."""

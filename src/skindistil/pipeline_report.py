@@ -82,6 +82,7 @@ def build_report(cfg: RunConfig, run_dir: Path, data_dir: Path, models, bench: d
     section.text(f"Speed measured on {machine.get('device_name', machine.get('device', '?'))} with "
                  f"{machine.get('threads', '?')} threads, median of repeated timed calls after warm-up "
                  "(RUN/benchmark/bench.md has the full table).")
+    _operating_point_sections(doc, split, models)
 
     # --- curves
     from skindistil.pipeline import epoch_history
@@ -110,6 +111,35 @@ def build_report(cfg: RunConfig, run_dir: Path, data_dir: Path, models, bench: d
     section.table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()])
     section.text("Re-run with the same command: finished stages are skipped. Configuration: config.yaml.")
     return doc
+
+
+def _operating_point_sections(doc, split: str, models) -> None:
+    """Per view (melanoma vs rest, cancer vs non-cancer): the teacher's and student's operating points,
+    thresholds chosen on val and applied unchanged on `split`, with bootstrap intervals."""
+    scored = [(e, e.metrics["operating_points"]) for e in models
+              if e.role in ("teacher", "student") and e.metrics.get("operating_points")]
+    if not scored:
+        return
+    views = {"melanoma": "melanoma vs rest", "cancer": "cancer vs non-cancer"}
+
+    def interval(value, ci) -> str:
+        return f"{_fmt(value, 3)} [{_fmt(ci[0], 3)}, {_fmt(ci[1], 3)}]"
+
+    for view, title in views.items():
+        rows = [[entry.label, name, " + ".join(p["positive_classes"]), f"{p['threshold']:.4g}",
+                 interval(p["sensitivity"], p["sensitivity_ci"]), interval(p["specificity"], p["specificity_ci"]),
+                 f"{p['positives']} / {p['negatives']}"]
+                for entry, result in scored for name, p in result["points"].items() if p["view"] == view]
+        if not rows:
+            continue
+        section = doc.section(f"Operating points: {title} ({split} split)")
+        first = next(iter(scored[0][1]["points"].values()))
+        section.text(f"Thresholds chosen on val (sensN: the largest threshold with sensitivity >= N% there; "
+                     f"specN: the smallest with specificity >= N%), applied unchanged on {split}. 95% intervals: "
+                     f"percentile bootstrap over {scored[0][1]['units']}, {first['bootstrap']['replicates']} "
+                     f"replicates, seed {first['bootstrap']['seed']}.")
+        section.table(["model", "point", "positive classes", "threshold", "sensitivity [95% CI]",
+                       "specificity [95% CI]", "positives / negatives"], rows)
 
 
 def _speed_table(bench: dict) -> dict[tuple[str, str, int], float]:

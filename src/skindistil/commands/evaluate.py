@@ -1,4 +1,5 @@
-"""`skindistil evaluate`: score a model artifact on a prepared split, or an ISIC-format predictions CSV."""
+"""`skindistil evaluate`: score a model artifact on a prepared split, or a predictions CSV in the ISIC 2019,
+SIIM-ISIC 2020 or ISIC 2024 submission format."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--predictions",
         type=Path,
         metavar="PRED.csv",
-        help="ISIC-format predictions: image column + one probability column per class",
+        help="predictions: ISIC 2019 (image + one probability column per class), SIIM-ISIC 2020 "
+             "(image_name,target) or ISIC 2024 (isic_id,target), told apart by the id column",
     )
     parser.add_argument(
         "--truth",
         type=Path,
         metavar="GT.csv",
-        help="ISIC-format one-hot ground truth; its class columns set the order (UNK is a class only when some "
-             "row is UNK, as in the ISIC 2019 test truth; score_weight 0 rows are not scored)",
+        help="ground truth in the submission's format: ISIC 2019 one-hot (its class columns set the order; UNK is "
+             "a class only when some row is UNK, as in the ISIC 2019 test truth; score_weight 0 rows are not "
+             "scored); SIIM-ISIC 2020 train.csv (image_name, target); ISIC 2024 train-metadata.csv (isic_id, target)",
     )
     parser.add_argument("--unk-threshold", type=float, metavar="T",
                         help="with --predictions and a truth with UNK rows: score an 8-class predictions file by "
@@ -28,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="split to score with --model (default test)")
     parser.add_argument("--calibrate", action="store_true",
                         help="fit a softmax temperature on the validation split and store it in the artifact")
+    parser.add_argument("--operating-point", nargs="?", const="auto", metavar="DEFAULT",
+                        help="with --model: choose cancer-vs-non-cancer and melanoma-vs-rest thresholds (sensitivity "
+                             "and specificity 80/90/95%%) on the validation split, store them in the artifact and "
+                             "report them on --split; DEFAULT names the point predict/serve report "
+                             "(default cancer@sens95, else melanoma@sens95)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, help="data loader processes (default: all cores)")
     parser.add_argument("--device", default="cpu")
@@ -53,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
     from skindistil.errors import ConfigError
 
     loader = {"batch_size": args.batch_size, "num_workers": args.workers, "device": args.device}
+    if args.operating_point is not None and (args.model is None or args.family is not None or args.sweep_exits
+                                             or args.exit_threshold is not None):
+        raise ConfigError("evaluate: --operating-point goes with --model DIR --data DATA_DIR (not with --family, "
+                          "--sweep-exits or --exit-threshold)")
     if args.family is not None:
         if args.data is None:
             raise ConfigError("evaluate: --family needs --data DATA_DIR (a dataset from `skindistil prepare`)")
@@ -69,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
             return _early_exit(args, loader)
         from skindistil.inference.evaluate import evaluate_model
 
-        metrics = evaluate_model(args.model, args.data, args.split, args.out, calibrate=args.calibrate, **loader)
+        metrics = evaluate_model(args.model, args.data, args.split, args.out, calibrate=args.calibrate,
+                                 operating_point=args.operating_point, **loader)
     else:
         raise ConfigError("evaluate: give --model DIR --data DATA_DIR, --family RUN... --data DATA_DIR, "
                           "or --predictions PRED.csv --truth GT.csv")
@@ -117,6 +130,14 @@ def _evaluate_predictions_csv(predictions: Path, truth: Path | None, out: Path |
 
     if truth is None:
         raise ConfigError("evaluate: --predictions needs --truth GT.csv")
+    from skindistil.evaluation.challenges import evaluate_submission as evaluate_challenge_submission
+    from skindistil.evaluation.challenges import submission_format
+
+    if submission_format(predictions) != "isic2019":
+        out = out if out is not None else predictions.parent / f"{predictions.stem}_eval"
+        if unk_threshold is not None:
+            raise ConfigError("evaluate: --unk-threshold applies to ISIC 2019 submissions only")
+        return evaluate_challenge_submission(predictions, truth, out)
     # Absent classes are listed in the printed notes; the warning would only repeat them.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AbsentClassWarning)
@@ -139,6 +160,25 @@ def _print_summary(metrics: dict) -> None:
     warning = incomplete_warning(metrics)
     if warning:
         console.print(f"[bold red]{warning}[/]", highlight=False)
+    if metrics.get("operating_points"):
+        _print_operating_points(console, metrics["operating_points"])
     for note in metrics["notes"]:
         console.print(f"note: {note}")
     console.print(f"wrote {Path(metrics['files']['metrics']).parent}")
+
+
+def _print_operating_points(console, result: dict) -> None:
+    from rich.table import Table
+
+    def cell(value, interval) -> str:
+        if value != value:
+            return "n/a"
+        return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+    table = Table(title=f"operating points (thresholds from {result['fitted_on']})")
+    for column in ("point", "threshold", "sensitivity (95% CI)", "specificity (95% CI)"):
+        table.add_column(column, justify="left" if column == "point" else "right")
+    for name, p in result["points"].items():
+        table.add_row(name + (" *" if name == result["default"] else ""), f"{p['threshold']:.4g}",
+                      cell(p["sensitivity"], p["sensitivity_ci"]), cell(p["specificity"], p["specificity_ci"]))
+    console.print(table)

@@ -57,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=3,
         help="classes listed per image in JSON output and the table (default 3)",
     )
+    parser.add_argument(
+        "--operating-point",
+        metavar="NAME",
+        help="report the binary decision at a stored operating point (e.g. cancer@sens95, melanoma@spec90; "
+        "`all` or `none`); default: the point the artifact names as default, when it stores any "
+        "(`skindistil evaluate --operating-point`)",
+    )
     parser.add_argument("--workers", type=int, help="decoding threads (default: CPU count, at most 8)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -71,7 +78,12 @@ def run(args: argparse.Namespace) -> int:
     from skindistil.data.discovery import discover_images
     from skindistil.errors import ConfigError
     from skindistil.inference.backends import BACKENDS
-    from skindistil.inference.predictor import BACKEND_ALIASES, Predictor, write_predictions
+    from skindistil.inference.predictor import (
+        BACKEND_ALIASES,
+        Predictor,
+        select_operating_points,
+        write_predictions,
+    )
 
     if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
         raise ConfigError(f"--out {args.out}: the output file must end in .csv or .json")
@@ -94,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
         tta=args.tta,
         workers=args.workers,
     )
+    points, warning = select_operating_points(predictor.loaded, args.operating_point, tta=args.tta)
+    if warning:
+        err.print(f"warning: {warning}", markup=False, highlight=False)
     columns = [TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=err, disable=args.no_progress) as progress:
         task = progress.add_task("predict", total=len(paths))
@@ -101,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             paths, on_progress=lambda done, total: progress.update(task, completed=done)
         )
     result.skipped = found.not_taken
+    result.operating_points = points
 
     for problem in result.skipped:
         err.print(f"not taken {problem.where}: {problem.reason}", markup=False, highlight=False)
@@ -130,10 +146,14 @@ def _print_top_k(console, result, k: int) -> None:
     from rich.table import Table
 
     top = result.top_k(k)
+    decisions = result.decisions()
     table = Table(title=f"top-{len(top[0]) if top else k} classes")
     table.add_column("image")
     for rank in range(len(top[0]) if top else 0):
         table.add_column(f"#{rank + 1}", justify="right")
-    for image_id, row in zip(result.ids, top, strict=True):
-        table.add_row(image_id, *(f"{name} {prob:.1%}" for name, prob in row))
+    for name, point in result.operating_points.items():
+        table.add_column(f"{name} (score >= {point['threshold']:.4g})", justify="right")
+    for i, (image_id, row) in enumerate(zip(result.ids, top, strict=True)):
+        cells = [f"{'positive' if positive[i] else 'negative'} ({scores[i]:.3f})" for scores, positive in decisions.values()]
+        table.add_row(image_id, *(f"{name} {prob:.1%}" for name, prob in row), *cells)
     console.print(table)

@@ -90,6 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a request's body may take after its headers before a 408 (default 60)",
     )
     parser.add_argument(
+        "--operating-point",
+        metavar="NAME",
+        help="stored operating point whose binary decision /v1/predict reports (e.g. cancer@sens95; `all` or "
+        "`none`); default: the artifact's default point, when it stores any",
+    )
+    parser.add_argument(
         "--log-level",
         choices=["critical", "error", "warning", "info", "debug"],
         default="info",
@@ -119,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout,
         decode_memory_mb=args.decode_memory_mb,
+        operating_point=args.operating_point,
     )
     server = uvicorn.Server(server_config(app, args.host, args.port, args.log_level))
     # uvicorn shuts down gracefully on Ctrl+C, then re-raises it (as uvicorn.run, exit 0)

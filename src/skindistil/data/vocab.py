@@ -61,3 +61,5 @@ ISIC2017 = ClassVocab(["MEL", "NV", "BKL"])
 BINARY = ClassVocab(["benign", "malignant"])
 # Cancer vs non-cancer view used by the reports.
 CANCER_CLASSES = frozenset({"MEL", "BCC", "SCC", "mel", "bcc", "malignant", "melanoma"})
+# Melanoma vs rest view (operating points): the melanoma class under its names in the vocabularies above.
+MELANOMA_CLASSES = frozenset({"MEL", "mel", "melanoma"})

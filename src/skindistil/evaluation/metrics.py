@@ -201,6 +201,32 @@ def auc_above_sensitivity(y_true: np.ndarray, scores: np.ndarray, min_sensitivit
     return _trapezoid(np.r_[fpr_cross, fpr[k:]], np.r_[min_sensitivity, tpr[k:]])
 
 
+def partial_auc_above_tpr(y_true: np.ndarray, scores: np.ndarray, min_tpr: float = 0.8) -> float:
+    """ISIC 2024 (SLICE-3D) primary metric: the partial ROC area above a true positive rate of `min_tpr`.
+
+    As the challenge's published metric computes it: flip the labels (benign becomes the positive
+    class) and the scores (``1 - score``), take the ROC curve of that flipped problem up to a false
+    positive rate of ``max_fpr = 1 - min_tpr`` (the point at max_fpr linearly interpolated) and
+    integrate it with the trapezoid rule, without McClish standardisation. In the original problem
+    this is the area of the band TPR in [min_tpr, 1] that lies under the ROC curve. Range
+    [0, 1 - min_tpr]: 0.2 for a perfect ranking at 0.8, 0.02 for a random one. Tied scores move in
+    one step (a tied pair counts half). Scores are probabilities, usually in [0, 1]; ``1 - score``
+    is kept (rather than ``-score``) because the challenge uses it and its rounding can tie two
+    nearly equal scores. NaN when the truth has only one class.
+    """
+    if not 0.0 <= min_tpr < 1.0:
+        raise ValueError(f"min_tpr must be in [0, 1), got {min_tpr}")
+    y, s = _binary_inputs(y_true, scores)
+    if not _has_both_classes(y):
+        return float("nan")
+    max_fpr = 1.0 - min_tpr
+    fpr, tpr, _ = roc_curve(~y, 1.0 - s)
+    stop = int(np.searchsorted(fpr, max_fpr, side="right"))
+    # fpr[stop - 1] <= max_fpr < fpr[stop]; fpr[0] = 0 and fpr[-1] = 1 > max_fpr
+    tpr_at_max = np.interp(max_fpr, fpr[stop - 1 : stop + 1], tpr[stop - 1 : stop + 1])
+    return _trapezoid(np.r_[fpr[:stop], max_fpr], np.r_[tpr[:stop], tpr_at_max])
+
+
 def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
     """Average precision: AP = sum_k (R_k - R_{k-1}) P_k over the distinct score thresholds in
     decreasing order (R_0 = 0), with P_k and R_k the precision and recall of ``score >= t_k``. This

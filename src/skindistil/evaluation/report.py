@@ -257,9 +257,35 @@ def render_report_md(metrics: dict, title: str) -> str:
         heading = f"## Cancer vs non-cancer ({', '.join(cancer['cancer_classes'])})"
         sections.append(f"{heading}\n\n" + _md_table(["metric", "value"], rows))
 
+    if metrics.get("operating_points"):
+        sections.append(render_operating_points_md(metrics["operating_points"]))
+
     if metrics["notes"]:
         sections.append("## Notes\n\n" + "\n".join(f"- {note}" for note in metrics["notes"]))
     return "\n\n".join(sections) + "\n"
+
+
+def render_operating_points_md(result: dict) -> str:
+    """Markdown section of `inference.evaluate.operating_point_results`: one row per stored point."""
+    header = ["point", "positive classes", "threshold", "val sensitivity", "val specificity", "positives",
+              "negatives", "sensitivity (95% CI)", "specificity (95% CI)"]
+    rows = [
+        [name + (" (default)" if name == result["default"] else ""), " + ".join(p["positive_classes"]),
+         f"{p['threshold']:.6g}", p["validation"]["sensitivity"], p["validation"]["specificity"], p["positives"],
+         p["negatives"], _with_interval(p["sensitivity"], p["sensitivity_ci"]),
+         _with_interval(p["specificity"], p["specificity_ci"])]
+        for name, p in result["points"].items()
+    ]
+    first = next(iter(result["points"].values()))
+    text = (f"Thresholds chosen on {result['fitted_on']} (sensN: the largest threshold with sensitivity >= N% "
+            f"there; specN: the smallest with specificity >= N%) and applied unchanged here; positive when the "
+            f"score >= threshold. Intervals: percentile bootstrap over {first['bootstrap']['units']} "
+            f"{result['units']}, {first['bootstrap']['replicates']} replicates, seed {first['bootstrap']['seed']}.")
+    return f"## Operating points\n\n{text}\n\n" + _md_table(header, rows)
+
+
+def _with_interval(value: float, interval: Sequence[float]) -> str:
+    return f"{_fmt(value)} [{_fmt(interval[0])}, {_fmt(interval[1])}]"
 
 
 def evaluate_arrays(
@@ -272,13 +298,15 @@ def evaluate_arrays(
     notes: Sequence[str] = (),
     inputs: dict | None = None,
     scoring: dict | None = None,
+    operating_points: dict | None = None,
 ) -> dict:
     """Score `probs` (N, K) against `labels` (N,) and write everything to `out_dir`.
 
     Writes metrics.json, report.md, predictions.csv (ISIC format; ids default to row numbers) and
     confusion_matrix.png, roc.png, reliability.png. `notes` (e.g. ignored CSV columns) are added to
     the metrics' own notes; `inputs` (e.g. the files scored) is stored under "inputs", `scoring` (how
-    the rows were matched, the UNK rule) under "scoring" when given. Returns the
+    the rows were matched, the UNK rule) under "scoring" when given, `operating_points`
+    (`inference.evaluate.operating_point_results`) under "operating_points" and in report.md. Returns the
     `classification_metrics` dict plus "title", "inputs", "scoring" (if given) and "files" (name -> path).
     """
     probs = np.asarray(probs, dtype=np.float64)
@@ -298,6 +326,8 @@ def evaluate_arrays(
     metrics = classification_metrics(probs, labels, class_names)
     metrics["notes"] = [*notes, *metrics["notes"]]
     metrics = {"title": title, "inputs": dict(inputs or {}), **({"scoring": scoring} if scoring else {}), **metrics}
+    if operating_points:
+        metrics["operating_points"] = operating_points
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -320,9 +350,9 @@ def evaluate_arrays(
     return metrics
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def _read_csv(path: Path, id_column: str = IMAGE_COLUMN) -> pd.DataFrame:
     """The data rows with every cell a stripped string, so each bad value can be reported by line and
-    column; the index is the 0-based line number (the header is line 0)."""
+    column; the index is the 0-based line number (the header is line 0). `id_column` must exist."""
     if not path.is_file():
         raise CSVError(path, "file not found")
     try:
@@ -336,8 +366,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
     duplicated = sorted({c for c in columns if columns.count(c) > 1})
     if duplicated:
         raise CSVError(path, f"duplicate column(s) {', '.join(duplicated)}")
-    if IMAGE_COLUMN not in columns:
-        raise CSVError(path, f"missing column {IMAGE_COLUMN!r} (found: {', '.join(columns)})")
+    if id_column not in columns:
+        raise CSVError(path, f"missing column {id_column!r} (found: {', '.join(columns)})")
     table = raw.iloc[1:]
     if table.empty:
         raise CSVError(path, "no data rows")
@@ -345,19 +375,19 @@ def _read_csv(path: Path) -> pd.DataFrame:
     return table
 
 
-def _image_ids(table: pd.DataFrame, path: Path) -> list[str]:
-    """Image ids with a trailing .jpg removed (as the official scorer does); empty ids, and ids of one
+def _image_ids(table: pd.DataFrame, path: Path, column: str = IMAGE_COLUMN) -> list[str]:
+    """Image ids of `column` with a trailing .jpg removed (as the official scorer does); empty ids, and ids of one
     image twice (also as ISIC_X and ISIC_X_downsampled, ISIC 2019's two names of an image), are errors."""
-    ids = [_JPG_SUFFIX.sub("", s.strip()) for s in table[IMAGE_COLUMN]]
+    ids = [_JPG_SUFFIX.sub("", s.strip()) for s in table[column]]
     first: dict[str, tuple[int, str]] = {}
     for row, image_id in zip(table.index, ids, strict=True):
         if not image_id:
-            raise CSVError(_line(path, row, IMAGE_COLUMN), "empty image id")
+            raise CSVError(_line(path, row, column), "empty image id")
         key = isic_image_key(image_id)
         if key in first:
             line, earlier = first[key]
             also = f" as {earlier!r}, the same ISIC image" if earlier != image_id else ""
-            raise CSVError(_line(path, row, IMAGE_COLUMN), f"duplicate image id {image_id!r} (first on line {line}{also})")
+            raise CSVError(_line(path, row, column), f"duplicate image id {image_id!r} (first on line {line}{also})")
         first[key] = (row + 1, image_id)
     return ids
 

@@ -13,9 +13,20 @@ from rich.progress import Progress
 from skindistil.data.datamodule import SkinDataModule
 from skindistil.evaluation.calibration import fit_temperature
 from skindistil.evaluation.metrics import AbsentClassWarning
+from skindistil.evaluation.operating_points import (
+    DEFAULT_POINTS,
+    apply_operating_points,
+    fit_operating_points,
+    group_index,
+)
 from skindistil.evaluation.report import evaluate_arrays
 from skindistil.models import LoadedModel, load_model
-from skindistil.models.artifact import resolve_model_dir, set_calibration, update_metrics
+from skindistil.models.artifact import (
+    resolve_model_dir,
+    set_calibration,
+    set_operating_points,
+    update_metrics,
+)
 
 
 @dataclass
@@ -72,6 +83,7 @@ def evaluate_model(
     out_dir: str | Path | None = None,
     *,
     calibrate: bool = False,
+    operating_point: str | None = None,
     batch_size: int = 64,
     num_workers: int | None = None,
     device: str = "cpu",
@@ -80,22 +92,36 @@ def evaluate_model(
     """Score an artifact on `split`; write metrics.json, report.md, predictions.csv and plots.
 
     `calibrate` fits a softmax temperature on the validation split (NLL), stores it in the artifact,
-    and evaluates with it. The split's metrics are merged into the artifact's metrics.json under the
-    split's name, so model cards and benchmark plots show test figures.
+    and evaluates with it (operating points chosen at another temperature are removed).
+    `operating_point` ("auto" or a point name such as "melanoma@spec90") chooses every operating
+    point on the validation split (`evaluation.operating_points`), stores them in the artifact's
+    config.json with that point as the default predict and serve report ("auto": cancer@sens95, else
+    melanoma@sens95). Stored points are applied unchanged to `split`: its metrics get
+    ``operating_points`` (achieved sensitivity and specificity with bootstrap intervals over the
+    manifest's lesion/patient groups). The split's headline is merged into the artifact's
+    metrics.json under the split's name, so model cards and benchmark plots show test figures.
+    Raises DataError when no operating point can be chosen on the validation split.
     """
     loaded = load_model(model_path, device=device)
     out_dir = Path(out_dir) if out_dir else default_eval_dir(model_path, split)
     notes = []
+    loader = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress}
+    val = split_outputs(loaded, data_dir, "val", **loader) if calibrate or operating_point else None
     if calibrate:
-        val = split_outputs(loaded, data_dir, "val", batch_size=batch_size, num_workers=num_workers,
-                            progress=progress)
         temperature = fit_temperature(val.logits, val.labels)
-        set_calibration(loaded.path, temperature, fitted_on=f"{data_dir}:val")
+        if set_calibration(loaded.path, temperature, fitted_on=f"{data_dir}:val"):
+            notes.append("the stored operating points were removed: they were chosen at another temperature")
         loaded = load_model(model_path, device=device)
         notes.append(f"temperature scaling: T = {temperature:.4f}, fitted on the validation split (NLL)")
-    outputs = split_outputs(loaded, data_dir, split, batch_size=batch_size, num_workers=num_workers,
-                            progress=progress)
+    if operating_point:
+        val_probs = loaded.probabilities(torch.from_numpy(val.logits)).numpy()
+        notes += store_operating_points(loaded, val_probs, val.labels, operating_point, f"{data_dir}:val")
+        loaded = load_model(model_path, device=device)
+        if split == "val":
+            notes.append("operating points chosen on this split: their rates here are optimistic")
+    outputs = split_outputs(loaded, data_dir, split, **loader)
     probs = loaded.probabilities(torch.from_numpy(outputs.logits)).numpy()
+    points = operating_point_results(loaded, probs, outputs, data_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AbsentClassWarning)  # absent classes are listed in the report's notes
         metrics = evaluate_arrays(
@@ -103,6 +129,7 @@ def evaluate_model(
             title=f"{loaded.path.parent.name} on {split} ({len(outputs.labels)} images)", notes=notes,
             inputs={"model": str(loaded.path), "data": str(data_dir), "split": split,
                     "temperature": loaded.temperature},
+            operating_points=points,
         )
     update_metrics(loaded.path, {split: artifact_entry(metrics)})
     return metrics
@@ -117,3 +144,44 @@ def artifact_entry(metrics: dict) -> dict:
         entry["balanced_accuracy_incomplete"] = entry.pop("balanced_accuracy")
         entry["classes_absent"] = len(metrics["absent_classes"])
     return entry
+
+
+def store_operating_points(loaded: LoadedModel, probs: np.ndarray, labels: np.ndarray, default: str,
+                           fitted_on: str) -> list[str]:
+    """Choose every operating point on validation `probs` (N, K) / `labels` (N,) and store them in the
+    artifact with `default` ("auto" or a point name); returns notes on the points left out."""
+    from skindistil.errors import ConfigError, DataError
+
+    points, notes = fit_operating_points(probs, labels, loaded.classes)
+    if not points:
+        reason = "; ".join(notes) or (f"the model's classes ({', '.join(loaded.classes)}) have no cancer "
+                                      "(MEL, BCC, SCC, malignant) or melanoma class")
+        raise DataError(fitted_on, f"no operating point can be chosen: {reason}")
+    if default == "auto":
+        default = next((name for name in DEFAULT_POINTS if name in points), next(iter(points)))
+    elif default not in points:
+        raise ConfigError(f"--operating-point {default}: not a point of this model on {fitted_on} "
+                          f"(choose one of {', '.join(points)})")
+    set_operating_points(loaded.path, points, fitted_on=fitted_on, default=default)
+    return notes
+
+
+def operating_point_results(loaded: LoadedModel, probs: np.ndarray, outputs: SplitOutputs,
+                            data_dir: str | Path) -> dict | None:
+    """The artifact's stored operating points applied to a split's `probs` (None when none are stored):
+    {fitted_on, default, units, points: `apply_operating_points`}, resampling the manifest's groups."""
+    from skindistil.data.prepare import load_manifest
+
+    stored = loaded.operating_points
+    if stored is None:
+        return None
+    manifest, _ = load_manifest(data_dir)
+    group_of = dict(zip(manifest["image_id"].astype(str), manifest["group"], strict=True))
+    groups = group_index(outputs.image_ids, [group_of.get(i) for i in outputs.image_ids])
+    points = {name: point.model_dump() for name, point in stored.points.items()}
+    return {
+        "fitted_on": stored.fitted_on,
+        "default": stored.default,
+        "units": "lesion/patient groups" if any(group_of.get(i) for i in outputs.image_ids) else "images",
+        "points": apply_operating_points(probs, outputs.labels, loaded.classes, points, groups),
+    }

@@ -41,11 +41,41 @@ BACKEND_ALIASES = {"torch": "eager"}
 # ------------------------------------------------------------------------------------------- result
 
 
+def select_operating_points(loaded: LoadedModel, choice: str | None = None, *, tta: bool = False
+                            ) -> tuple[dict[str, dict], str | None]:
+    """The stored operating points whose decisions predict and serve report, as {name: point}.
+
+    choice None: the artifact's default point when it stores any (none, with a warning, under TTA);
+    "none": no point; "all": every stored point; else the point of that name. Returns (points,
+    warning or None). Raises ConfigError when an asked-for point is not stored, or is asked for with
+    TTA: thresholds are chosen on single-view probabilities, which TTA changes.
+    """
+    stored = loaded.operating_points
+    if choice == "none" or (choice is None and stored is None):
+        return {}, None
+    if choice is None and tta:
+        return {}, ("no operating-point decision: the thresholds were chosen without TTA; "
+                    "predict without --tta to report them")
+    where = loaded.path or "this model"
+    if stored is None:
+        raise ConfigError(f"--operating-point {choice}: {where} stores no operating points; choose them with "
+                          "`skindistil evaluate --model MODEL --data DATA_DIR --operating-point`")
+    if tta:
+        raise ConfigError(f"--operating-point {choice}: the thresholds were chosen without TTA; drop --tta")
+    names = list(stored.points) if choice == "all" else [choice or stored.default]
+    unknown = [n for n in names if n not in stored.points]
+    if unknown:
+        raise ConfigError(f"--operating-point {choice}: not stored in {where} "
+                          f"(stored: {', '.join(stored.points)}; or all, none)")
+    return {n: {**stored.points[n].model_dump(), "fitted_on": stored.fitted_on} for n in names}, None
+
+
 @dataclass
 class PredictionResult:
     """Predictions for a list of files: ids (file stems), their paths, probabilities [N, C] in
     `classes` order, the inputs that could not be predicted (`errors`, with reasons), and the
-    files input discovery did not take (`skipped`, with reasons; see `skindistil.data.discovery`)."""
+    files input discovery did not take (`skipped`, with reasons; see `skindistil.data.discovery`), and the
+    operating points to report decisions at ({name: point}, `select_operating_points`)."""
 
     ids: list[str]
     probs: np.ndarray
@@ -53,6 +83,13 @@ class PredictionResult:
     classes: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     skipped: list[Problem] = field(default_factory=list)
+    operating_points: dict[str, dict] = field(default_factory=dict)
+
+    def decisions(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{point name: (scores (N,) float64, positive (N,) bool)} at each of `operating_points`."""
+        from skindistil.evaluation.operating_points import decide
+
+        return {name: decide(self.probs, self.classes, point) for name, point in self.operating_points.items()}
 
     def top_k(self, k: int) -> list[list[tuple[str, float]]]:
         """Per image, the `k` most probable (class, probability) pairs, most probable first."""
@@ -62,6 +99,13 @@ class PredictionResult:
             [(self.classes[c], float(row[c])) for c in cols]
             for row, cols in zip(self.probs, order, strict=True)
         ]
+
+
+def decisions_csv_path(out: str | Path) -> Path:
+    """The sidecar of operating-point decisions for predictions file `out`: FILE.csv -> FILE.decisions.csv
+    (the predictions CSV itself keeps the ISIC format, which the official scorer checks column by column)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.decisions.csv")
 
 
 def errors_csv_path(out: str | Path) -> Path:
@@ -83,9 +127,11 @@ def write_predictions(
 
     .csv: ISIC challenge format (`image` = file stem, one probability column per class in the
     artifact's order) plus, only when some input was not predicted, the sidecar FILE.errors.csv
-    (`where,reason`: errors, then files not taken; a stale one from an earlier run is removed).
-    .json: {"classes", "predictions": [{"image", "path", "top_k": [{"class", "prob"}], "probs":
-    {class: prob}}], "errors" and "skipped": [{"where", "reason"}], **meta}.
+    (`where,reason`: errors, then files not taken; a stale one from an earlier run is removed) and, with
+    operating points, FILE.decisions.csv (`image`, then per point `<name>_score` and `<name>`: 1 positive,
+    0 negative). .json: {"classes", "predictions": [{"image", "path", "top_k": [{"class", "prob"}],
+    "probs": {class: prob}, "decisions": {name: {"score", "threshold", "positive"}}}], "operating_points":
+    {name: point}, "errors" and "skipped": [{"where", "reason"}], **meta}.
     """
     from skindistil.evaluation.report import write_predictions_csv
 
@@ -94,23 +140,39 @@ def write_predictions(
     if suffix not in (".csv", ".json"):
         raise ConfigError(f"{out}: the output file must end in .csv or .json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    decisions = result.decisions()
     if suffix == ".csv":
         write_predictions_csv(out, result.ids, result.probs, result.classes)
+        written = [out]
         sidecar, unpredicted = errors_csv_path(out), [*result.errors, *result.skipped]
         if unpredicted:
-            return [out, write_errors_csv(sidecar, unpredicted)]
-        sidecar.unlink(missing_ok=True)  # an earlier run's failures must not read as this run's
-        return [out]
+            written.append(write_errors_csv(sidecar, unpredicted))
+        else:
+            sidecar.unlink(missing_ok=True)  # an earlier run's failures must not read as this run's
+        if decisions:
+            table = pd.DataFrame({"image": result.ids})
+            for name, (scores, positive) in decisions.items():
+                table[f"{name}_score"] = scores
+                table[name] = positive.astype(int)
+            write_csv(decisions_csv_path(out), table)
+            written.append(decisions_csv_path(out))
+        else:
+            decisions_csv_path(out).unlink(missing_ok=True)
+        return written
+    thresholds = {name: point["threshold"] for name, point in result.operating_points.items()}
     predictions = [
         {
             "image": image_id,
             "path": path,
             "top_k": [{"class": name, "prob": prob} for name, prob in top],
             "probs": dict(zip(result.classes, map(float, row), strict=True)),
+            **({"decisions": {name: {"score": float(scores[i]), "threshold": thresholds[name],
+                                     "positive": bool(positive[i])}
+                              for name, (scores, positive) in decisions.items()}} if decisions else {}),
         }
-        for image_id, path, row, top in zip(
+        for i, (image_id, path, row, top) in enumerate(zip(
             result.ids, result.paths, result.probs, result.top_k(top_k), strict=True
-        )
+        ))
     ]
     document = {
         **(meta or {}),
@@ -118,6 +180,7 @@ def write_predictions(
         "num_predicted": len(result.ids),
         "num_errors": len(result.errors),
         "num_skipped": len(result.skipped),
+        **({"operating_points": result.operating_points} if decisions else {}),
         "predictions": predictions,
         "errors": [e.to_dict() for e in result.errors],
         "skipped": [e.to_dict() for e in result.skipped],

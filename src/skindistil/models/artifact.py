@@ -30,6 +30,8 @@ from skindistil.config import PreprocessConfig
 from skindistil.errors import ModelError
 from skindistil.files import save_safetensors, write_json, write_text
 from skindistil.models.depth import DepthViT
+from skindistil.models.operating_points import CONFIG_KEY as OPERATING_POINTS_KEY
+from skindistil.models.operating_points import OperatingPoints, parse_operating_points
 from skindistil.models.schema import FORMAT_VERSION, MAX_PARAMETERS, ArtifactConfig, validate_config
 from skindistil.models.weights import read_json_object
 
@@ -147,15 +149,37 @@ def update_metrics(model_dir: str | Path, metrics: dict) -> dict:
     return merged
 
 
-def set_calibration(model_dir: str | Path, temperature: float, fitted_on: str) -> None:
+def set_calibration(model_dir: str | Path, temperature: float, fitted_on: str) -> bool:
     """Record a fitted softmax temperature in config.json; `LoadedModel` applies it from then on.
 
-    ModelError when the temperature is not finite and positive (nothing is written then)."""
+    Stored operating points chosen at another temperature no longer mean what they say: they are
+    removed. Returns True when that happened. ModelError when the temperature is not finite and
+    positive (nothing is written then).
+    """
     model_dir = resolve_model_dir(model_dir)
     config = read_json_object(model_dir / CONFIG_FILE)
     config["calibration"] = {"temperature": float(temperature), "fitted_on": fitted_on}
+    points = config.get(OPERATING_POINTS_KEY)
+    stale = isinstance(points, dict) and points.get("temperature") != float(temperature)
+    if stale:
+        del config[OPERATING_POINTS_KEY]
     validate_config(config, str(model_dir / CONFIG_FILE))
     _write_json(model_dir / CONFIG_FILE, config)
+    return stale
+
+
+def set_operating_points(model_dir: str | Path, points: dict, *, fitted_on: str, default: str) -> OperatingPoints:
+    """Store operating points ({name: point}, from `evaluation.operating_points.fit_operating_points`)
+    in config.json with the artifact's current temperature, replacing any stored before; `default`
+    names the point predict and serve report. Validated before writing (ModelError)."""
+    model_dir = resolve_model_dir(model_dir)
+    config = read_json_object(model_dir / CONFIG_FILE)
+    temperature = float(config.get("calibration", {}).get("temperature", 1.0))
+    config[OPERATING_POINTS_KEY] = jsonable(
+        {"fitted_on": fitted_on, "temperature": temperature, "default": default, "points": points})
+    stored = parse_operating_points(config, str(model_dir / CONFIG_FILE))
+    _write_json(model_dir / CONFIG_FILE, config)
+    return stored
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
@@ -360,6 +384,11 @@ class LoadedModel:
     def to(self, device: str | torch.device) -> LoadedModel:
         self.model.to(device)
         return self
+
+    @property
+    def operating_points(self) -> OperatingPoints | None:
+        """The stored operating points (`evaluate --operating-point`), validated; None when none."""
+        return parse_operating_points(self.config, str((self.path or Path(".")) / CONFIG_FILE))
 
     @property
     def temperature(self) -> float:

@@ -5,7 +5,8 @@ field that decides a number the model reports is checked here before anything is
 architecture (a ViT of timm's `vision_transformer` module, only the constructor arguments listed in
 `VitKwargs`, each within a sane range), the class names (unique, one per output), the preprocessing
 (finite mean, finite positive std, bounded sizes: `skindistil.config.PreprocessConfig`), the
-calibration temperature (finite, positive) and the exits of a per-depth model. The parameter count
+calibration temperature (finite, positive), the exits of a per-depth model and the stored operating
+points (`skindistil.models.operating_points`). The parameter count
 is then computed on PyTorch's meta device (no memory) and bounded by `MAX_PARAMETERS` before the
 network is allocated (`skindistil.models.artifact.build_model`).
 
@@ -31,6 +32,7 @@ from pydantic import (
 
 from skindistil.config import MAX_IMAGE_SIZE, PreprocessConfig
 from skindistil.errors import ConfigError, ModelError
+from skindistil.models.operating_points import parse_operating_points
 
 FORMAT_VERSION = 1
 KINDS = ("vit", "depth_vit")
@@ -148,6 +150,8 @@ class ArtifactConfig(BaseModel):
     exits: Literal["all"] | list[int] | None = None
     shared_head: bool | None = None
     calibration: Calibration | None = None
+    # checked whole, against the classes and the temperature, by `operating_points.parse_operating_points`
+    operating_points: dict[str, Any] | None = None
 
     @field_validator("preprocess", mode="before")
     @classmethod
@@ -192,9 +196,11 @@ def validate_config(data: dict, where: str) -> ArtifactConfig:
     if data.get("format") != FORMAT_VERSION:
         raise ModelError(f"{where}: unsupported artifact format {data.get('format')!r} (expected {FORMAT_VERSION})")
     try:
-        return ArtifactConfig.model_validate(data)
+        checked = ArtifactConfig.model_validate(data)
     except ValidationError as exc:
         raise ModelError(f"{where}: invalid model config: {describe_errors(exc)}") from None
+    parse_operating_points(data, where)
+    return checked
 
 
 def describe_errors(exc: ValidationError) -> str:

@@ -1,6 +1,7 @@
 """The REST API and web page that serve one model artifact.
 
-    POST /v1/predict   multipart upload (field "file") -> class probabilities, top class, model, latency
+    POST /v1/predict   multipart upload (field "file") -> class probabilities, top class, decisions at the
+                       stored operating point(s), model, latency
     POST /v1/explain   multipart upload -> PNG: the model's view of the image beside its attention overlay
     GET  /v1/model     classes, preprocessing, metrics.json, model card, serving limits
     GET  /v1/stats     micro-batching counters: batches, mean batch size, ...
@@ -59,9 +60,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from skindistil import __version__
 from skindistil.data.imageio import image_size, read_image
 from skindistil.errors import ConfigError, ImageError, ModelError
+from skindistil.evaluation.operating_points import decide
 from skindistil.inference.backends import warmup_batch_sizes
 from skindistil.inference.explain import METHODS, explain_png
-from skindistil.inference.predictor import Predictor
+from skindistil.inference.predictor import Predictor, select_operating_points
 from skindistil.models.artifact import CARD_FILE, WEIGHTS_FILE, LoadedModel, jsonable, load_model, model_card
 from skindistil.serve.batching import MicroBatcher, NotRunning, Overloaded
 from skindistil.serve.guard import GuardStats, MemoryBudget, ServerLimits
@@ -136,6 +138,17 @@ class Latency(BaseModel):
     total: float = Field(description="from the parsed request to the response, ms")
 
 
+class Decision(BaseModel):
+    name: str = Field(description="operating point, e.g. cancer@sens95: view @ target and level chosen on validation")
+    view: Literal["cancer", "melanoma"]
+    positive_classes: list[str] = Field(description="the classes whose probabilities the score sums")
+    target: Literal["sensitivity", "specificity"]
+    level: float = Field(description="the sensitivity or specificity the threshold reached on validation")
+    threshold: float
+    score: float = Field(description="summed probability of the positive classes")
+    positive: bool = Field(description="score >= threshold")
+
+
 class PredictResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
@@ -143,6 +156,8 @@ class PredictResponse(BaseModel):
     top_class: str
     top_probability: float
     probabilities: dict[str, float] = Field(description="class -> probability, in the model's class order")
+    operating_points: list[Decision] = Field(
+        description="the decision at each operating point the server reports (empty when the model stores none)")
     batch_size: int = Field(description="number of requests in the model call that answered this one")
     latency_ms: Latency
 
@@ -165,6 +180,7 @@ class ServingConfig(BaseModel):
         description="budget for the uploads being decoded, MiB; each reserves its file size + "
         f"{DECODE_BYTES_PER_PIXEL} bytes per pixel"
     )
+    operating_points: list[str] = Field(description="the stored operating points /v1/predict reports")
 
 
 class ModelResponse(BaseModel):
@@ -177,6 +193,7 @@ class ModelResponse(BaseModel):
     classes: list[str]
     preprocess: dict[str, Any]
     calibration: dict[str, Any] | None
+    operating_points: dict[str, Any] | None = Field(description="the artifact's stored operating points")
     metrics: dict[str, Any] = Field(description="the artifact's metrics.json")
     model_card: str = Field(description="the artifact's model_card.md (Markdown)")
     serving: ServingConfig
@@ -465,9 +482,13 @@ class ModelService:
         max_queue: int,
         server_limits: ServerLimits,
         decode_memory_mb: float,
+        operating_point: str | None = None,
     ):
         self.loaded = loaded
         self.limits = limits
+        self.points, warning = select_operating_points(loaded, operating_point, tta=tta)
+        if warning:
+            log.warning(warning)
         self.predictor = Predictor(loaded, device=device, backend=backend, batch_size=max_batch, tta=tta)
         self.batcher = MicroBatcher(self._run_batch, max_batch, max_wait_ms, max_queue)
         self.workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
@@ -489,6 +510,7 @@ class ModelService:
             header_timeout_s=server_limits.header_timeout_s,
             body_timeout_s=server_limits.body_timeout_s,
             decode_memory_mb=decode_memory_mb,
+            operating_points=list(self.points),
         )
         self.started_at: float | None = None
         self._budget: MemoryBudget | None = None
@@ -602,6 +624,7 @@ class ModelService:
             "top_class": self.loaded.classes[top],
             "top_probability": float(probs[top]),
             "probabilities": dict(zip(self.loaded.classes, map(float, probs), strict=True)),
+            "operating_points": self.decisions(probs),
             "batch_size": result.batch_size,
             "latency_ms": {
                 "preprocess": (preprocessed - started) * 1000,
@@ -610,6 +633,15 @@ class ModelService:
                 "total": (time.perf_counter() - started) * 1000,
             },
         }
+
+    def decisions(self, probs: np.ndarray) -> list[dict]:
+        """The decision at each reported operating point for one image's probabilities (C,)."""
+        out = []
+        for name, point in self.points.items():
+            scores, positive = decide(probs[None], self.loaded.classes, point)
+            out.append({"name": name, **{k: point[k] for k in ("view", "positive_classes", "target", "level", "threshold")},
+                        "score": float(scores[0]), "positive": bool(positive[0])})
+        return out
 
     def _explain(self, image: Image.Image, method: str, class_name: str | None) -> tuple[bytes, str, float]:
         torch.set_num_threads(MODEL_THREADS)
@@ -651,6 +683,7 @@ class ModelService:
             "classes": loaded.classes,
             "preprocess": loaded.preprocess.to_dict(),
             "calibration": jsonable(loaded.config.get("calibration")),
+            "operating_points": jsonable(loaded.config.get("operating_points")),
             "metrics": jsonable(loaded.metrics),
             "model_card": card,
             "serving": self.serving,
@@ -692,6 +725,7 @@ def create_app(
     header_timeout_s: float = ServerLimits.header_timeout_s,
     body_timeout_s: float = ServerLimits.body_timeout_s,
     decode_memory_mb: float = DECODE_MEMORY_MB,
+    operating_point: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `model` (a LoadedModel, or an artifact path loaded onto `device`).
 
@@ -703,6 +737,8 @@ def create_app(
     reads them from app.state.server_limits). body_timeout_s: seconds a request body may take.
     decode_memory_mb: budget, MiB, for the uploads being decoded (see `decode_cost`); it must hold
     the largest accepted upload (`largest_decode_cost`).
+    operating_point: the stored operating point(s) /v1/predict reports decisions at (a name, "all" or
+    "none"; default: the artifact's default point when it stores any; see `select_operating_points`).
     The app's lifespan starts and stops the batcher: use it under a server or `with TestClient(app)`.
     A model error at start-up (e.g. non-finite probabilities in the warm-up) stops the start and is
     kept in app.state.startup_error. Raises ModelError for an artifact that cannot be loaded.
@@ -738,6 +774,7 @@ def create_app(
         max_queue=max_queue,
         server_limits=server_limits,
         decode_memory_mb=decode_memory_mb,
+        operating_point=operating_point,
     )
 
     @asynccontextmanager

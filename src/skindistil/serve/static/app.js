@@ -86,6 +86,26 @@ function renderBars(probabilities) {
   });
 }
 
+// One line per stored operating point, e.g. "cancer@sens95: positive (score 0.4312 >= threshold 0.2100;
+// MEL + BCC + SCC, threshold chosen for 95% sensitivity on validation)".
+function renderDecisions(decisions) {
+  const list = $("decisions");
+  list.replaceChildren();
+  decisions.forEach((d) => {
+    const item = document.createElement("li");
+    item.className = d.positive ? "decision positive" : "decision negative";
+    item.dataset.point = d.name;
+    item.dataset.positive = String(d.positive);
+    const comparison = d.positive ? ">=" : "<";
+    item.textContent =
+      `${d.name}: ${d.positive ? "positive" : "negative"} (score ${d.score.toFixed(4)} ${comparison} threshold ` +
+      `${d.threshold.toFixed(4)}; ${d.positive_classes.join(" + ")}, threshold chosen for ` +
+      `${Math.round(d.level * 100)}% ${d.target} on validation)`;
+    list.append(item);
+  });
+  list.hidden = decisions.length === 0;
+}
+
 async function predict(file, request) {
   const form = new FormData();
   form.append("file", file);
@@ -95,6 +115,7 @@ async function predict(file, request) {
   const result = await response.json();
   if (request !== currentRequest) return null;
   renderBars(result.probabilities);
+  renderDecisions(result.operating_points || []);
   const top = result.top_class;
   $("top-class").textContent =
     `Most probable: ${top}${CLASS_NAMES[top] ? ` (${CLASS_NAMES[top]})` : ""}, probability ${result.top_probability.toFixed(4)}`;
