@@ -207,6 +207,34 @@ def test_distill_cli_end_to_end(teacher, ham_small, tmp_path):
     assert log["train/cos"].notna().any()  # the cosine term was on
 
 
+def _gate_args(teacher, ham_small, tmp_path, gate):
+    return ["distill", "--teacher", str(teacher.parent), "--data", str(ham_small), "--keep", "2", "--epochs", "1",
+            "--batch-size", "32", "--workers", "0", "--accelerator", "cpu", "--precision", "32-true",
+            "--out-dir", str(tmp_path), "--name", "gated", "--no-progress", "--min-class-retention", gate,
+            "trainer.limit_train_batches=2"]
+
+
+def test_distill_retention_gate_fails_the_exit_code_after_writing_its_report(teacher, ham_small, tmp_path):
+    assert main(_gate_args(teacher, ham_small, tmp_path, "mel=100,nv=0.5")) == 1
+    result = json.loads((tmp_path / "gated" / "eval" / "test" / "retention.json").read_text())
+    assert result["passed"] is False and result["gate"] == {"mel": 100.0, "nv": 0.5}
+    (student,) = result["students"]
+    assert student["failures"][0].startswith("mel: ")
+    per_class = student["comparison"]["per_class"]
+    teacher_eval = evaluate_model(teacher, ham_small, "test", tmp_path / "t", num_workers=0, progress=False)
+    for name in ("mel", "nv"):
+        assert per_class[name]["teacher_recall"] == pytest.approx(teacher_eval["per_class"][name]["sensitivity"],
+                                                                  nan_ok=True)
+    report = (tmp_path / "gated" / "eval" / "test" / "retention.md").read_text()
+    assert "FAILS the gate: mel: " in report and "distinguishable from zero" in report
+
+
+def test_distill_gate_on_an_unknown_class_stops_before_training(teacher, ham_small, tmp_path, capsys):
+    assert main(_gate_args(teacher, ham_small, tmp_path, "MEL=0.97")) == 1
+    assert "unknown class 'MEL'" in capsys.readouterr().err
+    assert not (tmp_path / "gated").exists()
+
+
 # ------------------------------------------------------------------------------------------ early exit
 
 

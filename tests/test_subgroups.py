@@ -115,3 +115,27 @@ def test_evaluation_of_a_real_split_has_intervals_by_lesion_and_subgroups(ham_sm
     assert "| balanced_accuracy |" in report and f"[{low:.4f}, {high:.4f}]" in report
     assert "## Subgroups" in report and "largest BMA gap" in report
     assert (tmp_path / "eval" / "subgroups.png").stat().st_size > 5000
+
+
+def test_skin_type_columns_of_a_csv_reach_the_manifest_and_the_subgroups(ham_root, tmp_path):
+    from skindistil.data.prepare import prepare_dataset
+    from skindistil.data.sources import build_source
+
+    meta = pd.read_csv(ham_root / "HAM10000_metadata.csv")
+    meta = meta[[(ham_root / "images" / f"{i}.jpg").is_file() for i in meta["image_id"]]].head(24)
+    types = ["I", "II", "III", "IV", "V", "VI"]
+    table = pd.DataFrame({
+        "path": [str(ham_root / "images" / f"{i}.jpg") for i in meta["image_id"]], "image_id": meta["image_id"],
+        "label": meta["dx"],
+        "lesion_id": meta["lesion_id"], "sex": meta["sex"],
+        "fitzpatrick": [types[i % 6] for i in range(len(meta))],
+        "ita": [str(60 - 5 * i) if i % 5 else "" for i in range(len(meta))]})
+    table.to_csv(tmp_path / "list.csv", index=False)
+    out = tmp_path / "prepared"
+    prepare_dataset(build_source("csv", tmp_path / "list.csv"), out, short_side=32, workers=0, progress=False)
+    manifest, _ = load_manifest(out)
+    attributes = subgroup_attributes(manifest.set_index("image_id").loc[meta["image_id"]].reset_index())
+    assert attributes["skin type"] == [types[i % 6] for i in range(len(meta))]
+    assert attributes["ITA"] == [ita_category(v) for v in table["ita"].fillna("")]
+    assert pd.Series(attributes["ITA"]).value_counts()[MISSING] == 5
+    assert (manifest.set_index("image_id").loc[meta["image_id"], "lesion_id"] == meta["lesion_id"].to_numpy()).all()

@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="split to score with --model (default test)")
     parser.add_argument("--calibrate", action="store_true",
                         help="fit a softmax temperature on the validation split and store it in the artifact")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="resamples behind the 95%% intervals (of patients or lesions where the manifest has "
+                             "them, else images; seed 42); 0 for none (default 1000)")
+    parser.add_argument("--subgroup-min-size", type=int, default=30, metavar="N",
+                        help="with --model: subgroups (sex, age band, site, skin type) with fewer images are "
+                             "reported as too small, not scored (default 30)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, help="data loader processes (default: all cores)")
     parser.add_argument("--device", default="cpu")
@@ -56,8 +62,11 @@ def run(args: argparse.Namespace) -> int:
 
         _print_family(family_report(args.family, args.data, args.split, args.out, **loader))
         return 0
+    from skindistil.evaluation.bootstrap import BootstrapSettings
+
+    bootstrap = BootstrapSettings(resamples=args.bootstrap)
     if args.predictions is not None:
-        metrics = _evaluate_predictions_csv(args.predictions, args.truth, args.out)
+        metrics = _evaluate_predictions_csv(args.predictions, args.truth, args.out, bootstrap)
     elif args.model is not None:
         if args.data is None:
             raise ConfigError("evaluate: --model needs --data DATA_DIR (a dataset from `skindistil prepare`)")
@@ -65,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
             return _early_exit(args, loader)
         from skindistil.inference.evaluate import evaluate_model
 
-        metrics = evaluate_model(args.model, args.data, args.split, args.out, calibrate=args.calibrate, **loader)
+        metrics = evaluate_model(args.model, args.data, args.split, args.out, calibrate=args.calibrate,
+                                 bootstrap=bootstrap, subgroup_min_size=args.subgroup_min_size, **loader)
     else:
         raise ConfigError("evaluate: give --model DIR --data DATA_DIR, --family RUN... --data DATA_DIR, "
                           "or --predictions PRED.csv --truth GT.csv")
@@ -103,7 +113,7 @@ def _print_family(result: dict) -> None:
     console.print(f"wrote {Path(result['files']['md']).parent}")
 
 
-def _evaluate_predictions_csv(predictions: Path, truth: Path | None, out: Path | None) -> dict:
+def _evaluate_predictions_csv(predictions: Path, truth: Path | None, out: Path | None, bootstrap=None) -> dict:
     import warnings
 
     from skindistil.errors import ConfigError
@@ -128,6 +138,7 @@ def _evaluate_predictions_csv(predictions: Path, truth: Path | None, out: Path |
             title=f"Evaluation of {predictions.name} against {truth.name}",
             notes=notes,
             inputs={"predictions": str(predictions), "truth": str(truth)},
+            bootstrap=bootstrap,
         )
 
 
@@ -135,14 +146,16 @@ def _print_summary(metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from skindistil.evaluation.report import headline_rows, incomplete_warning
+    from skindistil.evaluation.report import format_interval, headline_rows, incomplete_warning, interval
 
     console = Console()
     table = Table(title=metrics["title"])
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in headline_rows(metrics):
-        table.add_row(key, "n/a" if value != value else f"{value:.4f}")
+    table.add_column("95% CI" if metrics.get("intervals") else "", justify="right")
+    for (key, value), name in zip(headline_rows(metrics), metrics["headline"], strict=False):
+        bounds = interval(metrics, name)
+        table.add_row(key, "n/a" if value != value else f"{value:.4f}", format_interval(bounds) if bounds else "")
     console.print(table)
     warning = incomplete_warning(metrics)
     if warning:

@@ -34,7 +34,7 @@ import pandas as pd
 from PIL import Image
 
 from skindistil.data.imageio import DEFAULT_MAX_PIXELS, read_image
-from skindistil.data.records import Problem, Record, standard_metadata
+from skindistil.data.records import METADATA_FIELDS, Problem, Record, standard_metadata
 from skindistil.data.vocab import HAM10000, ISIC2019, ClassVocab
 from skindistil.errors import CSVError, DataError, ImageError
 
@@ -639,7 +639,8 @@ class CSVSource(Source):
 
     Paths are relative to the CSV's folder (absolute paths are kept). The vocabulary is the sorted
     set of label names unless `class_names` fixes it (then other labels are errors). The image id
-    is the `image_id` column if present, else the path without its extension.
+    is the `image_id` column if present, else the path without its extension. Columns named as the
+    METADATA_FIELDS (age, sex, site, patient_id, lesion_id, fitzpatrick, ita) go to the manifest.
     """
 
     def __init__(
@@ -691,7 +692,8 @@ class CSVSource(Source):
                 self._problem(where, f"image file {str(path)!r} not found", DataError)
                 continue
             group = fields.get("group") or None
-            records.append(Record(image_id, str(path), vocab.index(label), group=group, meta={"row": row}))
+            meta = {"row": row, **standard_metadata(**{k: fields[k] for k in METADATA_FIELDS if k in fields})}
+            records.append(Record(image_id, str(path), vocab.index(label), group=group, meta=meta))
         return records
 
     @classmethod
