@@ -64,15 +64,17 @@ def test_attributes_and_counts_follow_the_real_metadata(ham_small, ham_root):
 
 def test_subgroup_metrics_counts_small_groups_and_the_gap():
     rng = np.random.default_rng(0)
-    n = 200
+    n = 230
     labels = rng.integers(0, 3, n)
     probs = rng.dirichlet(np.ones(3), n) + 0.6 * np.eye(3)[labels] * (np.arange(n) < 120)[:, None]
-    groups = ["a"] * 120 + ["b"] * 50 + ["c"] * 20 + [MISSING] * 10
+    probs[190:] = np.eye(3)[labels[190:]]  # the images without a value: perfect, yet never part of the gap
+    groups = ["a"] * 120 + ["b"] * 50 + ["c"] * 20 + [""] * 40
     result = subgroup_metrics(probs, labels, ["x", "y", "z"], {"g": groups}, settings=BootstrapSettings(100),
                               min_size=30)
     rows = {r["group"]: r for r in result["attributes"]["g"]["groups"]}
     assert [r["group"] for r in result["attributes"]["g"]["groups"]] == ["a", "b", "c", MISSING]
-    assert {g: r["count"] for g, r in rows.items()} == {"a": 120, "b": 50, "c": 20, MISSING: 10}
+    assert {g: r["count"] for g, r in rows.items()} == {"a": 120, "b": 50, "c": 20, MISSING: 40}
+    assert rows[MISSING]["scored"] and rows[MISSING]["balanced_accuracy"] == 1.0
     assert not rows["c"]["scored"] and rows["c"]["balanced_accuracy"] is None and rows["c"]["bma_interval"] is None
     preds = M.decide(probs)
     assert rows["b"]["balanced_accuracy"] == pytest.approx(M.balanced_accuracy(labels[120:170], preds[120:170], 3))

@@ -81,6 +81,7 @@ def build_report(cfg: RunConfig, run_dir: Path, data_dir: Path, models, bench: d
         row += [_fmt(speed.get((str(entry.model_dir.resolve()), d, b)), 3) for d, b in speed_cols]
         rows.append(row)
     section.table(header, rows)
+    _noise_sentences(section, models, comparisons or {}, manifest, split)
     for ratio in bench.get("ratios", []):
         if ratio["backend"] == "eager":
             section.text(f"Student vs teacher ({ratio['device']}, eager, batch {ratio['batch_size']}): "
@@ -126,6 +127,30 @@ def build_report(cfg: RunConfig, run_dir: Path, data_dir: Path, models, bench: d
 
 def _interval_cell(value: float | None, bounds) -> str:
     return f"{_fmt(value)} {format_interval(bounds)}" if bounds else _fmt(value)
+
+
+def _noise_sentences(section, models, comparisons: dict, manifest, split: str) -> None:
+    """Under the table: whether each student's retention is more than noise, and how the teacher's
+    validation BMA (its checkpoint selection) compares with its test interval."""
+    for entry in models[1:]:
+        c = comparisons.get(entry.label)
+        if c is not None and entry.role == "student":
+            ret = c["bma"]["retention"]
+            bounds = ret["interval"]
+            span = f" (interval {100 * bounds[0]:.1f}% to {100 * bounds[1]:.1f}%)" if bounds else ""
+            section.text(f"{entry.label} keeps {100 * ret['value']:.1f}% of the teacher's BMA{span}. {c['verdict']}")
+    teacher = models[0]
+    val_bma = (json.loads((teacher.model_dir / "metrics.json").read_text()).get("val") or {}).get("bma") \
+        if (teacher.model_dir / "metrics.json").is_file() else None
+    bounds = interval(teacher.metrics, "balanced_accuracy")
+    if val_bma is not None and bounds:
+        n_val = int((manifest["split"] == "val").sum())
+        inside = bounds[0] <= val_bma <= bounds[1]
+        section.text(f"Teacher checkpoint selected on validation BMA {val_bma:.4f} ({n_val} images); {split} BMA "
+                     f"{_fmt(teacher.metrics['headline']['balanced_accuracy'])}, interval {format_interval(bounds)}: "
+                     + ("the validation figure lies inside it." if inside else
+                        "the validation figure lies outside it, so one of the two splits misleads (a small "
+                        "validation split makes checkpoint selection noisy)."))
 
 
 def _uncertainty_sections(doc, cfg, models, comparisons: dict, gate_failures: dict) -> None:
