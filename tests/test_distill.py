@@ -275,6 +275,29 @@ def test_simulated_early_exit_matches_the_model(fcvit_outputs, ham_small):
     np.testing.assert_array_equal(logits, outputs.logits[-1])
 
 
+def test_sweep_scores_calibration_and_teacher_agreement_at_every_threshold(fcvit_outputs, teacher, ham_small,
+                                                                          tmp_path):
+    from skindistil.evaluation.metrics import decide, expected_calibration_error
+    from skindistil.inference.early_exit import sweep_exits
+
+    loaded, outputs = fcvit_outputs
+    t_loaded = load_model(teacher)
+    t_out = split_outputs(t_loaded, ham_small, "test", batch_size=16, num_workers=0, progress=False)
+    teacher_probs = torch.from_numpy(t_out.logits).softmax(-1).numpy()
+    result = sweep_exits(loaded.path, ham_small, "test", tmp_path, thresholds=[0.5], num_workers=0, progress=False,
+                         teacher_probs=teacher_probs)
+    exits = list(loaded.model.exits)
+    for point, tau in zip(result["points"], [0.5, np.inf], strict=True):
+        logits, _ = simulate_early_exit(outputs.logits, exits, tau)
+        probs = torch.from_numpy(logits).softmax(-1).numpy()
+        assert point["ece"] == pytest.approx(expected_calibration_error(probs, outputs.labels))
+        assert point["comparison"]["agreement"]["top1"] == pytest.approx(np.mean(decide(probs) == decide(teacher_probs)))
+    for i, depth in enumerate(exits):
+        probs = torch.from_numpy(outputs.logits[i]).softmax(-1).numpy()
+        assert result["per_exit_ece"][depth] == pytest.approx(expected_calibration_error(probs, outputs.labels))
+    assert "| 0.50 |" in (tmp_path / "early_exit.md").read_text()
+
+
 def test_mean_depth_grows_with_the_threshold(fcvit_outputs):
     loaded, outputs = fcvit_outputs
     grid = np.linspace(0.0, 1.0, 21)
@@ -337,6 +360,13 @@ def test_family_report_tables_and_plot(distilled, teacher, ham_small, tmp_path):
     assert by_method["cascade"]["rows"][-1]["bma"] == pytest.approx(report["teachers"][0]["bma"])
     fcvit_full = evaluate_model(fcvit.run_dir, ham_small, "test", tmp_path / "f", num_workers=0, progress=False)
     assert by_method["fcvit"]["rows"][-1]["bma"] == pytest.approx(fcvit_full["headline"]["balanced_accuracy"])
+    # calibration of every member, and the paired comparison with the teacher, as evaluate computes them
+    last = by_method["fcvit"]["rows"][-1]
+    assert last["ece"] == pytest.approx(fcvit_full["headline"]["ece"])
+    assert last["reliability"]["count"] == fcvit_full["reliability"]["count"]
+    expected = fcvit_full["headline"]["balanced_accuracy"] - teacher_bma["headline"]["balanced_accuracy"]
+    assert last["comparison"]["bma"]["difference"]["value"] == pytest.approx(expected)
+    assert all(("comparison" in r) == (r["role"] == "member") for f in report["families"] for r in f["rows"])
     for fam in report["families"]:
         for row in fam["rows"]:
             assert 0 <= row["bma"] <= 1 and 0 <= row["accuracy"] <= 1 and 0 <= row["macro_f1"] <= 1

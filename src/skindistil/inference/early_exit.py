@@ -30,6 +30,7 @@ from skindistil.evaluation.metrics import (
     balanced_accuracy,
     decide,
     expected_calibration_error,
+    reliability_bins,
 )
 from skindistil.evaluation.plots import plot_early_exit_curve
 from skindistil.evaluation.report import evaluate_arrays, write_metrics_json
@@ -70,8 +71,8 @@ def early_exit_point(
     all_logits: np.ndarray, labels: np.ndarray, exits: Sequence[int], threshold: float | str, num_classes: int,
     teacher: dict | None = None,
 ) -> dict:
-    """BMA, accuracy, ECE, mean depth used and the share of samples leaving at each exit, at one
-    threshold (`FULL_DEPTH` for the last exit alone). `teacher` ({"probs" [N, C], "classes", "units",
+    """BMA, accuracy, ECE and reliability bins, mean depth used and the share of samples leaving at
+    each exit, at one threshold (`FULL_DEPTH` for the last exit alone). `teacher` ({"probs" [N, C], "classes", "units",
     "unit_counts", "bootstrap"}) adds "comparison": `retention.compare_models` against it."""
     tau = np.inf if threshold == FULL_DEPTH else float(threshold)
     logits, depths = simulate_early_exit(all_logits, exits, tau)
@@ -85,6 +86,7 @@ def early_exit_point(
         "bma": bma,
         "accuracy": accuracy(labels, preds),
         "ece": expected_calibration_error(probs, labels),
+        "reliability": {key: value.tolist() for key, value in reliability_bins(probs, labels).items()},
         "mean_depth": float(depths.mean()),
         "exit_share": {int(d): float(np.mean(depths == d)) for d in exits},
     }
@@ -288,6 +290,7 @@ def sweep_exits(
         "points": points,
         "per_exit_bma": {int(d): p["bma"] for d, p in zip(exits, per_exit, strict=True)},
         "per_exit_ece": {int(d): p["ece"] for d, p in zip(exits, per_exit, strict=True)},
+        "per_exit_reliability": {int(d): p["reliability"] for d, p in zip(exits, per_exit, strict=True)},
     }
     return {**result, "files": write_sweep_report(result, out_dir)}
 
