@@ -213,6 +213,34 @@ def test_distill_cli_end_to_end(teacher, ham_small, tmp_path):
     assert log["train/cos"].notna().any()  # the cosine term was on
 
 
+def _gate_args(teacher, ham_small, tmp_path, gate):
+    return ["distill", "--teacher", str(teacher.parent), "--data", str(ham_small), "--keep", "2", "--epochs", "1",
+            "--batch-size", "32", "--workers", "0", "--accelerator", "cpu", "--precision", "32-true",
+            "--out-dir", str(tmp_path), "--name", "gated", "--no-progress", "--min-class-retention", gate,
+            "trainer.limit_train_batches=2"]
+
+
+def test_distill_retention_gate_fails_the_exit_code_after_writing_its_report(teacher, ham_small, tmp_path):
+    assert main(_gate_args(teacher, ham_small, tmp_path, "mel=100,nv=0.5")) == 1
+    result = json.loads((tmp_path / "gated" / "eval" / "test" / "retention.json").read_text())
+    assert result["passed"] is False and result["gate"] == {"mel": 100.0, "nv": 0.5}
+    (student,) = result["students"]
+    assert student["failures"][0].startswith("mel: ")
+    per_class = student["comparison"]["per_class"]
+    teacher_eval = evaluate_model(teacher, ham_small, "test", tmp_path / "t", num_workers=0, progress=False)
+    for name in ("mel", "nv"):
+        assert per_class[name]["teacher_recall"] == pytest.approx(teacher_eval["per_class"][name]["sensitivity"],
+                                                                  nan_ok=True)
+    report = (tmp_path / "gated" / "eval" / "test" / "retention.md").read_text()
+    assert "FAILS the gate: mel: " in report and "distinguishable from zero" in report
+
+
+def test_distill_gate_on_an_unknown_class_stops_before_training(teacher, ham_small, tmp_path, capsys):
+    assert main(_gate_args(teacher, ham_small, tmp_path, "MEL=0.97")) == 1
+    assert "unknown class 'MEL'" in capsys.readouterr().err
+    assert not (tmp_path / "gated").exists()
+
+
 # ------------------------------------------------------------------------------------------ early exit
 
 
@@ -251,6 +279,29 @@ def test_simulated_early_exit_matches_the_model(fcvit_outputs, ham_small):
     logits, depths = simulate_early_exit(outputs.logits, exits, 1.5)
     assert (depths == TEACHER_DEPTH).all()
     np.testing.assert_array_equal(logits, outputs.logits[-1])
+
+
+def test_sweep_scores_calibration_and_teacher_agreement_at_every_threshold(fcvit_outputs, teacher, ham_small,
+                                                                          tmp_path):
+    from skindistil.evaluation.metrics import decide, expected_calibration_error
+    from skindistil.inference.early_exit import sweep_exits
+
+    loaded, outputs = fcvit_outputs
+    t_loaded = load_model(teacher)
+    t_out = split_outputs(t_loaded, ham_small, "test", batch_size=16, num_workers=0, progress=False)
+    teacher_probs = torch.from_numpy(t_out.logits).softmax(-1).numpy()
+    result = sweep_exits(loaded.path, ham_small, "test", tmp_path, thresholds=[0.5], num_workers=0, progress=False,
+                         teacher_probs=teacher_probs)
+    exits = list(loaded.model.exits)
+    for point, tau in zip(result["points"], [0.5, np.inf], strict=True):
+        logits, _ = simulate_early_exit(outputs.logits, exits, tau)
+        probs = torch.from_numpy(logits).softmax(-1).numpy()
+        assert point["ece"] == pytest.approx(expected_calibration_error(probs, outputs.labels))
+        assert point["comparison"]["agreement"]["top1"] == pytest.approx(np.mean(decide(probs) == decide(teacher_probs)))
+    for i, depth in enumerate(exits):
+        probs = torch.from_numpy(outputs.logits[i]).softmax(-1).numpy()
+        assert result["per_exit_ece"][depth] == pytest.approx(expected_calibration_error(probs, outputs.labels))
+    assert "| 0.50 |" in (tmp_path / "early_exit.md").read_text()
 
 
 def test_mean_depth_grows_with_the_threshold(fcvit_outputs):
@@ -315,6 +366,13 @@ def test_family_report_tables_and_plot(distilled, teacher, ham_small, tmp_path):
     assert by_method["cascade"]["rows"][-1]["bma"] == pytest.approx(report["teachers"][0]["bma"])
     fcvit_full = evaluate_model(fcvit.run_dir, ham_small, "test", tmp_path / "f", num_workers=0, progress=False)
     assert by_method["fcvit"]["rows"][-1]["bma"] == pytest.approx(fcvit_full["headline"]["balanced_accuracy"])
+    # calibration of every member, and the paired comparison with the teacher, as evaluate computes them
+    last = by_method["fcvit"]["rows"][-1]
+    assert last["ece"] == pytest.approx(fcvit_full["headline"]["ece"])
+    assert last["reliability"]["count"] == fcvit_full["reliability"]["count"]
+    expected = fcvit_full["headline"]["balanced_accuracy"] - teacher_bma["headline"]["balanced_accuracy"]
+    assert last["comparison"]["bma"]["difference"]["value"] == pytest.approx(expected)
+    assert all(("comparison" in r) == (r["role"] == "member") for f in report["families"] for r in f["rows"])
     for fam in report["families"]:
         for row in fam["rows"]:
             assert 0 <= row["bma"] <= 1 and 0 <= row["accuracy"] <= 1 and 0 <= row["macro_f1"] <= 1

@@ -16,12 +16,12 @@ from skindistil.cli import main
 from skindistil.config import PreprocessConfig
 from skindistil.data.vocab import BINARY, HAM10000, ISIC2019
 from skindistil.errors import ConfigError, ModelError
+from skindistil.evaluation.bootstrap import BootstrapSettings, resampling_units, unit_index
 from skindistil.evaluation.operating_points import (
     bootstrap_rates,
     choose_threshold,
     decide,
     fit_operating_points,
-    group_index,
     view_classes,
 )
 from skindistil.inference.evaluate import split_outputs
@@ -105,10 +105,12 @@ def test_bootstrap_matches_a_hand_loop_over_groups():
     positive = rng.random(40) < 0.5
     ids = [f"img{i}" for i in range(40)]
     lesions = [f"lesion{i // 3}" if i < 30 else None for i in range(40)]  # 10 lesions of 3 + 10 single images
-    groups = group_index(ids, lesions)
+    units, counts = resampling_units(ids, lesions)
+    groups = unit_index(units, 40)
+    assert counts == {"patient": 0, "lesion": 10, "image": 10}
     assert groups.max() + 1 == 20 and len(set(groups[:3])) == 1 and len(set(groups[30:])) == 10
 
-    result = bootstrap_rates(truth, positive, groups, n_boot=200, seed=7)
+    result = bootstrap_rates(truth, positive, units, BootstrapSettings(resamples=200, seed=7))
 
     draws = np.random.default_rng(7).integers(0, 20, size=(200, 20))
     sens, spec = [], []
@@ -122,8 +124,8 @@ def test_bootstrap_matches_a_hand_loop_over_groups():
     np.testing.assert_allclose(result["sensitivity"], np.percentile(sens, [2.5, 97.5]), rtol=0, atol=1e-12)
     np.testing.assert_allclose(result["specificity"], np.percentile(spec, [2.5, 97.5]), rtol=0, atol=1e-12)
     # the same seed gives the same interval, another seed another one
-    assert bootstrap_rates(truth, positive, groups, n_boot=200, seed=7) == result
-    assert bootstrap_rates(truth, positive, groups, n_boot=200, seed=8) != result
+    assert bootstrap_rates(truth, positive, units, BootstrapSettings(resamples=200, seed=7)) == result
+    assert bootstrap_rates(truth, positive, units, BootstrapSettings(resamples=200, seed=8)) != result
 
 
 # ----------------------------------------------------------------------------------- artifact
@@ -236,7 +238,9 @@ def test_evaluate_chooses_on_val_and_applies_unchanged_on_test(evaluated, ham_sm
     test_probs, test = _split_probs(model_dir, ham_small, "test")
     metrics = json.loads((out / "metrics.json").read_text())
     result = metrics["operating_points"]
-    assert result["units"] == "lesion/patient groups" and set(result["points"]) == set(ops["points"])
+    manifest = pd.read_csv(ham_small / "manifest.csv")
+    lesions = manifest.loc[manifest["split"] == "test", "group"].nunique()
+    assert result["units"] == f"{lesions} lesions" and set(result["points"]) == set(ops["points"])
     for name, point in result["points"].items():
         assert point["threshold"] == ops["points"][name]["threshold"]
         truth = np.isin(test.labels, [names.index(c) for c in point["positive_classes"]])
@@ -247,9 +251,8 @@ def test_evaluate_chooses_on_val_and_applies_unchanged_on_test(evaluated, ham_sm
         assert point["specificity"] == pytest.approx((~decided[~truth]).mean(), abs=1e-9)
         low, high = point["specificity_ci"]
         assert low <= point["specificity"] <= high and high - low > 0
-    manifest = pd.read_csv(ham_small / "manifest.csv")
-    lesions = manifest.loc[manifest["split"] == "test", "group"].nunique()
-    assert point["bootstrap"] == {"replicates": 1000, "seed": 0, "units": lesions}
+    # the same draws as the report's other intervals
+    assert point["bootstrap"] == {"replicates": 1000, "seed": metrics["intervals"]["seed"], "units": lesions}
     report = (out / "report.md").read_text()
     assert "## Operating points" in report and "cancer@sens95 (default)" in report and "bcc + mel" in report
 

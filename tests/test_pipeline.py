@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -15,7 +16,7 @@ REDUCED = [
     "teacher.model.kwargs={embed_dim: 32, depth: 3, num_heads: 2, mlp_ratio: 2.0, patch_size: 8}",
     "teacher.preprocess.image_size=32", "teacher.trainer.max_epochs=2", "teacher.data.num_workers=0",
     "distill.keep=2", "distill.trainer.max_epochs=1", "distill.data.num_workers=0", "distill.min_depth=2",
-    "cascade_epochs=1", "benchmark.batch_sizes=[1,4]", "benchmark.seconds=0.3", "explain_images=1",
+    "cascade_epochs=1", "benchmark.batch_sizes=[1,4]", "benchmark.seconds=0.3", "explain_images=1", "bootstrap=200",
 ]
 
 
@@ -67,6 +68,35 @@ def test_rerun_skips_finished_stages(quick_run, capsys):
     out = capsys.readouterr().out
     assert "teacher found" in out and "distilvit found" in out and "benchmark found" in out
     assert weights.stat().st_mtime_ns == before
+
+
+def test_report_has_intervals_paired_comparisons_and_calibration(quick_run):
+    run_dir, _ = quick_run
+    report = (run_dir / "report.md").read_text()
+    for title in ("## How sure: intervals", "## What each student loses", "## Calibration"):
+        assert title in report, title
+    comparison = json.loads((run_dir / "comparison.json").read_text())
+    teacher = json.loads((run_dir / "teacher" / "eval" / "test" / "metrics.json").read_text())
+    student = json.loads((run_dir / "students" / "distilvit" / "eval" / "test" / "metrics.json").read_text())
+    paired = comparison["models"]["distilvit"]
+    expected = student["headline"]["balanced_accuracy"] - teacher["headline"]["balanced_accuracy"]
+    assert paired["bma"]["difference"]["value"] == pytest.approx(expected)
+    low, high = paired["bma"]["difference"]["interval"]
+    assert low <= expected <= high
+    assert f"distilvit: {paired['verdict']}" in report
+    assert set(comparison["models"]) >= {"distilvit", "fcvit", "cascade@2"}
+    family = json.loads((run_dir / "family" / "family.json").read_text())
+    rows = [row for fam in family["families"] for row in fam["rows"]]
+    assert all("ece" in row for row in rows) and all("comparison" in row for row in rows if row["role"] == "member")
+
+
+def test_retention_gate_marks_the_report_and_fails_the_exit_code(quick_run):
+    run_dir, args = quick_run
+    assert main([*args, "--min-class-retention", "MEL=100"]) == 1
+    report = (run_dir / "report.md").read_text()
+    assert "FAIL: MEL: retention" in report and "the run exits with code 1" in report
+    gated = json.loads((run_dir / "comparison.json").read_text())["models"]["distilvit"]
+    assert gated["gate_failures"][0].startswith("MEL: ")
 
 
 def test_detect_source_recognises_the_shared_layouts(ham_root, uda_root, tmp_path):

@@ -174,10 +174,11 @@ def test_evaluate_arrays_writes_every_output(tmp_path, ham_root):
     assert np.asarray(saved["confusion_matrix"]["counts"]).sum() == 769
 
     report = (out / "report.md").read_text()
-    for heading in ("## Headline", "## Per class", "## Confusion matrix", "## Cancer vs non-cancer"):
+    for heading in ("## Headline", "## Per class", "## Per-class recall and AUC with intervals",
+                    "## Confusion matrix", "## Cancer vs non-cancer"):
         assert heading in report
     per_class_rows = [line for line in report.splitlines() if line.startswith(("| MEL |", "| SCC |"))]
-    assert len(per_class_rows) == 4  # per-class and confusion tables each have a MEL and an SCC row
+    assert len(per_class_rows) == 6  # per-class, interval and confusion tables each have a MEL and an SCC row
     assert "| true \\ predicted | " + " | ".join(CLASSES) + " | undecided |" in report
 
     ids, back, _ = read_predictions_csv(out / "predictions.csv", CLASSES)

@@ -283,6 +283,8 @@ class DistillConfig(RunSection):
     keep: int | list = 6
     strategy: str = "first"  # first | uniform (when keep is a number)
     min_depth: int = 1  # cascade: last member's depth
+    # retention gate: class -> minimum student recall / teacher recall, e.g. {MEL: 0.97} (also "MEL=0.97,BCC=0.95")
+    min_class_retention: dict | list | str = dataclasses.field(default_factory=dict)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -323,6 +325,8 @@ class RunConfig(RunSection):
     methods: tuple[str, ...] = ("distilvit",)  # distilvit plus any of fcvit, fcvit-probs, cascade, full
     cascade_epochs: int | None = None  # epochs per cascade member (default: distill.trainer.max_epochs)
     split: str = "test"
+    bootstrap: int = 1000  # resamples behind every interval of the evaluation (0: none)
+    subgroup_min_size: int = 30  # subgroups with fewer images are reported as too small, not scored
     benchmark: BenchConfig = dataclasses.field(default_factory=BenchConfig)
     explain_images: int = 4
     sized_for: str = "any"  # "gpu": a recipe meant for a GPU warns, with the measured duration, when run on a CPU

@@ -70,6 +70,14 @@ class Pipeline:
         self.run_dir = cfg.run_dir
         self.progress = progress
         self.timings: dict[str, float] = {}
+        self.comparisons: dict[str, dict] = {}  # label -> teacher-vs-model comparison on cfg.split
+        self.gate_failures: dict[str, list[str]] = {}  # label -> retention gate failures
+
+    @property
+    def bootstrap(self):
+        from skindistil.evaluation.bootstrap import BootstrapSettings
+
+        return BootstrapSettings(resamples=int(self.cfg.bootstrap), seed=self.cfg.data.seed)
 
     # ------------------------------------------------------------------ stages
 
@@ -79,6 +87,7 @@ class Pipeline:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(self.cfg.to_dict(), self.run_dir / "config.yaml")
         data_dir = self._stage("prepare", self.prepare)
+        self._check_gate(data_dir)
         teacher = self._stage("teacher", lambda: self.train_teacher(data_dir))
         students = self._stage("distil", lambda: self.distil(data_dir, teacher))
         models = [teacher, *students]
@@ -111,6 +120,14 @@ class Pipeline:
                                  seed=data.seed, workers=data.workers, limit=data.limit, progress=self.progress)
         console.print(f"prepared {result.num_images} images at {result.images_per_second:.0f} img/s -> {out}")
         return out
+
+    def _check_gate(self, data_dir: Path) -> None:
+        """Refuse a retention gate naming a class the dataset lacks before anything is trained."""
+        from skindistil.data.prepare import load_manifest
+        from skindistil.evaluation.retention import parse_retention_gate
+
+        if self.cfg.distill.min_class_retention:
+            parse_retention_gate(self.cfg.distill.min_class_retention, load_manifest(data_dir)[1]["classes"])
 
     def _done(self, run_dir: Path) -> bool:
         return (run_dir / "model" / "config.json").is_file()
@@ -189,6 +206,7 @@ class Pipeline:
             if not metrics_file.is_file():
                 self.evaluate_model(evaluate_model, entry, data_dir, split)
             entry.metrics = json.loads(metrics_file.read_text())
+        self.compare(data_dir, models)
         self.evaluate_families(data_dir, models)
 
     def evaluate_model(self, evaluate_model, entry: ModelEntry, data_dir: Path, split: str) -> None:
@@ -196,7 +214,8 @@ class Pipeline:
         when the model has no cancer or melanoma class or val cannot fix any threshold)."""
         from skindistil.errors import DataError
 
-        options = {"progress": self.progress, "num_workers": self.cfg.teacher.data.num_workers}
+        options = {"progress": self.progress, "num_workers": self.cfg.teacher.data.num_workers,
+                   "bootstrap": self.bootstrap, "subgroup_min_size": self.cfg.subgroup_min_size}
         try:
             evaluate_model(entry.model_dir, data_dir, split, operating_point="auto", **options)
         except DataError as exc:
@@ -204,6 +223,29 @@ class Pipeline:
                 raise
             console.print(f"{entry.label}: no operating points ({exc})", markup=False, highlight=False)
             evaluate_model(entry.model_dir, data_dir, split, **options)
+
+    def compare(self, data_dir: Path, models: list[ModelEntry]) -> None:
+        """Every distilled model against the teacher on the same images (paired bootstrap, McNemar,
+        per-class retention, agreement) and the retention gate; written to RUN/comparison.json."""
+        from skindistil.evaluation.report import write_metrics_json
+        from skindistil.evaluation.retention import check_retention_gate, parse_retention_gate
+        from skindistil.inference.compare import compare_eval_dirs
+
+        teacher, split = models[0], self.cfg.split
+        gate = parse_retention_gate(self.cfg.distill.min_class_retention, teacher.metrics["classes"])
+        for entry in models[1:]:
+            comparison = compare_eval_dirs(teacher.run_dir / "eval" / split, entry.run_dir / "eval" / split,
+                                           data_dir, self.bootstrap)
+            self.comparisons[entry.label] = comparison
+            if gate:
+                self.gate_failures[entry.label] = check_retention_gate(comparison, gate)
+        write_metrics_json(self.run_dir / "comparison.json",
+                           {"split": split, "teacher": str(teacher.model_dir), "gate": gate,
+                            "models": {label: {**c, "gate_failures": self.gate_failures.get(label)}
+                                       for label, c in self.comparisons.items()}})
+        for label, failures in self.gate_failures.items():
+            if failures:
+                console.print(f"[bold red]retention gate[/bold red] {label} fails: {'; '.join(failures)}")
 
     def evaluate_families(self, data_dir: Path, models: list[ModelEntry]) -> None:
         """Per-depth BMA of every family (cascade members, per-depth exits) and early-exit curves."""
@@ -215,12 +257,26 @@ class Pipeline:
                                   for e in models if e.role == "member"))
         if runs and not (self.run_dir / "family" / "family.json").is_file():
             family_report(runs, data_dir, split, out_dir=self.run_dir / "family", num_workers=workers,
-                          progress=self.progress)
+                          progress=self.progress, bootstrap=self.bootstrap)
+        teacher_probs = None
         for entry in models:
             if entry.method in ("fcvit", "fcvit-probs", "full"):
                 out = entry.run_dir / "eval" / split
                 if not (out / "early_exit.json").is_file():
-                    sweep_exits(entry.model_dir, data_dir, split, out, num_workers=workers, progress=self.progress)
+                    if teacher_probs is None:
+                        teacher_probs = self._teacher_probs(models[0], data_dir)
+                    sweep_exits(entry.model_dir, data_dir, split, out, num_workers=workers, progress=self.progress,
+                                teacher_probs=teacher_probs, bootstrap=self.bootstrap)
+
+    def _teacher_probs(self, teacher: ModelEntry, data_dir: Path):
+        """The teacher's scores on the split, in manifest order (from its predictions.csv)."""
+        from skindistil.data.prepare import load_manifest
+        from skindistil.evaluation.report import read_predictions_csv
+
+        manifest, _ = load_manifest(data_dir)
+        ids = manifest.loc[manifest["split"] == self.cfg.split, "image_id"].tolist()
+        predictions = teacher.run_dir / "eval" / self.cfg.split / "predictions.csv"
+        return read_predictions_csv(predictions, teacher.metrics["classes"], ids)[1]
 
     def benchmark(self, teacher: ModelEntry, students: list[ModelEntry]) -> dict:
         from skindistil.inference.bench import BenchSettings, run_benchmark, write_report
@@ -253,7 +309,8 @@ class Pipeline:
 
         assets = self.run_dir / "report_assets"
         assets.mkdir(exist_ok=True)
-        document = build_report(self.cfg, self.run_dir, data_dir, models, bench, self.timings, assets)
+        document = build_report(self.cfg, self.run_dir, data_dir, models, bench, self.timings, assets,
+                                self.comparisons, self.gate_failures)
         md, _ = document.write(self.run_dir, "report")
         return md
 
@@ -278,5 +335,8 @@ def epoch_history(run_dir: Path) -> dict[str, list[float]] | None:
             "val_bma": by_epoch["val/bma"].to_numpy(dtype=float).tolist()}
 
 
-def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> Path:
-    return Pipeline(cfg, progress=progress).run()
+def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> Pipeline:
+    """Run every stage of `cfg`; returns the finished Pipeline (its report, comparisons, gate failures)."""
+    pipeline = Pipeline(cfg, progress=progress)
+    pipeline.run()
+    return pipeline

@@ -12,7 +12,16 @@ from PIL import Image
 from skindistil.config import RunConfig
 from skindistil.evaluation.document import Document
 from skindistil.evaluation.plots import plot_training_curves
-from skindistil.evaluation.report import headline_rows, incomplete_warning
+from skindistil.evaluation.report import (
+    SUBGROUP_HEADER,
+    format_interval,
+    headline_rows,
+    incomplete_warning,
+    interval,
+    interval_note,
+    subgroup_gaps,
+    subgroup_rows,
+)
 from skindistil.files import write_bytes
 
 DISCLAIMER = ("Research software: these models are not medical devices and their outputs are not diagnoses. "
@@ -30,7 +39,7 @@ def _config(model_dir: Path) -> dict:
 
 
 def build_report(cfg: RunConfig, run_dir: Path, data_dir: Path, models, bench: dict, timings: dict,
-                 assets: Path) -> Document:
+                 assets: Path, comparisons: dict | None = None, gate_failures: dict | None = None) -> Document:
     from skindistil.data.prepare import load_manifest
 
     doc = Document(f"skindistil run: {cfg.name}", preface=[DISCLAIMER])
@@ -73,6 +82,7 @@ def build_report(cfg: RunConfig, run_dir: Path, data_dir: Path, models, bench: d
         row += [_fmt(speed.get((str(entry.model_dir.resolve()), d, b)), 3) for d, b in speed_cols]
         rows.append(row)
     section.table(header, rows)
+    _noise_sentences(section, models, comparisons or {}, manifest, split)
     for ratio in bench.get("ratios", []):
         if ratio["backend"] == "eager":
             section.text(f"Student vs teacher ({ratio['device']}, eager, batch {ratio['batch_size']}): "
@@ -84,6 +94,9 @@ def build_report(cfg: RunConfig, run_dir: Path, data_dir: Path, models, bench: d
                  "(RUN/benchmark/bench.md has the full table).")
     _operating_point_sections(doc, split, models)
 
+    _uncertainty_sections(doc, cfg, models, comparisons or {}, gate_failures or {})
+    _subgroup_section(doc, cfg, run_dir, models, assets)
+
     # --- curves
     from skindistil.pipeline import epoch_history
 
@@ -93,6 +106,7 @@ def build_report(cfg: RunConfig, run_dir: Path, data_dir: Path, models, bench: d
         doc.section("Training curves").figure("report_assets/training_curves.png",
                                               "Training loss and validation BMA by epoch")
     _family_sections(doc, cfg, run_dir, data_dir, models, assets)
+    _calibration_section(doc, cfg, run_dir, models, assets)
 
     # --- confusion matrices
     section = doc.section(f"Confusion matrices ({split})")
@@ -122,12 +136,9 @@ def _operating_point_sections(doc, split: str, models) -> None:
         return
     views = {"melanoma": "melanoma vs rest", "cancer": "cancer vs non-cancer"}
 
-    def interval(value, ci) -> str:
-        return f"{_fmt(value, 3)} [{_fmt(ci[0], 3)}, {_fmt(ci[1], 3)}]"
-
     for view, title in views.items():
         rows = [[entry.label, name, " + ".join(p["positive_classes"]), f"{p['threshold']:.4g}",
-                 interval(p["sensitivity"], p["sensitivity_ci"]), interval(p["specificity"], p["specificity_ci"]),
+                 _interval_cell(p["sensitivity"], p["sensitivity_ci"]), _interval_cell(p["specificity"], p["specificity_ci"]),
                  f"{p['positives']} / {p['negatives']}"]
                 for entry, result in scored for name, p in result["points"].items() if p["view"] == view]
         if not rows:
@@ -140,6 +151,133 @@ def _operating_point_sections(doc, split: str, models) -> None:
                      f"replicates, seed {first['bootstrap']['seed']}.")
         section.table(["model", "point", "positive classes", "threshold", "sensitivity [95% CI]",
                        "specificity [95% CI]", "positives / negatives"], rows)
+
+
+def _interval_cell(value: float | None, bounds) -> str:
+    return f"{_fmt(value)} {format_interval(bounds)}" if bounds else _fmt(value)
+
+
+def _noise_sentences(section, models, comparisons: dict, manifest, split: str) -> None:
+    """Under the table: whether each student's retention is more than noise, and how the teacher's
+    validation BMA (its checkpoint selection) compares with its test interval."""
+    for entry in models[1:]:
+        c = comparisons.get(entry.label)
+        if c is not None and entry.role == "student":
+            ret = c["bma"]["retention"]
+            bounds = ret["interval"]
+            span = f" (interval {100 * bounds[0]:.1f}% to {100 * bounds[1]:.1f}%)" if bounds else ""
+            section.text(f"{entry.label} keeps {100 * ret['value']:.1f}% of the teacher's BMA{span}. {c['verdict']}")
+    teacher = models[0]
+    val_bma = (json.loads((teacher.model_dir / "metrics.json").read_text()).get("val") or {}).get("bma") \
+        if (teacher.model_dir / "metrics.json").is_file() else None
+    bounds = interval(teacher.metrics, "balanced_accuracy")
+    if val_bma is not None and bounds:
+        n_val = int((manifest["split"] == "val").sum())
+        inside = bounds[0] <= val_bma <= bounds[1]
+        section.text(f"Teacher checkpoint selected on validation BMA {val_bma:.4f} ({n_val} images); {split} BMA "
+                     f"{_fmt(teacher.metrics['headline']['balanced_accuracy'])}, interval {format_interval(bounds)}: "
+                     + ("the validation figure lies inside it." if inside else
+                        "the validation figure lies outside it, so one of the two splits misleads (a small "
+                        "validation split makes checkpoint selection noisy)."))
+
+
+def _uncertainty_sections(doc, cfg, models, comparisons: dict, gate_failures: dict) -> None:
+    """Every model's headline with intervals; each distilled model against the teacher (paired bootstrap,
+    McNemar, agreement, retention gate), the verdicts in words, and per-class retention."""
+    teacher = models[0]
+    section = doc.section(f"How sure: intervals ({cfg.split})")
+    note = interval_note(teacher.metrics)
+    if note is None:
+        section.text("No bootstrap intervals (bootstrap: 0): no difference below can be told from noise.")
+        return
+    section.text(note)
+    keys = [("balanced_accuracy", "BMA"), ("accuracy", "accuracy"), ("macro_f1", "macro F1"),
+            ("macro_auc", "macro AUC"), ("macro_auc_sens_80", "macro AUC > 80% sens.")]
+    section.table(["model", *[label for _, label in keys]],
+                  [[e.label, *[_interval_cell(e.metrics["headline"].get(k), interval(e.metrics, k)) for k, _ in keys]]
+                   for e in models])
+    if not comparisons:
+        return
+    section = doc.section(f"What each student loses ({cfg.split})")
+    section.text("Paired against the teacher on the same images and the same resampled units: BMA difference "
+                 "(student - teacher) and retention (student BMA / teacher BMA) with their intervals; McNemar's "
+                 "exact test on the images exactly one of the two gets right; top-1 agreement with the teacher, "
+                 "and agreement on the images either flags as MEL, BCC or SCC.")
+    gate = cfg.distill.min_class_retention
+    header = ["model", "BMA - teacher", "retention %", "McNemar p", "top-1 agreement", "cancer agreement"]
+    header += ["retention gate"] if gate else []
+    rows = []
+    for label, c in comparisons.items():
+        diff, ret = c["bma"]["difference"], c["bma"]["retention"]
+        ret_bounds = [100 * b for b in ret["interval"]] if ret["interval"] else None
+        row = [label, f"{diff['value']:+.4f} {format_interval(diff['interval'])}",
+               f"{100 * ret['value']:.1f} " + (f"[{ret_bounds[0]:.1f}, {ret_bounds[1]:.1f}]" if ret_bounds else ""),
+               f"{c['mcnemar']['p_value']:.3g} ({c['mcnemar']['teacher_only_correct']} vs "
+               f"{c['mcnemar']['student_only_correct']})",
+               _fmt(c["agreement"]["top1"]), f"{_fmt(c['agreement']['cancer'])} (n={c['agreement']['cancer_images']})"]
+        if gate:
+            failures = gate_failures.get(label) or []
+            row.append("FAIL: " + "; ".join(failures) if failures else "pass")
+        rows.append(row)
+    section.table(header, rows)
+    for label, c in comparisons.items():
+        section.text(f"{label}: {c['verdict']}")
+    classes = teacher.metrics["classes"]
+    section.text("Per-class retention (student recall / teacher recall, interval in brackets); n/a where the "
+                 "teacher never recalls the class.")
+    section.table(["model", *classes],
+                  [[label, *[_interval_cell(c["per_class"][n]["retention"], c["per_class"][n]["interval"])
+                             for n in classes]] for label, c in comparisons.items()])
+    failing = [label for label, f in gate_failures.items() if f]
+    if gate:
+        section.text(f"Retention gate ({', '.join(f'{k} >= {v:g}' for k, v in gate.items())}): "
+                     + (f"FAILED by {', '.join(failing)}; the run exits with code 1." if failing else "every model passes."))
+
+
+def _subgroup_section(doc, cfg, run_dir, models, assets) -> None:
+    """Subgroup tables (sex, age band, site, skin type) of the teacher and the SkinDistilViT student."""
+    shown = [e for e in models if e.role in ("teacher", "student") and e.metrics.get("subgroups")]
+    if not shown:
+        return
+    section = doc.section(f"Subgroups ({cfg.split})")
+    section.text(f"From the manifest's metadata. BMA averages the classes present in each group (column `classes`); "
+                 f"groups with fewer than {shown[0].metrics['subgroups']['min_size']} images are not scored; "
+                 "the gap is between the best and the worst scored group, with its interval.")
+    for entry in shown:
+        subgroups = entry.metrics["subgroups"]
+        section.text(f"**{entry.label}**")
+        section.table(SUBGROUP_HEADER, [[_fmt(c) if isinstance(c, float) else c for c in row]
+                                        for row in subgroup_rows(subgroups)])
+        for gap in subgroup_gaps(subgroups):
+            section.text(f"{entry.label}, {gap}")
+        src = entry.run_dir / "eval" / cfg.split / "subgroups.png"
+        if src.is_file():
+            shutil.copyfile(src, assets / f"subgroups_{entry.label}.png")
+            section.figure(f"report_assets/subgroups_{entry.label}.png", f"{entry.label}: BMA by subgroup")
+
+
+def _calibration_section(doc, cfg, run_dir, models, assets) -> None:
+    """ECE of every model, family member and exit (15 equal-width bins of top-1 confidence)."""
+    rows = [[e.label, "", _fmt(e.metrics["headline"].get("ece"))] for e in models]
+    family = run_dir / "family" / "family.json"
+    if family.is_file():
+        for fam in json.loads(family.read_text())["families"]:
+            rows += [[fam["label"], f"depth {r['depth']}", _fmt(r.get("ece"))] for r in fam["rows"]]
+    for entry in models:
+        path = entry.run_dir / "eval" / cfg.split / "early_exit.json"
+        if path.is_file():
+            result = json.loads(path.read_text())
+            rows += [[entry.label, f"exit {d} alone", _fmt(ece)] for d, ece in result.get("per_exit_ece", {}).items()]
+            rows += [[entry.label, f"early exit at {p['threshold']}", _fmt(p.get("ece"))] for p in result["points"]]
+    section = doc.section(f"Calibration ({cfg.split})")
+    section.text("Expected calibration error (ECE) of the top-1 confidence over 15 equal-width bins; the reliability "
+                 "bins of each model are in its eval/<split>/metrics.json, of each family member in family/family.json.")
+    section.table(["model", "depth / exit", "ECE"], rows)
+    for entry in models:
+        src = entry.run_dir / "eval" / cfg.split / "reliability.png"
+        if entry.role in ("teacher", "student") and src.is_file():
+            shutil.copyfile(src, assets / f"reliability_{entry.label}.png")
+            section.figure(f"report_assets/reliability_{entry.label}.png", f"{entry.label}: reliability")
 
 
 def _speed_table(bench: dict) -> dict[tuple[str, str, int], float]:

@@ -37,7 +37,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-depth", type=int, help="cascade: depth of the last member (default 1)")
     p.add_argument("--resume-from", metavar="CKPT",
                    help="continue from this checkpoint, e.g. RUN/checkpoints/last-prev.ckpt (not for cascade)")
+    add_gate_argument(p)
     add_student_arguments(p)
+
+
+def add_gate_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-class-retention", action="append", metavar="CLASS=RATIO",
+                   help="retention gate: a distilled model fails when its recall of CLASS falls below RATIO x the "
+                        "teacher's on the test split (e.g. MEL=0.97; repeat or comma-separate; config key "
+                        "min_class_retention); a failure is reported and the exit code is 1")
 
 
 def add_student_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,12 +84,48 @@ def run(args: argparse.Namespace) -> int:
 
     from skindistil.commands.common import resolve_config
     from skindistil.config import DistillConfig
+    from skindistil.evaluation.retention import parse_retention_gate
     from skindistil.training.distill_run import distill
 
     cfg = resolve_config(args, DistillConfig, FLAG_KEYS)
+    if args.min_class_retention:
+        cfg.min_class_retention = {**parse_retention_gate(cfg.min_class_retention),
+                                   **parse_retention_gate(args.min_class_retention)}
+    gate = _checked_gate(cfg)
     console = Console()
     for result in distill(cfg, resume=args.resume, resume_from=args.resume_from):
         if result.model_dir is not None:
             bma = "n/a" if result.best_val_bma is None else f"{result.best_val_bma:.4f}"
             console.print(f"[bold]model[/bold] {result.model_dir}  best val BMA {bma}")
-    return 0
+    if not gate:
+        return 0
+    from skindistil.inference.compare import gate_students
+
+    models = sorted(cfg.run_dir.glob("cascade/depth-*/model")) if cfg.method == "cascade" else [cfg.run_dir / "model"]
+    result = gate_students(cfg.teacher, models, cfg.data.dir, GATE_SPLIT, gate, cfg.run_dir / "eval" / GATE_SPLIT,
+                           num_workers=cfg.data.num_workers, progress=cfg.trainer.progress)
+    for row in result["students"]:
+        console.print(row["comparison"]["verdict"])
+        status = "[red]FAILS[/red] " + "; ".join(row["failures"]) if row["failures"] else "[green]passes[/green]"
+        console.print(f"[bold]retention gate[/bold] {row['model']}: {status}")
+    console.print(f"retention report: {cfg.run_dir / 'eval' / GATE_SPLIT / 'retention.md'}")
+    return 0 if result["passed"] else 1
+
+
+GATE_SPLIT = "test"
+
+
+def _checked_gate(cfg) -> dict[str, float]:
+    """The gate of `cfg`, with its classes checked against the teacher's before any training."""
+    from skindistil.evaluation.retention import parse_retention_gate
+
+    if not cfg.min_class_retention:
+        return {}
+    import json
+
+    from skindistil.models.artifact import CONFIG_FILE, resolve_model_dir
+
+    if not cfg.teacher:
+        return parse_retention_gate(cfg.min_class_retention)
+    classes = json.loads((resolve_model_dir(cfg.teacher) / CONFIG_FILE).read_text())["classes"]
+    return parse_retention_gate(cfg.min_class_retention, classes)

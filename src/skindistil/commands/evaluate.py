@@ -36,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and specificity 80/90/95%%) on the validation split, store them in the artifact and "
                              "report them on --split; DEFAULT names the point predict/serve report "
                              "(default cancer@sens95, else melanoma@sens95)")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="resamples behind the 95%% intervals (of patients or lesions where the manifest has "
+                             "them, else images; seed 42); 0 for none (default 1000)")
+    parser.add_argument("--subgroup-min-size", type=int, default=30, metavar="N",
+                        help="with --model: subgroups (sex, age band, site, skin type) with fewer images are "
+                             "reported as too small, not scored (default 30)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, help="data loader processes (default: all cores)")
     parser.add_argument("--device", default="cpu")
@@ -72,8 +78,11 @@ def run(args: argparse.Namespace) -> int:
 
         _print_family(family_report(args.family, args.data, args.split, args.out, **loader))
         return 0
+    from skindistil.evaluation.bootstrap import BootstrapSettings
+
+    bootstrap = BootstrapSettings(resamples=args.bootstrap)
     if args.predictions is not None:
-        metrics = _evaluate_predictions_csv(args.predictions, args.truth, args.out, args.unk_threshold)
+        metrics = _evaluate_predictions_csv(args.predictions, args.truth, args.out, args.unk_threshold, bootstrap)
     elif args.model is not None:
         if args.data is None:
             raise ConfigError("evaluate: --model needs --data DATA_DIR (a dataset from `skindistil prepare`)")
@@ -82,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         from skindistil.inference.evaluate import evaluate_model
 
         metrics = evaluate_model(args.model, args.data, args.split, args.out, calibrate=args.calibrate,
-                                 operating_point=args.operating_point, **loader)
+                                 operating_point=args.operating_point, bootstrap=bootstrap,
+                                 subgroup_min_size=args.subgroup_min_size, **loader)
     else:
         raise ConfigError("evaluate: give --model DIR --data DATA_DIR, --family RUN... --data DATA_DIR, "
                           "or --predictions PRED.csv --truth GT.csv")
@@ -121,7 +131,7 @@ def _print_family(result: dict) -> None:
 
 
 def _evaluate_predictions_csv(predictions: Path, truth: Path | None, out: Path | None,
-                              unk_threshold: float | None) -> dict:
+                              unk_threshold: float | None, bootstrap=None) -> dict:
     import warnings
 
     from skindistil.errors import ConfigError
@@ -141,21 +151,23 @@ def _evaluate_predictions_csv(predictions: Path, truth: Path | None, out: Path |
     # Absent classes are listed in the printed notes; the warning would only repeat them.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AbsentClassWarning)
-        return evaluate_submission(predictions, truth, out, unk_threshold=unk_threshold)
+        return evaluate_submission(predictions, truth, out, unk_threshold=unk_threshold, bootstrap=bootstrap)
 
 
 def _print_summary(metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from skindistil.evaluation.report import headline_rows, incomplete_warning
+    from skindistil.evaluation.report import format_interval, headline_rows, incomplete_warning, interval
 
     console = Console()
     table = Table(title=metrics["title"])
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in headline_rows(metrics):
-        table.add_row(key, "n/a" if value != value else f"{value:.4f}")
+    table.add_column("95% CI" if metrics.get("intervals") else "", justify="right")
+    for (key, value), name in zip(headline_rows(metrics), metrics["headline"], strict=False):
+        bounds = interval(metrics, name)
+        table.add_row(key, "n/a" if value != value else f"{value:.4f}", format_interval(bounds) if bounds else "")
     console.print(table)
     warning = incomplete_warning(metrics)
     if warning:

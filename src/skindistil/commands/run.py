@@ -16,6 +16,10 @@ def add_arguments(p: argparse.ArgumentParser, default_config: str | None = None)
     p.add_argument("--name", help="run name (RUN = OUT_DIR/NAME)")
     p.add_argument("--out-dir", help="parent of run directories (default runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--min-class-retention", action="append", metavar="CLASS=RATIO",
+                   help="retention gate: a distilled model fails when its recall of CLASS on the evaluated split "
+                        "falls below RATIO x the teacher's (e.g. MEL=0.97; repeat or comma-separate; config key "
+                        "distill.min_class_retention); failures are marked in the report and the exit code is 1")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. teacher.trainer.max_epochs=3 methods=[distilvit,cascade]")
 
@@ -40,5 +44,10 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, key):
             data[key] = str(getattr(args, key))
     cfg = RunConfig.from_dict(apply_overrides(data, list(args.overrides)))
-    run_pipeline(cfg, progress=not args.no_progress)
-    return 0
+    if args.min_class_retention:
+        from skindistil.evaluation.retention import parse_retention_gate
+
+        cfg.distill.min_class_retention = {**parse_retention_gate(cfg.distill.min_class_retention),
+                                           **parse_retention_gate(args.min_class_retention)}
+    pipeline = run_pipeline(cfg, progress=not args.no_progress)
+    return 1 if any(pipeline.gate_failures.values()) else 0

@@ -7,8 +7,9 @@ from typing import Any
 
 # Patient and lesion metadata kept per image in the manifest (for subgroup analysis), under these names
 # whatever each dataset calls them: age (years, as given: ISIC rounds to 5), sex, site (anatomical
-# site), patient_id, lesion_id. A missing value is "".
-METADATA_FIELDS = ("age", "sex", "site", "patient_id", "lesion_id")
+# site), patient_id, lesion_id, and skin type where a dataset records it: fitzpatrick (Fitzpatrick
+# type as given, e.g. I-VI) and ita (individual typology angle, degrees). A missing value is "".
+METADATA_FIELDS = ("age", "sex", "site", "patient_id", "lesion_id", "fitzpatrick", "ita")
 _MISSING_VALUES = frozenset({"", "nan", "na", "n/a", "none", "null", "unknown"})
 
 

@@ -40,7 +40,7 @@ from skindistil.data.discovery import (
     resolve_listed_path,
 )
 from skindistil.data.imageio import DEFAULT_MAX_PIXELS, read_image, to_rgb
-from skindistil.data.records import Problem, Record, standard_metadata
+from skindistil.data.records import METADATA_FIELDS, Problem, Record, standard_metadata
 from skindistil.data.vocab import HAM10000, ISIC2019, ClassVocab
 from skindistil.errors import CSVError, DataError, ImageError
 
@@ -662,7 +662,8 @@ class CSVSource(Source):
     Paths are relative to the CSV's folder (absolute paths are kept; backslashes of lists written on
     Windows are folder separators, see `resolve_listed_path`). The vocabulary is the sorted
     set of label names unless `class_names` fixes it (then other labels are errors). The image id
-    is the `image_id` column if present, else the path without its extension.
+    is the `image_id` column if present, else the path without its extension. Columns named as the
+    METADATA_FIELDS (age, sex, site, patient_id, lesion_id, fitzpatrick, ita) go to the manifest.
     """
 
     def __init__(
@@ -716,7 +717,8 @@ class CSVSource(Source):
                 self._problem(where, f"image file {str(path)!r} not found", DataError)
                 continue
             group = fields.get("group") or None
-            records.append(Record(image_id, str(path), vocab.index(label), group=group, meta={"row": row}))
+            meta = {"row": row, **standard_metadata(**{k: fields[k] for k in METADATA_FIELDS if k in fields})}
+            records.append(Record(image_id, str(path), vocab.index(label), group=group, meta=meta))
         return records
 
     @classmethod

@@ -14,10 +14,9 @@ target no finite threshold reaches (the top-scored validation image is negative 
 needs every negative below the threshold) is left out with a note.
 
 Intervals. On the evaluated split the achieved sensitivity and specificity carry a percentile
-bootstrap interval: replicate b resamples the groups (lesions or patients, when the dataset knows
-them; else images) with replacement, ``rng.integers(0, G, size=(n_boot, G))[b]`` with
-``rng = numpy.random.default_rng(seed)``, and recomputes both rates over the images of the drawn
-groups. Replicates without a positive (or negative) image are left out of that rate's interval.
+bootstrap interval drawn as every other interval of a report (`skindistil.evaluation.bootstrap`: the
+same seed, resamples and units, patients or lesions when the dataset knows them, else images).
+Resamples without a positive (or negative) image are left out of that rate's interval.
 """
 
 from __future__ import annotations
@@ -27,6 +26,12 @@ from collections.abc import Collection, Sequence
 import numpy as np
 
 from skindistil.data.vocab import CANCER_CLASSES, MELANOMA_CLASSES
+from skindistil.evaluation.bootstrap import (
+    BootstrapSettings,
+    draw_unit_counts,
+    percentile_interval,
+    unit_index,
+)
 from skindistil.evaluation.metrics import cancer_scores, roc_curve
 
 VIEWS: dict[str, Collection[str]] = {"cancer": CANCER_CLASSES, "melanoma": MELANOMA_CLASSES}
@@ -121,49 +126,37 @@ def decide(probs: np.ndarray, class_names: Sequence[str], point: dict) -> tuple[
     return scores, scores >= point["threshold"]
 
 
-def group_index(image_ids: Sequence[str], groups: Sequence[str | None] | None = None) -> np.ndarray:
-    """Integer group of each image (N,) for the bootstrap: equal `groups` values share one; an image
-    without a group (None, "" or no `groups`) is its own."""
-    groups = groups if groups is not None else [None] * len(image_ids)
-    keys = [f"group:{g}" if g else f"image:{i}" for i, g in zip(image_ids, groups, strict=True)]
-    _, index = np.unique(np.asarray(keys, dtype=str), return_inverse=True)
-    return index.ravel()
-
-
 def bootstrap_rates(
-    truth: np.ndarray, positive: np.ndarray, groups: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
-    confidence: float = 0.95,
+    truth: np.ndarray, positive: np.ndarray, units: Sequence[str] | None, settings: BootstrapSettings,
 ) -> dict[str, list[float]]:
     """Percentile bootstrap intervals {sensitivity: [lo, hi], specificity: [lo, hi]} of decisions
-    `positive` (N,) against `truth` (N,), resampling `groups` (N,) ints in [0, G) as the module
-    docstring describes. A rate no replicate defines is [NaN, NaN]."""
+    `positive` (N,) against `truth` (N,), resampling `units` (N,) (lesion/patient ids from
+    `bootstrap.resampling_units`; None: images) with the resamples of `bootstrap.draw_unit_counts`,
+    the same draws as the other intervals of a report. A rate no resample defines is [NaN, NaN]."""
     truth, positive = np.asarray(truth, dtype=bool), np.asarray(positive, dtype=bool)
-    groups = np.asarray(groups)
-    n_groups = int(groups.max()) + 1 if groups.size else 0
-    # per group: true positives, positives, true negatives, negatives
-    per_group = np.stack([np.bincount(groups, weights=w, minlength=n_groups)
-                          for w in (truth & positive, truth, ~truth & ~positive, ~truth)], axis=1)
-    draws = np.random.default_rng(seed).integers(0, n_groups, size=(n_boot, n_groups))
-    flat = draws + n_groups * np.arange(n_boot)[:, None]
-    weights = np.bincount(flat.ravel(), minlength=n_boot * n_groups).reshape(n_boot, n_groups)
-    sums = weights @ per_group
-    tail = 100 * (1 - confidence) / 2
+    index = unit_index(units, len(truth))
+    n_units = int(index.max()) + 1 if index.size else 0
+    # per unit: true positives, positives, true negatives, negatives
+    per_unit = np.stack([np.bincount(index, weights=w, minlength=n_units)
+                         for w in (truth & positive, truth, ~truth & ~positive, ~truth)], axis=1)
+    sums = draw_unit_counts(n_units, settings) @ per_unit
     out = {}
     for name, num, den in (("sensitivity", 0, 1), ("specificity", 2, 3)):
-        defined = sums[:, den] > 0
-        rates = sums[defined, num] / sums[defined, den]
-        out[name] = np.percentile(rates, [tail, 100 - tail]).tolist() if rates.size else [float("nan")] * 2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rates = np.where(sums[:, den] > 0, sums[:, num] / sums[:, den], np.nan)
+        out[name] = percentile_interval(rates, settings.confidence)
     return out
 
 
 def apply_operating_points(
     probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str], points: dict[str, dict],
-    groups: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
+    units: Sequence[str] | None, settings: BootstrapSettings | None = None,
 ) -> dict[str, dict]:
     """The stored `points` applied unchanged to `probs` (N, K) with `labels` (N,): per point its
     definition plus ``positives``, ``negatives``, achieved ``sensitivity`` and ``specificity`` (NaN
-    when a side has no sample) and their 95% bootstrap intervals (``*_ci``, see `bootstrap_rates`)
-    over `groups` (N,) (`group_index`)."""
+    when a side has no sample) and their bootstrap intervals (``*_ci``, see `bootstrap_rates`; [NaN,
+    NaN] with ``settings.resamples == 0``) resampling `units` (N,) (None: images)."""
+    settings = BootstrapSettings() if settings is None else settings
     names = [str(n) for n in class_names]
     labels = np.asarray(labels)
     out = {}
@@ -171,7 +164,8 @@ def apply_operating_points(
         truth = np.isin(labels, [names.index(c) for c in point["positive_classes"]])
         _, positive = decide(probs, names, point)
         n_pos, n_neg = int(truth.sum()), int((~truth).sum())
-        intervals = bootstrap_rates(truth, positive, groups, n_boot=n_boot, seed=seed)
+        intervals = (bootstrap_rates(truth, positive, units, settings) if settings.enabled
+                     else {"sensitivity": [float("nan")] * 2, "specificity": [float("nan")] * 2})
         out[name] = {
             **point,
             "positives": n_pos,
@@ -180,6 +174,7 @@ def apply_operating_points(
             "sensitivity_ci": intervals["sensitivity"],
             "specificity": float((~truth & ~positive).sum() / n_neg) if n_neg else float("nan"),
             "specificity_ci": intervals["specificity"],
-            "bootstrap": {"replicates": n_boot, "seed": seed, "units": int(groups.max()) + 1 if groups.size else 0},
+            "bootstrap": {"replicates": settings.resamples, "seed": settings.seed,
+                          "units": len(set(units)) if units is not None else len(labels)},
         }
     return out

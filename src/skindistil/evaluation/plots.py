@@ -102,6 +102,36 @@ def plot_reliability(bins: dict, path: str | Path, ece: float | None = None) -> 
     return _save(fig, path)
 
 
+def plot_subgroups(subgroups: dict, path: str | Path, title: str = "BMA by subgroup") -> Path:
+    """One panel per attribute of `subgroups.subgroup_metrics`: each scored group's BMA with its
+    interval as a horizontal error bar, labelled with the group's image count; groups too small to
+    score are listed in grey without a bar."""
+    attributes = subgroups["attributes"]
+    names = list(attributes) or ["(no metadata)"]
+    heights = [max(1, len(attributes.get(n, {}).get("groups", []))) for n in names]
+    fig = Figure(figsize=(7, 1.2 + 0.32 * sum(heights) + 0.5 * len(names)), layout="constrained")
+    axes = fig.subplots(len(names), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for ax, name in zip(axes, names, strict=True):
+        rows = attributes.get(name, {}).get("groups", [])
+        for y, row in enumerate(rows):
+            if row["scored"]:
+                bma = row["balanced_accuracy"]
+                low, high = row["bma_interval"] or (bma, bma)
+                ax.errorbar([bma], [y], xerr=[[max(bma - low, 0)], [max(high - bma, 0)]], fmt="o", capsize=3,
+                            color="tab:blue")
+        ax.set(xlim=(0, 1), ylim=(-0.6, len(rows) - 0.4), title=name)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([f"{r['group']} (n={r['count']})" + ("" if r["scored"] else ", too small") for r in rows],
+                           fontsize=8)
+        for tick, row in zip(ax.get_yticklabels(), rows, strict=True):
+            tick.set_color("black" if row["scored"] else "grey")
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1].set_xlabel("balanced accuracy (BMA) with its interval")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def plot_early_exit_curve(points: Sequence[dict], per_exit_bma: dict, path: str | Path, title: str = "") -> Path:
     """BMA against the mean depth used, one point per early-exit threshold (annotated with it), over
     the BMA of each exit used alone (grey, dashed): how much accuracy each block of compute buys."""

@@ -15,7 +15,9 @@ import pandas as pd
 from skindistil.data.sources import find_isic_image, isic_image_key
 from skindistil.errors import CSVError, DataError
 from skindistil.evaluation import plots
+from skindistil.evaluation.bootstrap import BootstrapSettings, metric_intervals
 from skindistil.evaluation.metrics import UNKNOWN_CLASS, classification_metrics
+from skindistil.evaluation.subgroups import DEFAULT_MIN_SIZE, subgroup_metrics
 from skindistil.files import write_csv, write_json, write_text
 
 IMAGE_COLUMN = "image"
@@ -223,6 +225,77 @@ def headline_rows(metrics: dict) -> list[tuple[str, float]]:
             for name, value in metrics["headline"].items()]
 
 
+def interval(metrics: dict, key: str) -> list | None:
+    """The [low, high] bootstrap interval stored for headline metric `key`, or None."""
+    return (metrics.get("intervals") or {}).get("headline", {}).get(key)
+
+
+def class_interval(metrics: dict, class_name: str, column: str = "sensitivity") -> list | None:
+    """The [low, high] bootstrap interval of a class's sensitivity (recall) or auc, or None."""
+    return (metrics.get("intervals") or {}).get("per_class", {}).get(class_name, {}).get(column)
+
+
+def interval_header(metrics: dict) -> str:
+    """"95% CI" (the confidence of the stored intervals)."""
+    return f"{100 * metrics['intervals']['confidence']:g}% CI"
+
+
+def format_interval(bounds) -> str:
+    """"[0.6123, 0.7011]"; "n/a" without bounds."""
+    if not bounds or any(b is None or (isinstance(b, float) and math.isnan(b)) for b in bounds):
+        return "n/a"
+    return f"[{bounds[0]:.4f}, {bounds[1]:.4f}]"
+
+
+def interval_note(metrics: dict) -> str | None:
+    """How the intervals were drawn, in words (None without intervals)."""
+    info = metrics.get("intervals")
+    if not info:
+        return None
+    note = (f"Intervals: {100 * info['confidence']:g}% percentile bootstrap, {info['resamples']} resamples "
+            f"(seed {info['seed']}) of {info['unit']}.")
+    if info["resamples_missing_a_class"]:
+        note += (f" {info['resamples_missing_a_class']} resample(s) lacked a class present in the set: their BMA "
+                 "and macro means average the classes present (as the ISIC scorer does).")
+    return note
+
+
+def subgroup_rows(subgroups: dict) -> list[list]:
+    """Rows (attribute, group, images, classes, BMA, interval, accuracy, interval) of `subgroup_metrics`."""
+    rows = []
+    for name, attribute in subgroups["attributes"].items():
+        for row in attribute["groups"]:
+            if row["scored"]:
+                rows.append([name, row["group"], row["count"], row["classes_present"], row["balanced_accuracy"],
+                             format_interval(row["bma_interval"]), row["accuracy"],
+                             format_interval(row["accuracy_interval"])])
+            else:
+                rows.append([name, row["group"], row["count"], row["classes_present"],
+                             f"too small (< {subgroups['min_size']})", "", "", ""])
+    return rows
+
+
+SUBGROUP_HEADER = ["attribute", "group", "images", "classes", "BMA", "BMA CI", "accuracy", "accuracy CI"]
+
+
+def subgroup_gaps(subgroups: dict) -> list[str]:
+    """One sentence per attribute: its largest BMA gap between scored groups, with the interval."""
+    out = []
+    for name, attribute in subgroups["attributes"].items():
+        gap = attribute["gap"]
+        if gap is None:
+            out.append(f"{name}: fewer than two groups with at least {subgroups['min_size']} images; no gap.")
+        else:
+            bounds = gap["interval"]
+            noise = ""
+            if bounds and not any(math.isnan(b) for b in bounds):
+                noise = (" (contains 0: not distinguishable from no gap)" if bounds[0] <= 0 <= bounds[1]
+                         else " (excludes 0)")
+            out.append(f"{name}: largest BMA gap {gap['value']:.4f} ({gap['best']} vs {gap['worst']}), "
+                       f"interval {format_interval(bounds)}{noise}.")
+    return out
+
+
 def render_report_md(metrics: dict, title: str) -> str:
     """Markdown report of a `classification_metrics` result: headline, per-class, confusion matrix and
     cancer-view tables, then notes. Undefined values print as n/a. A set lacking some classes gets
@@ -232,10 +305,23 @@ def render_report_md(metrics: dict, title: str) -> str:
     warning = incomplete_warning(metrics)
     if warning:
         sections.append(f"**{warning}**")
-    sections.append("## Headline\n\n" + _md_table(["metric", "value"], headline_rows(metrics)))
+    note = interval_note(metrics)
+    if note:
+        rows = [(label, value, format_interval(interval(metrics, key)))
+                for (label, value), key in zip(headline_rows(metrics), metrics["headline"], strict=True)]
+        sections.append("## Headline\n\n" + _md_table(["metric", "value", interval_header(metrics)], rows)
+                        + f"\n\n{note}")
+    else:
+        sections.append("## Headline\n\n" + _md_table(["metric", "value"], headline_rows(metrics)))
 
     per_class = [[name, *(metrics["per_class"][name][c] for c in PER_CLASS_COLUMNS)] for name in names]
     sections.append("## Per class\n\n" + _md_table(["class", *PER_CLASS_COLUMNS], per_class))
+    if note:
+        rows = [[name, metrics["per_class"][name]["sensitivity"], format_interval(class_interval(metrics, name)),
+                 metrics["per_class"][name]["auc"], format_interval(class_interval(metrics, name, "auc"))]
+                for name in names]
+        sections.append("## Per-class recall and AUC with intervals\n\n"
+                        + _md_table(["class", "recall", "recall CI", "AUC", "AUC CI"], rows))
 
     cm = metrics["confusion_matrix"]
     undecided = [[n] for n in cm["undecided"]] if any(cm["undecided"]) else [[] for _ in names]
@@ -259,6 +345,12 @@ def render_report_md(metrics: dict, title: str) -> str:
 
     if metrics.get("operating_points"):
         sections.append(render_operating_points_md(metrics["operating_points"]))
+    if metrics.get("subgroups"):
+        subgroups = metrics["subgroups"]
+        text = ("BMA averages the classes present in each group (column `classes`); groups with fewer than "
+                f"{subgroups['min_size']} images are not scored.")
+        sections.append("## Subgroups\n\n" + text + "\n\n" + _md_table(SUBGROUP_HEADER, subgroup_rows(subgroups))
+                        + "\n\n" + "\n".join(f"- {gap}" for gap in subgroup_gaps(subgroups)))
 
     if metrics["notes"]:
         sections.append("## Notes\n\n" + "\n".join(f"- {note}" for note in metrics["notes"]))
@@ -299,6 +391,12 @@ def evaluate_arrays(
     inputs: dict | None = None,
     scoring: dict | None = None,
     operating_points: dict | None = None,
+    *,
+    bootstrap: BootstrapSettings | None = None,
+    units: Sequence[str] | None = None,
+    unit_counts: dict[str, int] | None = None,
+    subgroups: dict[str, Sequence[str]] | None = None,
+    subgroup_min_size: int = DEFAULT_MIN_SIZE,
 ) -> dict:
     """Score `probs` (N, K) against `labels` (N,) and write everything to `out_dir`.
 
@@ -308,7 +406,13 @@ def evaluate_arrays(
     the rows were matched, the UNK rule) under "scoring" when given, `operating_points`
     (`inference.evaluate.operating_point_results`) under "operating_points" and in report.md. Returns the
     `classification_metrics` dict plus "title", "inputs", "scoring" (if given) and "files" (name -> path).
+
+    Bootstrap intervals (`bootstrap`, default 1,000 seeded resamples; ``resamples=0`` for none) go under
+    "intervals" (`bootstrap.metric_intervals`), resampling `units` (one per image, e.g. lesion ids
+    from `bootstrap.resampling_units`; default: images). `subgroups` (attribute -> group per image,
+    `subgroups.subgroup_attributes`) adds "subgroups" (`subgroups.subgroup_metrics`) and subgroups.png.
     """
+    bootstrap = BootstrapSettings() if bootstrap is None else bootstrap
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels)
     if probs.ndim != 2 or len(probs) != len(labels) or probs.shape[1] != len(class_names):
@@ -325,6 +429,11 @@ def evaluate_arrays(
 
     metrics = classification_metrics(probs, labels, class_names)
     metrics["notes"] = [*notes, *metrics["notes"]]
+    if bootstrap.enabled:
+        metrics["intervals"] = metric_intervals(probs, labels, class_names, units, bootstrap, unit_counts)
+    if subgroups:
+        metrics["subgroups"] = subgroup_metrics(probs, labels, class_names, subgroups, units, bootstrap,
+                                                subgroup_min_size)
     metrics = {"title": title, "inputs": dict(inputs or {}), **({"scoring": scoring} if scoring else {}), **metrics}
     if operating_points:
         metrics["operating_points"] = operating_points
@@ -344,6 +453,8 @@ def evaluate_arrays(
         ),
         "metrics": out / "metrics.json",
     }
+    if metrics.get("subgroups"):
+        files["subgroups_png"] = plots.plot_subgroups(metrics["subgroups"], out / "subgroups.png")
     write_text(files["report"], render_report_md(metrics, title))
     metrics["files"] = {key: str(path) for key, path in files.items()}
     write_metrics_json(files["metrics"], metrics)

@@ -54,9 +54,11 @@ def unknown_scores(probs: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def evaluate_submission(predictions: str | Path, truth: str | Path, out: str | Path | None = None, *,
-                        unk_threshold: float | None = None) -> dict:
+                        unk_threshold: float | None = None, bootstrap=None) -> dict:
     """Score `predictions` (ISIC CSV: image + score columns) against `truth` (ISIC ground truth) and write
-    the evaluation files to `out` (default: <predictions dir>/<predictions name>_eval).
+    the evaluation files to `out` (default: <predictions dir>/<predictions name>_eval). `bootstrap`
+    (`evaluation.bootstrap.BootstrapSettings`, default 1,000 resamples) sets the 95% intervals; rows
+    are images here, the truth having no lesion or patient ids.
 
     Returns `report.evaluate_arrays`'s metrics, whose "notes" and "scoring" say how rows were matched,
     which columns were dropped or kept and how UNK was scored. Raises CSVError naming the file, line or
@@ -120,6 +122,7 @@ def evaluate_submission(predictions: str | Path, truth: str | Path, out: str | P
         notes=notes,
         inputs={"predictions": str(predictions), "truth": str(truth)},
         scoring=scoring,
+        bootstrap=bootstrap,
     )
 
 

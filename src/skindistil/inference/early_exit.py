@@ -23,9 +23,18 @@ import numpy as np
 import torch
 
 from skindistil.errors import ConfigError
-from skindistil.evaluation.metrics import AbsentClassWarning, accuracy, balanced_accuracy, decide
+from skindistil.evaluation.bootstrap import BootstrapSettings
+from skindistil.evaluation.metrics import (
+    AbsentClassWarning,
+    accuracy,
+    balanced_accuracy,
+    decide,
+    expected_calibration_error,
+    reliability_bins,
+)
 from skindistil.evaluation.plots import plot_early_exit_curve
 from skindistil.evaluation.report import evaluate_arrays, write_metrics_json
+from skindistil.evaluation.retention import compare_models
 from skindistil.files import write_text
 from skindistil.models import DepthViT, LoadedModel, load_model
 
@@ -60,23 +69,32 @@ def simulate_early_exit(
 
 
 def early_exit_point(
-    all_logits: np.ndarray, labels: np.ndarray, exits: Sequence[int], threshold: float | str, num_classes: int
+    all_logits: np.ndarray, labels: np.ndarray, exits: Sequence[int], threshold: float | str, num_classes: int,
+    teacher: dict | None = None,
 ) -> dict:
-    """BMA, accuracy, mean depth used and the share of samples leaving at each exit, at one threshold
-    (`FULL_DEPTH` for the last exit alone)."""
+    """BMA, accuracy, ECE and reliability bins, mean depth used and the share of samples leaving at
+    each exit, at one threshold (`FULL_DEPTH` for the last exit alone). `teacher` ({"probs" [N, C], "classes", "units",
+    "unit_counts", "bootstrap"}) adds "comparison": `retention.compare_models` against it."""
     tau = np.inf if threshold == FULL_DEPTH else float(threshold)
     logits, depths = simulate_early_exit(all_logits, exits, tau)
-    preds = decide(torch.from_numpy(logits).softmax(dim=-1).numpy())
+    probs = torch.from_numpy(logits).softmax(dim=-1).numpy()
+    preds = decide(probs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AbsentClassWarning)  # a tiny split may lack a class
         bma = balanced_accuracy(labels, preds, num_classes)
-    return {
+    point = {
         "threshold": threshold,
         "bma": bma,
         "accuracy": accuracy(labels, preds),
+        "ece": expected_calibration_error(probs, labels),
+        "reliability": {key: value.tolist() for key, value in reliability_bins(probs, labels).items()},
         "mean_depth": float(depths.mean()),
         "exit_share": {int(d): float(np.mean(depths == d)) for d in exits},
     }
+    if teacher is not None:
+        point["comparison"] = compare_models(teacher["probs"], probs, labels, teacher["classes"], teacher["units"],
+                                             teacher["bootstrap"], teacher["unit_counts"])
+    return point
 
 
 def sweep_thresholds(
@@ -85,10 +103,11 @@ def sweep_thresholds(
     exits: Sequence[int],
     num_classes: int,
     thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
+    teacher: dict | None = None,
 ) -> list[dict]:
     """`early_exit_point` at each threshold, then at full depth (the reference every curve ends at)."""
-    points = [early_exit_point(all_logits, labels, exits, float(t), num_classes) for t in thresholds]
-    return points + [early_exit_point(all_logits, labels, exits, FULL_DEPTH, num_classes)]
+    points = [early_exit_point(all_logits, labels, exits, float(t), num_classes, teacher) for t in thresholds]
+    return points + [early_exit_point(all_logits, labels, exits, FULL_DEPTH, num_classes, teacher)]
 
 
 def measure_throughput(
@@ -180,14 +199,16 @@ def evaluate_threshold(
     progress: bool = True,
 ) -> dict:
     """Evaluate early exit at `threshold` on `split`: the full report of its predictions in `out_dir`
-    (metrics.json, report.md, predictions.csv, plots) with an "early_exit" section (mean depth used,
+    (metrics.json, report.md, predictions.csv, plots; intervals resample the manifest's patients or
+    lesions) with an "early_exit" section (mean depth used,
     share per exit, measured throughput with and without early exit, agreement of the simulated
     decisions with the model's own)."""
-    from skindistil.inference.evaluate import split_outputs
+    from skindistil.inference.evaluate import split_metadata, split_outputs
 
     loaded = load_depth_model(model_path, device)
     outputs = split_outputs(loaded, data_dir, split, batch_size=batch_size, num_workers=num_workers,
                             all_exits=True, progress=progress)
+    meta = split_metadata(data_dir, outputs.image_ids)
     exits = list(loaded.model.exits)
     point = early_exit_point(outputs.logits, outputs.labels, exits, threshold, len(loaded.classes))
     simulated_logits, simulated_depths = simulate_early_exit(outputs.logits, exits, threshold)
@@ -215,6 +236,7 @@ def evaluate_threshold(
             title=f"{loaded.path.parent.name} on {split}, early exit at confidence >= {threshold}",
             notes=[f"early exit: mean depth {point['mean_depth']:.2f} of {loaded.model.depth} blocks"],
             inputs={"model": str(loaded.path), "data": str(data_dir), "split": split},
+            units=meta.units, unit_counts=meta.unit_counts,
         )
     metrics["early_exit"] = early_exit
     metrics["headline"] = {**metrics["headline"], "mean_depth": early_exit["mean_depth"],
@@ -235,16 +257,28 @@ def sweep_exits(
     num_workers: int | None = None,
     device: str = "cpu",
     progress: bool = True,
+    teacher_probs: np.ndarray | None = None,
+    bootstrap: BootstrapSettings | None = None,
 ) -> dict:
-    """The BMA-vs-mean-depth curve over `thresholds` (plus full depth), written to
-    out_dir/early_exit.{json,md,png}. Returns the JSON's content with "files" added."""
-    from skindistil.inference.evaluate import split_outputs
+    """The BMA-vs-mean-depth curve over `thresholds` (plus full depth), with the ECE of every threshold
+    and of every exit alone, written to out_dir/early_exit.{json,md,png}. With `teacher_probs` (the
+    teacher's scores [N, C] on the split, in manifest order) every point also gets "comparison"
+    against the teacher (`retention.compare_models`). Returns the JSON's content with "files" added."""
+    from skindistil.inference.evaluate import split_metadata, split_outputs
 
     loaded = load_depth_model(model_path, device)
     outputs = split_outputs(loaded, data_dir, split, batch_size=batch_size, num_workers=num_workers,
                             all_exits=True, progress=progress)
     exits = list(loaded.model.exits)
-    points = sweep_thresholds(outputs.logits, outputs.labels, exits, len(loaded.classes), thresholds)
+    teacher = None
+    if teacher_probs is not None:
+        if np.shape(teacher_probs) != (len(outputs.labels), len(loaded.classes)):
+            raise ConfigError(f"teacher scores {np.shape(teacher_probs)} do not match the split "
+                              f"({len(outputs.labels)} images, {len(loaded.classes)} classes)")
+        meta = split_metadata(data_dir, outputs.image_ids)
+        teacher = {"probs": teacher_probs, "classes": loaded.classes, "units": meta.units,
+                   "unit_counts": meta.unit_counts, "bootstrap": bootstrap or BootstrapSettings()}
+    points = sweep_thresholds(outputs.logits, outputs.labels, exits, len(loaded.classes), thresholds, teacher)
     per_exit = [early_exit_point(outputs.logits[i:i + 1], outputs.labels, [d], FULL_DEPTH, len(loaded.classes))
                 for i, d in enumerate(exits)]
     result = {
@@ -256,6 +290,8 @@ def sweep_exits(
         "exits": exits,
         "points": points,
         "per_exit_bma": {int(d): p["bma"] for d, p in zip(exits, per_exit, strict=True)},
+        "per_exit_ece": {int(d): p["ece"] for d, p in zip(exits, per_exit, strict=True)},
+        "per_exit_reliability": {int(d): p["reliability"] for d, p in zip(exits, per_exit, strict=True)},
     }
     return {**result, "files": write_sweep_report(result, out_dir)}
 
@@ -268,14 +304,22 @@ def write_sweep_report(result: dict, out_dir: str | Path) -> dict[str, str]:
     lines = [f"# {title}", "",
              "A sample stops at the first exit whose top softmax probability >= threshold; "
              f"`{FULL_DEPTH}` runs all {result['depth']} blocks.", "",
-             "| threshold | BMA | accuracy | mean depth | " + " | ".join(f"exit {d}" for d in result["exits"]) + " |",
-             "|" + " --- |" * (4 + len(result["exits"]))]
+             "| threshold | BMA | accuracy | ECE | mean depth | BMA - teacher (CI) | agreement | "
+             + " | ".join(f"exit {d}" for d in result["exits"]) + " |",
+             "|" + " --- |" * (7 + len(result["exits"]))]
     for p in result["points"]:
         tau = p["threshold"] if p["threshold"] == FULL_DEPTH else f"{p['threshold']:.2f}"
         shares = " | ".join(f"{p['exit_share'][d]:.2f}" for d in result["exits"])
-        lines.append(f"| {tau} | {p['bma']:.4f} | {p['accuracy']:.4f} | {p['mean_depth']:.2f} | {shares} |")
+        diff, agree = "", ""
+        if p.get("comparison"):
+            d = p["comparison"]["bma"]["difference"]
+            low, high = d["interval"] or (float("nan"), float("nan"))
+            diff, agree = f"{d['value']:+.4f} ({low:+.4f} to {high:+.4f})", f"{p['comparison']['agreement']['top1']:.4f}"
+        lines.append(f"| {tau} | {p['bma']:.4f} | {p['accuracy']:.4f} | {p['ece']:.4f} | {p['mean_depth']:.2f} | "
+                     f"{diff} | {agree} | {shares} |")
     lines += ["", "Columns `exit d`: share of the images leaving at depth d.", "",
-              "BMA of each exit alone: " + ", ".join(f"{d}: {b:.4f}" for d, b in result["per_exit_bma"].items())]
+              "BMA of each exit alone: " + ", ".join(f"{d}: {b:.4f}" for d, b in result["per_exit_bma"].items()),
+              "", "ECE of each exit alone: " + ", ".join(f"{d}: {e:.4f}" for d, e in result["per_exit_ece"].items())]
     files = {"json": out / "early_exit.json", "md": out / "early_exit.md", "png": out / "early_exit.png"}
     write_metrics_json(files["json"], result)
     write_text(files["md"], "\n".join(lines) + "\n")

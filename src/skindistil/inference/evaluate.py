@@ -11,15 +11,16 @@ import torch
 from rich.progress import Progress
 
 from skindistil.data.datamodule import SkinDataModule
+from skindistil.evaluation.bootstrap import BootstrapSettings, describe_units, resampling_units
 from skindistil.evaluation.calibration import fit_temperature
 from skindistil.evaluation.metrics import AbsentClassWarning
 from skindistil.evaluation.operating_points import (
     DEFAULT_POINTS,
     apply_operating_points,
     fit_operating_points,
-    group_index,
 )
 from skindistil.evaluation.report import evaluate_arrays
+from skindistil.evaluation.subgroups import DEFAULT_MIN_SIZE, subgroup_attributes
 from skindistil.models import LoadedModel, load_model
 from skindistil.models.artifact import (
     resolve_model_dir,
@@ -71,6 +72,33 @@ def split_outputs(
     return SplitOutputs(ids, dataset.labels.copy(), logits)
 
 
+@dataclass
+class SplitMetadata:
+    """What the manifest says about the images of a split, in the order of `image_ids`: the bootstrap
+    unit of each image (patient, else lesion, else the image), the count of units of each kind, and the
+    subgroup attributes (`subgroups.subgroup_attributes`)."""
+
+    units: list[str]
+    unit_counts: dict[str, int]
+    attributes: dict[str, list[str]]
+
+
+def split_metadata(data_dir: str | Path, image_ids: list[str]) -> SplitMetadata:
+    """`SplitMetadata` of `image_ids` from DATA_DIR/manifest.csv (DataError for an image it lacks)."""
+    from skindistil.data.prepare import MANIFEST_CSV, load_manifest
+    from skindistil.errors import DataError
+
+    manifest, _ = load_manifest(data_dir)
+    rows = manifest.set_index("image_id", drop=False)
+    missing = [i for i in image_ids if i not in rows.index]
+    if missing:
+        raise DataError(Path(data_dir) / MANIFEST_CSV, f"no row for image(s) {', '.join(missing[:5])}")
+    rows = rows.loc[image_ids]
+    units, counts = resampling_units(image_ids, rows["group"].tolist(), rows["patient_id"].tolist())
+    return SplitMetadata(units, counts, subgroup_attributes(rows.reset_index(drop=True),
+                                                            str(Path(data_dir) / MANIFEST_CSV)))
+
+
 def default_eval_dir(model_path: str | Path, split: str) -> Path:
     """RUN/eval/<split> for an artifact at RUN/model."""
     return resolve_model_dir(model_path).parent / "eval" / split
@@ -88,6 +116,8 @@ def evaluate_model(
     num_workers: int | None = None,
     device: str = "cpu",
     progress: bool = True,
+    bootstrap: BootstrapSettings | None = None,
+    subgroup_min_size: int = DEFAULT_MIN_SIZE,
 ) -> dict:
     """Score an artifact on `split`; write metrics.json, report.md, predictions.csv and plots.
 
@@ -100,7 +130,9 @@ def evaluate_model(
     ``operating_points`` (achieved sensitivity and specificity with bootstrap intervals over the
     manifest's lesion/patient groups). The split's headline is merged into the artifact's
     metrics.json under the split's name, so model cards and benchmark plots show test figures.
-    Raises DataError when no operating point can be chosen on the validation split.
+    Intervals resample patients or lesions where the manifest has them (`bootstrap`, default 1,000
+    resamples); subgroups come from the manifest's metadata (groups under `subgroup_min_size` images are
+    not scored). Raises DataError when no operating point can be chosen on the validation split.
     """
     loaded = load_model(model_path, device=device)
     out_dir = Path(out_dir) if out_dir else default_eval_dir(model_path, split)
@@ -121,7 +153,8 @@ def evaluate_model(
             notes.append("operating points chosen on this split: their rates here are optimistic")
     outputs = split_outputs(loaded, data_dir, split, **loader)
     probs = loaded.probabilities(torch.from_numpy(outputs.logits)).numpy()
-    points = operating_point_results(loaded, probs, outputs, data_dir)
+    meta = split_metadata(data_dir, outputs.image_ids)
+    points = operating_point_results(loaded, probs, outputs.labels, meta, bootstrap)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AbsentClassWarning)  # absent classes are listed in the report's notes
         metrics = evaluate_arrays(
@@ -130,6 +163,8 @@ def evaluate_model(
             inputs={"model": str(loaded.path), "data": str(data_dir), "split": split,
                     "temperature": loaded.temperature},
             operating_points=points,
+            bootstrap=bootstrap, units=meta.units, unit_counts=meta.unit_counts, subgroups=meta.attributes,
+            subgroup_min_size=subgroup_min_size,
         )
     update_metrics(loaded.path, {split: artifact_entry(metrics)})
     return metrics
@@ -166,22 +201,18 @@ def store_operating_points(loaded: LoadedModel, probs: np.ndarray, labels: np.nd
     return notes
 
 
-def operating_point_results(loaded: LoadedModel, probs: np.ndarray, outputs: SplitOutputs,
-                            data_dir: str | Path) -> dict | None:
-    """The artifact's stored operating points applied to a split's `probs` (None when none are stored):
-    {fitted_on, default, units, points: `apply_operating_points`}, resampling the manifest's groups."""
-    from skindistil.data.prepare import load_manifest
-
+def operating_point_results(loaded: LoadedModel, probs: np.ndarray, labels: np.ndarray, meta: SplitMetadata,
+                            bootstrap: BootstrapSettings | None = None) -> dict | None:
+    """The artifact's stored operating points applied to a split's `probs` (N, K) and `labels` (N,)
+    (None when none are stored): {fitted_on, default, units, points: `apply_operating_points`},
+    resampling the split's patients or lesions (`meta.units`) as its other intervals do."""
     stored = loaded.operating_points
     if stored is None:
         return None
-    manifest, _ = load_manifest(data_dir)
-    group_of = dict(zip(manifest["image_id"].astype(str), manifest["group"], strict=True))
-    groups = group_index(outputs.image_ids, [group_of.get(i) for i in outputs.image_ids])
     points = {name: point.model_dump() for name, point in stored.points.items()}
     return {
         "fitted_on": stored.fitted_on,
         "default": stored.default,
-        "units": "lesion/patient groups" if any(group_of.get(i) for i in outputs.image_ids) else "images",
-        "points": apply_operating_points(probs, outputs.labels, loaded.classes, points, groups),
+        "units": describe_units(meta.unit_counts),
+        "points": apply_operating_points(probs, labels, loaded.classes, points, meta.units, bootstrap),
     }

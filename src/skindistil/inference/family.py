@@ -22,15 +22,19 @@ import numpy as np
 import torch
 
 from skindistil.errors import ConfigError, ModelError
+from skindistil.evaluation.bootstrap import BootstrapSettings
 from skindistil.evaluation.metrics import (
     AbsentClassWarning,
     accuracy,
     balanced_accuracy,
     decide,
+    expected_calibration_error,
     precision_recall_f1,
+    reliability_bins,
 )
 from skindistil.evaluation.plots import plot_bma_by_depth
 from skindistil.evaluation.report import write_metrics_json
+from skindistil.evaluation.retention import compare_models
 from skindistil.files import write_text
 from skindistil.models import DepthViT, LoadedModel, load_model
 from skindistil.models.artifact import CONFIG_FILE, resolve_model_dir
@@ -86,23 +90,29 @@ def _teacher_of(model_dir: Path) -> Path | None:
 
 
 def scores(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
-    """BMA, accuracy and macro F1 of class scores [N, C] against labels [N] (ISIC tie rule)."""
+    """BMA, accuracy, macro F1 (ISIC tie rule) and calibration (ECE over 15 bins, and the reliability
+    bins) of class scores [N, C] against labels [N]."""
     preds = decide(probs)
+    bins = reliability_bins(probs, labels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AbsentClassWarning)  # classes absent from a small split
         return {
             "bma": balanced_accuracy(labels, preds, num_classes),
             "accuracy": accuracy(labels, preds),
             "macro_f1": float(precision_recall_f1(labels, preds, num_classes)["macro_f1"]),
+            "ece": expected_calibration_error(probs, labels),
+            "reliability": {key: value.tolist() for key, value in bins.items()},
         }
 
 
 def score_family(family: Family, data_dir: str | Path, split: str = "test", *, batch_size: int = 64,
                  num_workers: int | None = None, device: str = "cpu", progress: bool = True,
-                 cache: dict | None = None) -> dict:
-    """One row per member (depth, role, BMA, accuracy, macro F1, parameters, model) and the teacher's
-    scores. `cache` (model dir -> outputs) lets several families share one pass over a teacher."""
-    from skindistil.inference.evaluate import split_outputs
+                 cache: dict | None = None, bootstrap: BootstrapSettings | None = None) -> dict:
+    """One row per member (depth, role, BMA, accuracy, macro F1, ECE and reliability, parameters, model)
+    and the teacher's scores. With a teacher, each row also has "comparison": `retention.compare_models`
+    against it (paired bootstrap, per-class retention, agreement), resampling the manifest's patients
+    or lesions. `cache` (model dir -> outputs) lets several families share one pass over a teacher."""
+    from skindistil.inference.evaluate import split_metadata, split_outputs
 
     cache = {} if cache is None else cache
 
@@ -114,6 +124,14 @@ def score_family(family: Family, data_dir: str | Path, split: str = "test", *, b
                                                num_workers=num_workers, all_exits=all_exits, progress=progress)
         return cache[key]
 
+    teacher, teacher_probs = None, None
+    if family.teacher is not None:
+        loaded, outputs = outputs_of(family.teacher, False)
+        teacher_probs = loaded.probabilities(torch.from_numpy(outputs.logits)).numpy()
+        teacher = {"depth": _depth(loaded), **scores(teacher_probs, outputs.labels, len(loaded.classes)),
+                   "params": int(loaded.config["num_parameters"]), "model": str(family.teacher)}
+        teacher_ids = outputs.image_ids
+    meta = None
     rows = []
     for member in family.members:
         loaded, outputs = outputs_of(member.model_dir, member.exit_depth is not None)
@@ -124,15 +142,16 @@ def score_family(family: Family, data_dir: str | Path, split: str = "test", *, b
             depth, logits = member.exit_depth, outputs.logits[index]
             params = sum(p.numel() for p in loaded.model.truncate(member.exit_depth).parameters())
         probs = loaded.probabilities(torch.from_numpy(logits)).numpy()
-        rows.append({"depth": depth, "role": member.role, **scores(probs, outputs.labels, len(loaded.classes)),
-                     "params": int(params), "model": str(member.model_dir)})
+        row = {"depth": depth, "role": member.role, **scores(probs, outputs.labels, len(loaded.classes)),
+               "params": int(params), "model": str(member.model_dir)}
+        if teacher_probs is not None and member.role != "teacher":
+            if outputs.image_ids != teacher_ids:
+                raise ModelError(f"{member.model_dir}: scored on other images than its teacher {family.teacher}")
+            meta = meta or split_metadata(data_dir, outputs.image_ids)
+            row["comparison"] = compare_models(teacher_probs, probs, outputs.labels, loaded.classes, meta.units,
+                                               bootstrap or BootstrapSettings(), meta.unit_counts)
+        rows.append(row)
     rows.sort(key=lambda r: r["depth"])
-    teacher = None
-    if family.teacher is not None:
-        loaded, outputs = outputs_of(family.teacher, False)
-        probs = loaded.probabilities(torch.from_numpy(outputs.logits)).numpy()
-        teacher = {"depth": _depth(loaded), **scores(probs, outputs.labels, len(loaded.classes)),
-                   "params": int(loaded.config["num_parameters"]), "model": str(family.teacher)}
     return {"method": family.method, "run": str(family.run), "split": split, "rows": rows, "teacher": teacher}
 
 
@@ -196,8 +215,24 @@ def family_markdown(families: list[dict], teacher_lines: dict[str, float], split
         lines.append(f"\n{label}: BMA {bma:.4f}")
     for fam in families:
         lines += ["", f"## {fam['label']}", "", f"Run: `{fam['run']}`", "",
-                  "| depth | model | BMA | accuracy | macro F1 | params |", "| --- | --- | --- | --- | --- | --- |"]
+                  "| depth | model | BMA | accuracy | macro F1 | ECE | BMA - teacher (CI) | top-1 agreement | params |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in fam["rows"]:
             lines.append(f"| {r['depth']} | {r['role']} | {r['bma']:.4f} | {r['accuracy']:.4f} | "
-                         f"{r['macro_f1']:.4f} | {r['params']:,} |")
+                         f"{r['macro_f1']:.4f} | {r['ece']:.4f} | {_difference(r)} | {_agreement(r)} | "
+                         f"{r['params']:,} |")
     return "\n".join(lines) + "\n"
+
+
+def _difference(row: dict) -> str:
+    comparison = row.get("comparison")
+    if not comparison:
+        return ""
+    diff = comparison["bma"]["difference"]
+    low, high = diff["interval"] or (float("nan"), float("nan"))
+    return f"{diff['value']:+.4f} ({low:+.4f} to {high:+.4f})"
+
+
+def _agreement(row: dict) -> str:
+    comparison = row.get("comparison")
+    return f"{comparison['agreement']['top1']:.4f}" if comparison else ""
