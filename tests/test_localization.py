@@ -381,3 +381,26 @@ def test_localization_flags_need_masks(vit_artifact, ham_root, tmp_path, capsys)
     assert "belong to --localization" in capsys.readouterr().err
     assert main(["explain", "--model", str(vit_artifact), image, "--out", str(tmp_path), "--method", "gradcam"]) == 1
     assert "is a ViT: use rollout or grad-rollout" in capsys.readouterr().err
+
+
+def test_run_report_answers_the_questions_with_numbers(ham_masked, vit_artifact, tmp_path):
+    from skindistil.config import RunConfig
+    from skindistil.data.prepare import load_manifest
+    from skindistil.evaluation.document import Document
+    from skindistil.pipeline import ModelEntry
+    from skindistil.pipeline_report import _localization_section
+
+    data_dir = ham_masked[0]
+    entries = []
+    for role in ("teacher", "student"):
+        shutil.copytree(vit_artifact, tmp_path / role / "model")
+        entries.append(ModelEntry(role, tmp_path / role, role, "distilvit"))
+    cfg = RunConfig.from_dict({"split": "val", "localization_images": 5})
+    doc = Document("run")
+    _localization_section(doc, cfg, data_dir, load_manifest(data_dir)[1], entries)
+    text = doc.markdown()
+    assert "Where the models look (val, lesion masks)" in text and "5 masked images" in text
+    assert "| teacher: rollout |" in text and "| centre-prior |" in text
+    assert "student against the teacher, rollout: map correlation 1.000" in text
+    frame = pd.read_csv(tmp_path / "student" / "eval" / "val" / "localization.csv")
+    assert frame["image_id"].nunique() == 5 and (frame["map_correlation"].dropna() > 0.999).all()

@@ -310,7 +310,8 @@ def summarize_localization(frame, settings: dict, *, seed: int = 0, title: str =
     return summary
 
 
-def _interval(stats: dict, key: str = "mean") -> str:
+def format_interval(stats: dict, key: str = "mean") -> str:
+    """`value [low, high]` to 3 decimals (`value` alone without an interval, `n/a` when undefined)."""
     value = stats.get(key, math.nan)
     if value is None or not math.isfinite(value):
         return "n/a"
@@ -330,7 +331,7 @@ def render_localization_md(summary: dict) -> str:
     lines = [f"# {summary['title'] or 'Where the model looks'}", ""]
     lines.append(
         f"{summary['images']} images with a lesion mask; lesion share of the input "
-        f"{_interval(summary['lesion_share'])}. Input {s['input_size']} px; mask = pixels >= {s['mask_threshold']} "
+        f"{format_interval(summary['lesion_share'])}. Input {s['input_size']} px; mask = pixels >= {s['mask_threshold']} "
         f"after the input's crop and resize; maps upsampled bilinearly to the input; pointing-game tolerance "
         f"{s['pointing_tolerance_px']} px (15 px at 224); centre prior: Gaussian, sigma {s['centre_prior_sigma_px']} "
         f"px; class-specific methods explain the predicted class. Values: mean [95% bootstrap interval over "
@@ -341,7 +342,7 @@ def render_localization_md(summary: dict) -> str:
     for entry in summary["methods"]:
         cells = []
         for metric in METRICS:
-            text = _interval(entry[metric])
+            text = format_interval(entry[metric])
             cells.append(f"**{text}**" if entry["beats_baselines"][metric] else text)
         lines.append(f"| {_label(entry)} | {entry['n']} | " + " | ".join(cells) + " |")
     undefined = [f"{_label(e)}: {m} {e[m]['undefined']}" for e in summary["methods"] for m in METRICS
@@ -353,19 +354,19 @@ def render_localization_md(summary: dict) -> str:
         lines += ["", "## Mass in lesion: correct vs wrong predictions", "",
                   "| method | correct | wrong | difference (correct - wrong) |", "| --- | ---: | ---: | ---: |"]
         for entry in summary["correct_vs_wrong"]:
-            lines.append(f"| {_label(entry)} | {_interval(entry['correct'])} (n={entry['correct']['n']}) | "
-                         f"{_interval(entry['wrong'])} (n={entry['wrong']['n']}) | "
-                         f"{_interval(entry['difference'], 'difference')} |")
+            lines.append(f"| {_label(entry)} | {format_interval(entry['correct'])} (n={entry['correct']['n']}) | "
+                         f"{format_interval(entry['wrong'])} (n={entry['wrong']['n']}) | "
+                         f"{format_interval(entry['difference'], 'difference')} |")
         lines += ["", "The baselines' differences come from lesion size and position alone, not from the model."]
     if summary["reference"]:
         lines += ["", f"## Against the reference model ({s.get('reference')})", "",
                   "| method | map correlation | mass-in-lesion retention | correlation: correct / wrong | "
                   "retention: correct / wrong |", "| --- | ---: | ---: | ---: | ---: |"]
         for entry in summary["reference"]:
-            split_corr = " / ".join(_interval(entry.get(f"map_correlation_{k}", {})) for k in ("correct", "wrong"))
-            split_ret = " / ".join(_interval(entry.get(f"retention_{k}", {}), "ratio") for k in ("correct", "wrong"))
-            lines.append(f"| {_label(entry)} | {_interval(entry['map_correlation'])} | "
-                         f"{_interval(entry['retention'], 'ratio')} | {split_corr} | {split_ret} |")
+            split_corr = " / ".join(format_interval(entry.get(f"map_correlation_{k}", {})) for k in ("correct", "wrong"))
+            split_ret = " / ".join(format_interval(entry.get(f"retention_{k}", {}), "ratio") for k in ("correct", "wrong"))
+            lines.append(f"| {_label(entry)} | {format_interval(entry['map_correlation'])} | "
+                         f"{format_interval(entry['retention'], 'ratio')} | {split_corr} | {split_ret} |")
         lines += ["", "Retention = mean mass in lesion / the reference's on the same images (1 = as much)."]
     for note in summary["notes"]:
         lines += ["", f"Note: {note}"]

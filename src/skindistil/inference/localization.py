@@ -305,9 +305,11 @@ def evaluate_localization(
     seed: int = 0,
     head_fusion: str = "mean",
     device: str = "cpu",
+    limit: int | None = None,
 ) -> dict:
     """Score the explanations of an artifact on the masked images of `split` of a prepared dataset
-    (`prepare --masks`); writes localization.{csv,json,md} to `out_dir` (default RUN/eval/SPLIT)."""
+    (`prepare --masks`); writes localization.{csv,json,md} to `out_dir` (default RUN/eval/SPLIT).
+    `limit`: a random subset (seeded by `seed`) of that many masked images, kept in manifest order."""
     from skindistil.inference.evaluate import default_eval_dir
     from skindistil.models.artifact import load_model
 
@@ -315,6 +317,10 @@ def evaluate_localization(
     ref = load_model(reference, device=device) if reference is not None else None
     items, unmasked = masked_split(loaded, data_dir, split)
     notes = [f"{unmasked} image(s) of {split} have no mask and are not scored"] if unmasked else []
+    if limit is not None and limit < len(items):
+        keep = np.sort(np.random.default_rng(seed).choice(len(items), size=limit, replace=False))
+        notes.append(f"a random subset of {limit} of the {len(items)} masked images (seed {seed})")
+        items = [items[i] for i in keep]
     out_dir = Path(out_dir) if out_dir else default_eval_dir(model_path, split)
     title = f"Where {loaded.path.parent.name} looks: {split} of {data_dir} ({len(items)} masked images)"
     return localize_and_write(loaded, items, out_dir, methods, reference=ref, per_exit=per_exit, seed=seed,
