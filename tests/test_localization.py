@@ -359,6 +359,23 @@ def test_evaluate_localization_on_a_prepared_split(ham_masked, vit_artifact, tmp
     assert (out / "metrics.json").is_file()
 
 
+def test_prepared_masks_reach_the_model_aligned_with_its_input(ham_root, ham_masked, vit_artifact):
+    """The cached mask, through the model's eval geometry, covers the same pixels as the original mask
+    taken straight to the model's input (two resizes instead of one: nearly, not exactly, the same)."""
+    from skindistil.inference.localization import masked_split
+
+    loaded = load_model(vit_artifact)
+    items, unmasked = masked_split(loaded, ham_masked[0], "train")
+    assert unmasked > 0 and len(items) > 20
+    ious = []
+    for item in items[:12]:
+        image = Image.open(ham_root / "images" / f"{item.image_id}.jpg").convert("RGB")
+        mask = read_mask(ham_root / "masks" / f"{item.image_id}_segmentation.png", size=image.size)
+        _, direct = loaded.prepare_image_and_mask(image, mask)
+        ious.append((direct & item.mask).sum() / max((direct | item.mask).sum(), 1))
+    assert np.mean(ious) > 0.9, ious
+
+
 def test_per_exit_scores_every_depth(ham_masked, tmp_path):
     from skindistil.inference.localization import evaluate_localization
 
