@@ -18,6 +18,7 @@ from skindistil import cli
 from skindistil.data.prepare import (
     MANIFEST_COLUMNS,
     MANIFEST_METADATA,
+    MASK_COLUMN,
     cache_file_for,
     load_manifest,
     prepare_dataset,
@@ -77,7 +78,8 @@ def test_prepare_real_ham_writes_cache_and_manifest(ham_prepared):
     result, out = ham_prepared
     manifest, info = load_manifest(out)
     assert result.num_images == len(manifest) == 60 and result.num_decoded == 60
-    assert list(manifest.columns) == [*MANIFEST_COLUMNS, *MANIFEST_METADATA]
+    assert list(manifest.columns) == [*MANIFEST_COLUMNS, *MANIFEST_METADATA, MASK_COLUMN]
+    assert (manifest[MASK_COLUMN] == "").all() and info["masks"] is None  # prepared without --masks
     assert info["classes"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
     assert info["source"] == "ham10000" and info["short_side"] == 256 and info["num_images"] == 60
     assert info["splits"] == {"seed": 42, "fractions": [0.7, 0.15, 0.15], "folds": 3, "predefined": False,

@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "benchmark": ("benchmark", "size, FLOPs, latency and throughput of models and backends; teacher/student ratios"),
     "export": ("export", "export a model to ONNX (optionally int8) with a parity check"),
     "predict": ("predict", "predict image files, folders or a CSV of paths with a model artifact"),
-    "explain": ("explain", "attention-rollout heat maps over images"),
+    "explain": ("explain", "heat maps of where a model looks, scored against lesion masks with --masks"),
     "serve": ("serve", "REST API and web page for a model artifact"),
 }
 

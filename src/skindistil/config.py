@@ -303,6 +303,7 @@ class SourceConfig:
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 42
     workers: int | None = None
+    masks: str | None = None  # lesion masks (folder or {stem} pattern): `prepare --masks`, localization in the report
 
 
 @dataclass
@@ -329,4 +330,5 @@ class RunConfig(RunSection):
     subgroup_min_size: int = 30  # subgroups with fewer images are reported as too small, not scored
     benchmark: BenchConfig = dataclasses.field(default_factory=BenchConfig)
     explain_images: int = 4
+    localization_images: int = 300  # masked split images whose explanations the report scores (0: none)
     sized_for: str = "any"  # "gpu": a recipe meant for a GPU warns, with the measured duration, when run on a CPU

@@ -117,7 +117,8 @@ class Pipeline:
             return out
         source = build_source(data.source, data.root, **data.options)
         result = prepare_dataset(source, out, short_side=data.short_side, fractions=tuple(data.split),
-                                 seed=data.seed, workers=data.workers, limit=data.limit, progress=self.progress)
+                                 seed=data.seed, workers=data.workers, limit=data.limit, progress=self.progress,
+                                 masks=data.masks)
         console.print(f"prepared {result.num_images} images at {result.images_per_second:.0f} img/s -> {out}")
         return out
 

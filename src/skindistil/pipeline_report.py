@@ -120,6 +120,7 @@ def build_report(cfg: RunConfig, run_dir: Path, data_dir: Path, models, bench: d
 
     # --- attention maps
     _attention_section(doc, cfg, data_dir, manifest, models, assets)
+    _localization_section(doc, cfg, data_dir, info, models)
 
     section = doc.section("Run")
     section.table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()])
@@ -346,3 +347,52 @@ def _attention_section(doc, cfg, data_dir, manifest, models, assets) -> None:
             write_bytes(assets / name, png)
             section.figure(f"report_assets/{name}",
                            f"{entry.label} on {row['image_id']} (true {row['class_name']}): {top} {prob:.2f}")
+
+
+def _localization_section(doc, cfg, data_dir, info, models) -> None:
+    """Where the teacher and the students look, scored against the lesion masks of the split (when the
+    data was prepared with masks): the table, then the questions it answers, each with its numbers."""
+    from skindistil.inference.localization import evaluate_localization
+
+    if not info.get("num_masks") or cfg.localization_images <= 0:
+        return
+    entries = [e for e in models if e.role in ("teacher", "student")]
+    teacher = next((e for e in entries if e.role == "teacher"), None)
+    results = {}
+    for entry in entries:
+        reference = teacher.model_dir if teacher is not None and entry is not teacher else None
+        results[entry.label] = evaluate_localization(entry.model_dir, data_dir, cfg.split,
+                                                     entry.run_dir / "eval" / cfg.split, reference=reference,
+                                                     limit=cfg.localization_images)
+    first = next(iter(results.values()))
+    section = doc.section(f"Where the models look ({cfg.split}, lesion masks)")
+    s = first["settings"]
+    section.text(f"{first['images']} masked images. Mass ratio = share of the map's mass inside the lesion / the "
+                 f"lesion's share of the input (uniform map = 1); pointing game within {s['pointing_tolerance_px']} px; "
+                 "pixel AUC of the map against the mask. Mean [95% bootstrap interval]; * = above both baselines. "
+                 "Per-image scores: RUN/eval/SPLIT/localization.csv of each model.")
+    rows = []
+    for label, summary in results.items():
+        for e in summary["methods"]:
+            if e["method"] in ("random", "centre-prior") and label != next(iter(results)):
+                continue
+            name = e["method"] if e["method"] in ("random", "centre-prior") else f"{label}: {e['method']}"
+            rows.append([name, *[_interval(e[m]) + ("*" if e["beats_baselines"][m] else "")
+                                 for m in ("mass_ratio", "pointing_hit", "pixel_auc")]])
+    section.table(["model: method", "mass ratio", "pointing game", "pixel AUC"], rows)
+    for label, summary in results.items():
+        for e in summary["correct_vs_wrong"]:
+            if e["method"] not in ("random", "centre-prior"):
+                section.text(f"{label}, {e['method']}: mass in lesion {_interval(e['correct'])} on correct and "
+                             f"{_interval(e['wrong'])} on wrong predictions (difference "
+                             f"{_interval(e['difference'], 'difference')}).")
+        for e in summary["reference"]:
+            section.text(f"{label} against the teacher, {e['method']}: map correlation {_interval(e['map_correlation'])}, "
+                         f"mass-in-lesion retention {_interval(e['retention'], 'ratio')} (correct "
+                         f"{_interval(e['retention_correct'], 'ratio')}, wrong {_interval(e['retention_wrong'], 'ratio')}).")
+
+
+def _interval(stats: dict, key: str = "mean") -> str:
+    from skindistil.evaluation.localization import format_interval
+
+    return format_interval(stats, key)

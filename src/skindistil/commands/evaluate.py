@@ -58,6 +58,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "written to RUN/eval/SPLIT/early_exit.{png,md,json}")
     parser.add_argument("--thresholds", type=_floats, metavar="T1,T2,...",
                         help="thresholds for --sweep-exits (default 0.3,0.4,...,0.99; full depth is always added)")
+    group = parser.add_argument_group("where the model looks (a split prepared with --masks)")
+    group.add_argument("--localization", action="store_true",
+                       help="with --model: also score the model's explanations against the split's lesion masks "
+                            "(mass in lesion, pointing game, pixel AUC, with random and centre-prior baselines), "
+                            "written to OUT/localization.{csv,json,md}")
+    group.add_argument("--explain-method", action="append", choices=["rollout", "grad-rollout", "gradcam"],
+                       help="method to score (repeatable; default every method of the architecture)")
+    group.add_argument("--reference", type=Path, metavar="DIR",
+                       help="compare the maps with this model's (e.g. the teacher): correlation, retention")
+    group.add_argument("--per-exit", action="store_true", help="score every exit of a per-depth-head model")
+    group.add_argument("--seed", type=int, default=0, help="seed of the random-map baseline and the bootstrap")
     parser.add_argument("--family", type=Path, nargs="+", metavar="RUN",
                         help="score one model per depth of each run (cascade run, per-depth-head model, or a "
                              "single model) and plot BMA by depth; several runs need --out DIR")
@@ -71,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
                                              or args.exit_threshold is not None):
         raise ConfigError("evaluate: --operating-point goes with --model DIR --data DATA_DIR (not with --family, "
                           "--sweep-exits or --exit-threshold)")
+    if not args.localization and (args.explain_method or args.reference is not None or args.per_exit):
+        raise ConfigError("evaluate: --explain-method, --reference and --per-exit belong to --localization")
+    if args.localization and (args.model is None or args.family is not None or args.predictions is not None
+                              or args.exit_threshold is not None or args.sweep_exits):
+        raise ConfigError("evaluate: --localization scores one --model on --data DATA_DIR (prepared with --masks)")
     if args.family is not None:
         if args.data is None:
             raise ConfigError("evaluate: --family needs --data DATA_DIR (a dataset from `skindistil prepare`)")
@@ -93,10 +109,27 @@ def run(args: argparse.Namespace) -> int:
         metrics = evaluate_model(args.model, args.data, args.split, args.out, calibrate=args.calibrate,
                                  operating_point=args.operating_point, bootstrap=bootstrap,
                                  subgroup_min_size=args.subgroup_min_size, **loader)
+        if args.localization:
+            _print_summary(metrics)
+            return _localization(args)
     else:
         raise ConfigError("evaluate: give --model DIR --data DATA_DIR, --family RUN... --data DATA_DIR, "
                           "or --predictions PRED.csv --truth GT.csv")
     _print_summary(metrics)
+    return 0
+
+
+def _localization(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from skindistil.inference.localization import evaluate_localization
+
+    summary = evaluate_localization(args.model, args.data, args.split, args.out, args.explain_method,
+                                    reference=args.reference, per_exit=args.per_exit, seed=args.seed,
+                                    device=args.device)
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(Path(summary["files"]["md"]).read_text(), markup=False)
+    console.print(f"wrote {summary['files']['md']}", markup=False)
     return 0
 
 

@@ -10,6 +10,7 @@ Examples:
     skindistil prepare --source isic2020 --labels diagnosis --root data/siim-isic-2020 --out prepared/isic2020
     skindistil prepare --source isic2024 --root data/isic-2024-challenge --out prepared/isic2024
     skindistil prepare --source isic2019 --root data/ISIC2019 --out prepared/isic --duplicates drop
+    skindistil prepare --source ham10000 --root data/ham10000 --out prepared/ham --masks data/ham10000/masks
 """
 
 from __future__ import annotations
@@ -101,6 +102,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"perceptual-hash distance up to which two images are near duplicates (default {DEFAULT_THRESHOLD} of 256)",
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument(
+        "--masks",
+        metavar="DIR_OR_PATTERN",
+        help="lesion masks to keep beside the images, cropped and resized like them (for `evaluate "
+             "--localization`): a folder holding <stem>_segmentation.png (HAM10000, ISIC 2018), "
+             "<stem>_Segmentation.png (ISIC 2016/2017), <stem>_mask.png or <stem>.png, or a pattern "
+             "such as masks/{stem}_seg.png",
+    )
     group = parser.add_argument_group("source options (only where they apply)")
     group.add_argument("--labels", help="ham10000: dx (7 classes, default) or isic2019 (8 classes); "
                                         "isic2020: target (benign/malignant, default) or diagnosis")
@@ -137,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         progress=args.progress,
         duplicates=args.duplicates,
         duplicate_threshold=args.duplicate_threshold,
+        masks=args.masks,
     )
     _print_summary(result, Console())
     return 0
@@ -156,6 +166,8 @@ def _print_summary(result, console: Console) -> None:
         f"decoded {result.num_decoded}, reused from cache {result.num_reused}, "
         f"{result.images_per_second:.1f} img/s, total {result.timings['total']:.1f} s"
     )
+    if result.num_masks:
+        console.print(f"kept {result.num_masks} lesion mask(s) beside their images")
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     _print_duplicates(result.duplicates, console)

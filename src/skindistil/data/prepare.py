@@ -6,6 +6,8 @@ Layout of a prepared DATA_DIR (format 1):
     manifest.csv          one row per image (MANIFEST_COLUMNS, then the patient/lesion METADATA_FIELDS:
                           age, sex, site, patient_id, lesion_id); `cache_file` is relative to DATA_DIR
     cache/<hh>/<id>.npy   uint8 HWC RGB, shorter side = short_side (<hh>: 2 hex chars of sha1(id))
+    cache/<hh>/<id>.mask.npy  with `masks`: the image's lesion mask, uint8 HW (0-255, lesion >= 128),
+                          border-cropped by the image's box and resized to the cached image's size
     cache/journal.jsonl   one JSON line per cached image (its source hash and geometry)
     prepare_report.json   skipped items, duplicate clusters, counts, timings
 
@@ -40,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -51,6 +54,7 @@ from rich.progress import (
 
 from skindistil.data import duplicates as dups
 from skindistil.data.imageio import DEFAULT_MAX_PIXELS, border_crop_box, resize_shorter
+from skindistil.data.masks import MaskLocator, read_mask
 from skindistil.data.names import safe_file_stem
 from skindistil.data.records import METADATA_FIELDS, Problem, Record
 from skindistil.data.sources import ON_ERROR_CHOICES, Source
@@ -80,6 +84,8 @@ MANIFEST_COLUMNS = [
 ]  # fmt: skip
 # Written after MANIFEST_COLUMNS; optional when reading (datasets prepared before they existed lack them).
 MANIFEST_METADATA = list(METADATA_FIELDS)
+# The cached lesion mask relative to DATA_DIR ("" for an image without one); optional when reading.
+MASK_COLUMN = "mask_file"
 
 
 @dataclass
@@ -96,6 +102,7 @@ class PrepareResult:
     timings: dict[str, float] = field(default_factory=dict)
     images_per_second: float = 0.0
     duplicates: dict[str, Any] = field(default_factory=dict)
+    num_masks: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,7 @@ class _Settings:
     short_side: int
     border_crop: bool
     max_pixels: int
+    masks: MaskLocator | None = None
 
 
 def cache_file_for(image_id: str) -> str:
@@ -116,6 +124,11 @@ def cache_file_for(image_id: str) -> str:
     """
     digest = hashlib.sha1(image_id.encode("utf-8")).hexdigest()
     return f"{CACHE_DIR}/{digest[:2]}/{safe_file_stem(image_id)}.npy"
+
+
+def mask_file_for(cache_file: str) -> str:
+    """Cache path of an image's mask, beside the image's: cache/<hh>/<name>.mask.npy."""
+    return cache_file[: -len(".npy")] + ".mask.npy"
 
 
 def default_workers() -> int:
@@ -141,6 +154,7 @@ def prepare_dataset(
     progress: bool = True,
     duplicates: str = "group",
     duplicate_threshold: int = dups.DEFAULT_THRESHOLD,
+    masks: str | Path | MaskLocator | None = None,
 ) -> PrepareResult:
     """Decode, crop, resize and cache `source` into `out_dir`; split it; write manifest and dataset.json.
 
@@ -151,6 +165,9 @@ def prepare_dataset(
     split-folder tree; a split it lacks is drawn from train by `fractions`, grouped and stratified),
     else grouped-stratified train/val/test by `fractions`; `folds` adds k-fold ids over train+val
     (the test split stays held out). `limit` keeps a class-stratified subset of that many images.
+    `masks` (a folder or a ``{stem}`` pattern, see `skindistil.data.masks`) caches each image's lesion
+    mask beside it, cropped and resized like the image (manifest column `mask_file`, "" for an image
+    without one; a note counts those); a mask of the wrong size is a bad item like a broken image.
     `workers` None = all cores; 0 or 1 = in this process. Worker processes are started, not forked,
     so a script calling this with workers > 1 needs the usual ``if __name__ == "__main__":`` guard.
     `duplicates` (keep, group, drop) and `duplicate_threshold` (bits): see
@@ -190,9 +207,16 @@ def prepare_dataset(
     if not records:
         raise DataError(source.fingerprint(), "no usable images")
     timings = {"parse": time.perf_counter() - started}
+    if masks is not None and not isinstance(masks, MaskLocator):
+        masks = MaskLocator(str(masks))
+    if masks is not None:
+        no_file = next((r for r in records if not os.path.isfile(r.source)), None)
+        if no_file is not None:
+            raise ConfigError(f"--masks: source {source.name} yields images without a file ({no_file.source}); "
+                              "masks are matched to image files by name")
 
     data_dir = Path(out_dir)
-    settings = _Settings(data_dir, int(short_side), bool(border_crop), int(max_pixels))
+    settings = _Settings(data_dir, int(short_side), bool(border_crop), int(max_pixels), masks)
     _retire_previous(data_dir)
     journal = _read_journal(data_dir)
     tasks = []
@@ -233,6 +257,10 @@ def prepare_dataset(
     manifest["duplicate_cluster"] = pd.array(cluster_of, dtype="Int64")
     counts = {name: vocab.counts(labels[split == name].tolist()) for name in SPLIT_NAMES}
     notes += split_class_notes(counts)
+    num_masks = sum(1 for _, entry in kept if entry.get("mask_file"))
+    if masks is not None and num_masks < len(kept):
+        notes.append(f"{len(kept) - num_masks} of {len(kept)} images have no mask in {masks.spec} (mask_file empty "
+                     "in the manifest; localization scores leave them out)")
     reused = sum(1 for _, entry in kept if entry.get("reused"))
     write_csv(data_dir / MANIFEST_CSV, manifest)
     _finish_cache(data_dir, [entry for _, entry in cached])
@@ -276,6 +304,8 @@ def prepare_dataset(
         "border_crop": settings.border_crop,
         "max_pixels": settings.max_pixels,
         "limit": limit,
+        "masks": masks.spec if masks is not None else None,
+        "num_masks": num_masks,
         "splits": {
             "seed": seed,
             "fractions": None if predefined else list(fractions),
@@ -300,6 +330,7 @@ def prepare_dataset(
         timings=timings,
         images_per_second=images_per_second,
         duplicates=duplicate_report,
+        num_masks=num_masks,
     )
 
 
@@ -352,13 +383,13 @@ def load_manifest(data_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     manifest_path = data_dir / MANIFEST_CSV
     if not manifest_path.is_file():
         raise DataError(data_dir, f"prepared dataset without {MANIFEST_CSV}; prepare it again")
-    text_columns = ["image_id", "class_name", "group", "split", "source", "sha256", "cache_file", "fold", *MANIFEST_METADATA]
-    text_columns += ["phash", "duplicate_cluster"]
+    text_columns = ["image_id", "class_name", "group", "split", "source", "sha256", "cache_file", "fold",
+                    *MANIFEST_METADATA, "phash", "duplicate_cluster", MASK_COLUMN]
     frame = pd.read_csv(manifest_path, dtype=dict.fromkeys(text_columns, str), keep_default_na=False)
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
-        raise DataError(manifest_path, f"missing column(s) {', '.join(missing)}; prepare it again")
-    for name in MANIFEST_METADATA:
+        raise DataError(manifest_path, f"missing column(s) {', '.join(missing)}")
+    for name in [*MANIFEST_METADATA, MASK_COLUMN]:
         if name not in frame.columns:
             frame[name] = ""
     if len(frame) != info.get("num_images"):
@@ -505,9 +536,10 @@ def _manifest_frame(kept: list[tuple[Record, dict]], vocab: ClassVocab, split: n
                 "cache_file": entry["cache_file"],
                 "phash": entry["phash"],
                 **{name: record.meta.get(name, "") for name in MANIFEST_METADATA},
+                MASK_COLUMN: entry.get("mask_file") or "",
             }
         )
-    frame = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *MANIFEST_METADATA])
+    frame = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *MANIFEST_METADATA, MASK_COLUMN])
     frame["fold"] = frame["fold"].astype("Int64")
     return frame
 
@@ -639,7 +671,10 @@ def _process_record(source: Source, settings: _Settings, record: Record, cache_f
 
 def _cache_image(source: Source, settings: _Settings, record: Record, cache_file: str, known: dict | None) -> dict:
     file_hash = _file_sha256(record.source) if os.path.isfile(record.source) else None
-    if known is not None and file_hash == known["sha256"] and _cache_intact(settings.data_dir, known):
+    mask_path = _find_mask(settings.masks, record)
+    mask_hash = _file_sha256(str(mask_path)) if mask_path is not None else None
+    if (known is not None and file_hash == known["sha256"] and known.get("mask_sha256") == mask_hash
+            and _cache_intact(settings.data_dir, known)):
         return {**known, "reused": True}
     image = source.open(record)
     width, height = image.size
@@ -648,11 +683,19 @@ def _cache_image(source: Source, settings: _Settings, record: Record, cache_file
     pixels = np.asarray(image)
     # Sources without a file (npz rows, generated images) are identified by their decoded pixels.
     content_hash = file_hash or _pixels_sha256(pixels)
-    if known is not None and content_hash == known["sha256"] and _cache_intact(settings.data_dir, known):
+    if (known is not None and content_hash == known["sha256"] and known.get("mask_sha256") == mask_hash
+            and _cache_intact(settings.data_dir, known)):
         return {**known, "reused": True}
     phash = dups.perceptual_hash(image)
     box = border_crop_box(pixels) if settings.border_crop else (0, 0, width, height)
     cached = np.asarray(resize_shorter(image.crop(box), settings.short_side), dtype=np.uint8)
+    mask_file = None
+    if mask_path is not None:
+        mask = Image.fromarray(read_mask(mask_path, size=(width, height), image=record.source))
+        # the image's box and the same resize, so mask and image stay pixel-aligned
+        cached_mask = np.asarray(resize_shorter(mask.crop(box), settings.short_side), dtype=np.uint8)
+        mask_file = mask_file_for(cache_file)
+        save_npy(settings.data_dir / mask_file, cached_mask)
     save_npy(settings.data_dir / cache_file, cached)
     return {
         "image_id": record.image_id,
@@ -667,7 +710,17 @@ def _cache_image(source: Source, settings: _Settings, record: Record, cache_file
         "height": int(cached.shape[0]),
         "phash": phash,
         "phash_method": dups.METHOD,
+        "masks": settings.masks.spec if settings.masks is not None else None,
+        "mask_file": mask_file,
+        "mask_sha256": mask_hash,
     }
+
+
+def _find_mask(masks: MaskLocator | None, record: Record) -> Path | None:
+    """The mask file of `record` (by its image id's name, then its file's name), or None."""
+    if masks is None:
+        return None
+    return masks.find(Path(record.image_id).name) or masks.find(record.source)
 
 
 def _file_sha256(path: str) -> str:
@@ -685,12 +738,19 @@ def _pixels_sha256(pixels: np.ndarray) -> str:
 
 
 def _cache_intact(data_dir: Path, entry: dict) -> bool:
-    """The cache file exists and its .npy header has the recorded shape (reads the header only)."""
-    try:
-        cached = np.load(data_dir / entry["cache_file"], mmap_mode="r")
-    except (OSError, ValueError):
-        return False
-    return cached.shape == (entry["height"], entry["width"], 3) and cached.dtype == np.uint8
+    """The cache file (and the mask's, if any) exists and its .npy header has the recorded shape
+    (reads the headers only)."""
+    files = [(entry["cache_file"], (entry["height"], entry["width"], 3))]
+    if entry.get("mask_file"):
+        files.append((entry["mask_file"], (entry["height"], entry["width"])))
+    for name, shape in files:
+        try:
+            cached = np.load(data_dir / name, mmap_mode="r")
+        except (OSError, ValueError):
+            return False
+        if cached.shape != shape or cached.dtype != np.uint8:
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------- DATA_DIR bookkeeping
@@ -701,6 +761,7 @@ def _same_settings(entry: dict, settings: _Settings, cache_file: str) -> bool:
         entry.get("short_side") == settings.short_side
         and entry.get("border_crop") == settings.border_crop
         and entry.get("cache_file") == cache_file
+        and entry.get("masks") == (settings.masks.spec if settings.masks is not None else None)
         and isinstance(entry.get("sha256"), str)
         and entry.get("phash_method") == dups.METHOD
     )
@@ -737,7 +798,7 @@ def _finish_cache(data_dir: Path, entries: list[dict]) -> None:
     """Rewrite the journal with exactly the kept images and delete cache files nothing refers to."""
     journal = [{k: v for k, v in entry.items() if k != "reused"} for entry in entries]
     write_text(data_dir / CACHE_DIR / JOURNAL, "".join(json.dumps(e) + "\n" for e in journal))
-    wanted = {e["cache_file"] for e in journal}
+    wanted = {e["cache_file"] for e in journal} | {e["mask_file"] for e in journal if e.get("mask_file")}
     for path in (data_dir / CACHE_DIR).glob("*/*.npy"):
         if path.relative_to(data_dir).as_posix() not in wanted:
             path.unlink()

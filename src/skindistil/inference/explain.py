@@ -1,4 +1,4 @@
-"""Where a ViT looks: attention rollout and its gradient-weighted, class-specific variant.
+"""Where a model looks: attention rollout and its gradient-weighted variant for ViTs, Grad-CAM for CNNs.
 
 Both read the attention probabilities A_l [B, heads, N, N] of every block the forward pass runs
 (tokens: the class token, any register tokens, then the patch grid) and propagate relevance from
@@ -18,6 +18,15 @@ timm's attention normally runs fused (scaled_dot_product_attention), which never
 Here, and only here, the attention modules are switched to timm's explicit path for the duration
 of one call (`unfused_attention`), where A is the output of `attn_drop` (an identity in eval mode),
 read with forward hooks (`recorded_attention`).
+
+- "gradcam" (Selvaraju et al., 2017) for CNNs, through captum's `LayerGradCam`: at the network's last
+  feature stage (timm's `feature_info[-1]`, else its last Conv2d), the channels weighted by the mean
+  gradient of the explained class's logit, summed and clamped at 0 (no min-max rescaling, so the
+  relevance mass is the method's own). Class-specific. Needs captum (the `explain` extra).
+
+`explanation_map` picks the method's function by the model's architecture (`model_family`: "vit" or
+"cnn") and refuses a method that does not apply to it, so one call explains a ViT teacher, a
+distilled student and a CNN alike.
 """
 
 from __future__ import annotations
@@ -37,9 +46,14 @@ from skindistil.files import write_bytes
 from skindistil.models.artifact import LoadedModel
 from skindistil.models.depth import DepthViT
 
-METHODS = ("rollout", "grad-rollout")
+METHODS = ("rollout", "grad-rollout", "gradcam")
 HEAD_FUSIONS = ("mean", "max")
-METHOD_TITLES = {"rollout": "attention rollout", "grad-rollout": "gradient-weighted rollout"}
+METHOD_TITLES = {"rollout": "attention rollout", "grad-rollout": "gradient-weighted rollout", "gradcam": "Grad-CAM"}
+# The architecture family each method explains (see `model_family`).
+METHOD_FAMILY = {"rollout": "vit", "grad-rollout": "vit", "gradcam": "cnn"}
+FAMILY_NAMES = {"vit": "ViT", "cnn": "CNN"}
+CLASS_SPECIFIC = frozenset({"grad-rollout", "gradcam"})
+EXPLAIN_EXTRA_HINT = "pip install 'skindistil[explain]' (captum)"
 
 
 # ----------------------------------------------------------------------------------------- capture
@@ -189,6 +203,97 @@ def attention_rollout(
     return heat.reshape(grid).float().cpu().numpy()
 
 
+def model_family(model: nn.Module) -> str:
+    """"vit" for a model with timm attention blocks (a ViT, a DepthViT), "cnn" for a convolutional
+    network without them; ModelError for anything else."""
+    if any(hasattr(m, "fused_attn") and isinstance(getattr(m, "attn_drop", None), nn.Module) for m in model.modules()):
+        return "vit"
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return "cnn"
+    raise ModelError(f"{type(model).__name__}: neither a timm ViT (attention blocks) nor a CNN (Conv2d layers)")
+
+
+def methods_for(model: nn.Module) -> tuple[str, ...]:
+    """The explanation methods that apply to `model`'s architecture, in METHODS order."""
+    family = model_family(model)
+    return tuple(m for m in METHODS if METHOD_FAMILY[m] == family)
+
+
+def check_method(model: nn.Module, method: str) -> None:
+    """ConfigError for an unknown method or one that does not apply to the model's architecture."""
+    if method not in METHODS:
+        raise ConfigError(f"method {method!r}: choose from {', '.join(METHODS)}")
+    family = model_family(model)
+    if METHOD_FAMILY[method] != family:
+        label = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        raise ConfigError(
+            f"method {method!r} explains {FAMILY_NAMES[METHOD_FAMILY[method]]}s, but {label} is a "
+            f"{FAMILY_NAMES[family]}: "
+            f"use {' or '.join(methods_for(model))}"
+        )
+
+
+def cam_layer(model: nn.Module) -> nn.Module:
+    """The layer Grad-CAM reads: the last feature stage timm names in `feature_info`, else the last
+    Conv2d of the model."""
+    info = getattr(model, "feature_info", None)
+    if info:
+        last = info[-1]
+        name = last.get("module") if isinstance(last, dict) else None
+        if name:
+            return model.get_submodule(name)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ModelError(f"{type(model).__name__}: no convolutional layer for Grad-CAM")
+    return convs[-1]
+
+
+def grad_cam(model: nn.Module, image: Tensor, class_index: int | None = None) -> np.ndarray:
+    """Grad-CAM of one preprocessed image [1, 3, H, W] (or [3, H, W]) for class `class_index` (default
+    the predicted class) at `cam_layer(model)` -> [h, w] at that layer's resolution, non-negative,
+    summing to 1 (all zeros when no location has positive relevance). Runs the model in eval mode."""
+    try:
+        from captum.attr import LayerGradCam
+    except ImportError:
+        raise ConfigError(f"Grad-CAM needs captum: {EXPLAIN_EXTRA_HINT}") from None
+    images = image[None] if image.ndim == 3 else image
+    if images.ndim != 4 or images.shape[0] != 1:
+        raise ConfigError(f"grad_cam explains one image [1, 3, H, W], got shape {list(image.shape)}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            x = images.detach().clone().to(device).requires_grad_(True)
+            with torch.no_grad():
+                logits = model(x)
+            target = int(logits[0].argmax()) if class_index is None else int(class_index)
+            if not 0 <= target < logits.shape[-1]:
+                raise ConfigError(f"class index {target} out of range for {logits.shape[-1]} classes")
+            cam = LayerGradCam(model, cam_layer(model)).attribute(x, target=target, relu_attributions=True)
+    finally:
+        model.train(was_training)
+    heat = cam.detach()[0].sum(dim=0).clamp(min=0).float().cpu()
+    total = heat.sum()
+    return (heat / total if total > 0 else heat).numpy()
+
+
+def explanation_map(
+    model: nn.Module,
+    image: Tensor,
+    method: str = "rollout",
+    class_index: int | None = None,
+    head_fusion: str = "mean",
+) -> np.ndarray:
+    """The relevance map of one preprocessed image [1, 3, H, W] by `method`, at the method's own
+    resolution ([gh, gw] patch grid for rollout methods, the last stage's grid for Grad-CAM);
+    non-negative, summing to 1. ConfigError when the method does not apply to the architecture."""
+    check_method(model, method)
+    if method == "gradcam":
+        return grad_cam(model, image, class_index)
+    return attention_rollout(model, image, method, class_index, head_fusion)
+
+
 # ------------------------------------------------------------------------------------------ images
 
 
@@ -243,7 +348,7 @@ def explain_png(
     """Explain one raw image (PIL image, path or HxWx3 uint8 array) through the artifact's preprocessing.
 
     Returns (PNG bytes of image | overlay, predicted class, its probability). `class_name` picks the
-    class grad-rollout explains (default: the predicted one).
+    class grad-rollout or Grad-CAM explains (default: the predicted one).
     """
     class_index = None
     if class_name is not None:
@@ -255,9 +360,9 @@ def explain_png(
     batch = loaded.preprocess_images([image])
     probs = loaded.probabilities(loaded.logits(batch))[0].cpu()
     top = int(probs.argmax())
-    heat = attention_rollout(loaded.model, batch, method, class_index, head_fusion)
+    heat = explanation_map(loaded.model, batch, method, class_index, head_fusion)
     explained = (
-        "" if method == "rollout" else f" of {loaded.classes[top if class_index is None else class_index]}"
+        f" of {loaded.classes[top if class_index is None else class_index]}" if method in CLASS_SPECIFIC else ""
     )
     title = f"prediction {loaded.classes[top]} ({float(probs[top]):.1%}); {METHOD_TITLES[method]}{explained}"
     return render_overlay(_display_image(loaded, batch), heat, title), loaded.classes[top], float(probs[top])

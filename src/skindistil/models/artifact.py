@@ -436,19 +436,46 @@ class LoadedModel:
 
         return eval_resize_crop(self._crop(as_rgb_array(image, where)), self.preprocess)
 
+    def prepare_image_and_mask(self, image, mask: np.ndarray, where: str = "image") -> tuple[torch.Tensor, np.ndarray]:
+        """One raw image and its lesion mask -> (uint8 [3, S, S] exactly as `prepare_image`, bool [S, S]).
+
+        `mask`: uint8 [H, W] of the image's size (`skindistil.data.masks.read_mask`). The mask goes
+        through the same border crop (the box found on the image), resize and centre crop as the
+        image, then a pixel is lesion where it is >= `MASK_THRESHOLD`. ImageError naming `where` when
+        the sizes differ.
+        """
+        from skindistil.data.imageio import as_rgb_array
+        from skindistil.data.masks import MASK_THRESHOLD
+        from skindistil.data.transforms import eval_resize_crop
+        from skindistil.errors import ImageError
+
+        rgb = as_rgb_array(image, where)
+        mask = np.asarray(mask)
+        if mask.dtype != np.uint8 or mask.shape != rgb.shape[:2]:
+            raise ImageError(where, f"mask is {mask.dtype} {list(mask.shape)}, expected uint8 of the image's size "
+                                    f"{list(rgb.shape[:2])} (HxW)")
+        x0, y0, x1, y1 = self.crop_box(rgb)
+        lesion = eval_resize_crop(torch.from_numpy(np.array(mask[y0:y1, x0:x1], dtype=np.uint8))[None], self.preprocess)
+        return eval_resize_crop(self._crop(rgb), self.preprocess), (lesion[0] >= MASK_THRESHOLD).numpy()
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, S, S] from `prepare_image` -> the float32 model input, on the images' device."""
         from skindistil.data.transforms import normalize_uint8
 
         return normalize_uint8(images, self.preprocess)
 
-    def _crop(self, rgb: np.ndarray) -> torch.Tensor:
+    def crop_box(self, rgb: np.ndarray) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) of the eval policy's black-border crop of HxWx3 `rgb` (the whole image
+        when the model was trained without it)."""
         from skindistil.data.imageio import border_crop_box
 
         if self.preprocess.border_crop:
-            x0, y0, x1, y1 = border_crop_box(rgb, self.preprocess.border_threshold)
-            rgb = rgb[y0:y1, x0:x1]
-        return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy
+            return border_crop_box(rgb, self.preprocess.border_threshold)
+        return 0, 0, rgb.shape[1], rgb.shape[0]
+
+    def _crop(self, rgb: np.ndarray) -> torch.Tensor:
+        x0, y0, x1, y1 = self.crop_box(rgb)
+        return torch.from_numpy(np.array(rgb[y0:y1, x0:x1], dtype=np.uint8)).permute(2, 0, 1)  # a writable copy
 
     def predict(self, images, batch_size: int = 32) -> np.ndarray:
         """Class probabilities [N, C] (float32, columns in `classes` order) for raw images.
