@@ -50,12 +50,15 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from skindistil.data.discovery import discover_images
-    from skindistil.errors import ConfigError
-    from skindistil.inference.explain import explain_images
+    from skindistil.errors import ConfigError, ModelError
+    from skindistil.inference.explain import explain_images, explainable
     from skindistil.models.artifact import load_model
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     loaded = load_model(args.model, args.device)
+    reason = explainable(loaded.model)
+    if reason is not None:
+        raise ModelError(f"{loaded.path}: {reason}")
     if args.class_name is not None and args.class_name not in loaded.classes:
         raise ConfigError(
             f"--class {args.class_name}: not one of the model's classes ({', '.join(loaded.classes)})"

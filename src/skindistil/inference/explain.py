@@ -12,7 +12,10 @@ the class token down to the patches:
   class; R starts at I and is updated R <- R + Ā_l R block by block. Class-specific.
 
 The map is the class token's row of R over the patch tokens, reshaped to the patch grid and
-normalised to sum to 1 (all zeros when no patch has positive relevance).
+normalised to sum to 1 (all zeros when no patch has positive relevance). A ViT with a DeiT
+distillation token predicts with the mean of its class-token and distillation-token heads, so its map
+is the mean of those two tokens' rows. Only ViTs can be explained this way: a convnet teacher has no
+attention (explain refuses it; Grad-CAM is not implemented).
 
 timm's attention normally runs fused (scaled_dot_product_attention), which never materialises A.
 Here, and only here, the attention modules are switched to timm's explicit path for the duration
@@ -35,6 +38,8 @@ from skindistil.data.records import Problem
 from skindistil.errors import ConfigError, ImageError, ModelError
 from skindistil.models.artifact import LoadedModel
 from skindistil.models.depth import DepthViT
+from skindistil.models.distilled import is_distilled
+from skindistil.models.student import is_vit
 
 METHODS = ("rollout", "grad-rollout")
 HEAD_FUSIONS = ("mean", "max")
@@ -123,13 +128,23 @@ def _identity_like(attentions: Sequence[Tensor]) -> Tensor:
 # ------------------------------------------------------------------------------------------- maps
 
 
+def explainable(model: nn.Module) -> str | None:
+    """None when attention rollout can explain `model`, else why not (one sentence)."""
+    vit = model.vit if isinstance(model, DepthViT) else model
+    if not is_vit(vit):
+        return (f"attention rollout explains a ViT's attention, and this model is a {type(vit).__name__} "
+                "(not a ViT, no attention to roll out); explanations of convnets (Grad-CAM) are not implemented")
+    if not (vit.has_class_token and vit.global_pool == "token"):
+        return (f"{type(vit).__name__}: rollout explains the class token; the model must be a timm ViT that "
+                "classifies its class token (global_pool='token')")
+    return None
+
+
 def _token_vit(model: nn.Module) -> nn.Module:
     vit = model.vit if isinstance(model, DepthViT) else model
-    if not (getattr(vit, "has_class_token", False) and getattr(vit, "global_pool", None) == "token"):
-        raise ModelError(
-            f"{type(vit).__name__}: rollout explains the class token; the model must be a timm ViT that "
-            "classifies its class token (global_pool='token')"
-        )
+    reason = explainable(model)
+    if reason is not None:
+        raise ModelError(reason)
     return vit
 
 
@@ -178,7 +193,9 @@ def attention_rollout(
                 relevance = gradient_rollout([a.detach() for a in maps], grads)
     finally:
         model.train(was_training)
-    patches = relevance[0, 0, vit.num_prefix_tokens :].clamp(min=0)
+    # the rows of the tokens the heads read: the class token, and a distillation token's too
+    readout = relevance[0, : 2 if is_distilled(vit) else 1].mean(dim=0)
+    patches = readout[vit.num_prefix_tokens :].clamp(min=0)
     if patches.numel() != grid[0] * grid[1]:
         raise ModelError(
             f"{patches.numel()} patch tokens do not form the {grid[0]}x{grid[1]} patch grid of the input"

@@ -1,7 +1,7 @@
 """The model artifact: a directory that rebuilds the exact model and its preprocessing anywhere.
 
     model/
-      config.json        format, kind ("vit" | "depth_vit"), timm architecture, exits, class names,
+      config.json        format, kind ("vit" | "depth_vit" | "timm"), timm architecture, exits, class names,
                          preprocessing, provenance
       model.safetensors  the weights (no pickle)
       metrics.json       whatever metrics the producer recorded
@@ -29,6 +29,8 @@ from skindistil import __version__
 from skindistil.config import PreprocessConfig
 from skindistil.errors import ModelError
 from skindistil.models.depth import DepthViT
+from skindistil.models.distilled import is_distilled_name
+from skindistil.models.student import is_vit
 from skindistil.models.weights import read_json_object
 
 FORMAT_VERSION = 1
@@ -36,7 +38,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "model_card.md"
-KINDS = ("vit", "depth_vit")
+# vit: a timm VisionTransformer (DeiT's distilled ViT included); depth_vit: a DepthViT (per-depth
+# heads); timm: any other timm classifier (ResNet, ConvNeXt, EfficientNet, RegNet, ...)
+KINDS = ("vit", "depth_vit", "timm")
 
 
 def vit_architecture(vit: nn.Module) -> dict[str, Any]:
@@ -47,7 +51,7 @@ def vit_architecture(vit: nn.Module) -> dict[str, Any]:
     every tensor name and shape, so anything not covered fails loudly rather than silently.
     """
     blocks = getattr(vit, "blocks", None)
-    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+    if not is_vit(vit) or not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
         raise ModelError(f"{type(vit).__name__}: not a timm VisionTransformer; pass arch=... explicitly")
     first = blocks[0]
     kwargs: dict[str, Any] = {
@@ -74,19 +78,29 @@ def vit_architecture(vit: nn.Module) -> dict[str, Any]:
     return kwargs
 
 
-def model_architecture(model: nn.Module, arch: dict | None = None) -> dict[str, Any]:
-    """{'name': timm model name, 'kwargs': {...}} for `model` (a timm ViT or a DepthViT).
+def model_kind(model: nn.Module) -> str:
+    """The artifact kind of `model`: "depth_vit", "vit" (a timm ViT) or "timm" (any other timm classifier)."""
+    if isinstance(model, DepthViT):
+        return "depth_vit"
+    return "vit" if is_vit(model) else "timm"
 
-    The structural kwargs are read from the model itself (so a student's depth is always its own);
-    other kwargs given in `arch` (e.g. drop_path_rate) are kept.
+
+def model_architecture(model: nn.Module, arch: dict | None = None) -> dict[str, Any]:
+    """{'name': timm model name, 'kwargs': {...}} for `model` (a timm ViT, a DepthViT, or any timm model).
+
+    For ViTs the structural kwargs are read from the model itself (so a student's depth is always its
+    own); other kwargs given in `arch` (e.g. drop_path_rate) are kept. Other timm models (convnets)
+    are recorded by name and the kwargs in `arch` (num_classes is always the model's own).
     """
     vit = model.vit if isinstance(model, DepthViT) else model
     name = (arch or {}).get("name") or getattr(vit, "pretrained_cfg", {}).get("architecture")
     if not name:
         raise ModelError(f"{type(vit).__name__}: no timm architecture name; pass arch={{'name': ..., 'kwargs': ...}}")
     kwargs = dict((arch or {}).get("kwargs", {}))
-    if isinstance(getattr(vit, "blocks", None), nn.Sequential):
+    if is_vit(vit):
         kwargs.update(vit_architecture(vit))
+    elif isinstance(getattr(vit, "num_classes", None), int):
+        kwargs["num_classes"] = vit.num_classes
     return {"name": str(name).split(".", 1)[0], "kwargs": kwargs}
 
 
@@ -115,7 +129,7 @@ def save_artifact(
     config: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "skindistil_version": __version__,
-        "kind": "depth_vit" if isinstance(model, DepthViT) else "vit",
+        "kind": model_kind(model),
         "architecture": model_architecture(model, arch),
         "classes": classes,
         "preprocess": preprocess.to_dict(),
@@ -192,13 +206,17 @@ def model_card(config: dict, metrics: dict) -> str:
     kw = arch["kwargs"]
     pre = PreprocessConfig.from_dict(config["preprocess"])
     prov = config.get("provenance", {})
-    lines = [
-        f"# skindistil model: {prov.get('role', config['kind'])}",
-        "",
-        f"- Architecture: timm `{arch['name']}`, {kw.get('depth', '?')} blocks, width {kw.get('embed_dim', '?')}, "
-        f"{kw.get('num_heads', '?')} heads, patch {_size(kw.get('patch_size'))}, input {_size(kw.get('img_size'))}",
-        f"- Parameters: {config.get('num_parameters', 0):,}",
-    ]
+    if config["kind"] == "timm":
+        described = f"- Architecture: timm `{arch['name']}` (not a ViT), input {pre.image_size} px"
+    else:
+        described = (f"- Architecture: timm `{arch['name']}`, {kw.get('depth', '?')} blocks, width "
+                     f"{kw.get('embed_dim', '?')}, {kw.get('num_heads', '?')} heads, patch "
+                     f"{_size(kw.get('patch_size'))}, input {_size(kw.get('img_size'))}")
+    lines = [f"# skindistil model: {prov.get('role', config['kind'])}", "", described,
+             f"- Parameters: {config.get('num_parameters', 0):,}"]
+    if is_distilled_name(arch["name"]):
+        lines.append("- DeiT distillation token: the prediction is the mean of the class-token head and the "
+                     "distillation-token head")
     if config["kind"] == "depth_vit":
         head = "one shared head" if config.get("shared_head") else "one head per exit"
         lines.append(f"- Exits after blocks {', '.join(map(str, config['exits']))} ({head})")

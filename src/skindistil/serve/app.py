@@ -51,7 +51,7 @@ from skindistil import __version__
 from skindistil.data.imageio import image_size, read_image
 from skindistil.errors import ConfigError, ImageError
 from skindistil.inference.backends import warmup_batch_sizes
-from skindistil.inference.explain import METHODS, explain_png
+from skindistil.inference.explain import METHODS, explain_png, explainable
 from skindistil.inference.predictor import Predictor
 from skindistil.models.artifact import CARD_FILE, WEIGHTS_FILE, LoadedModel, jsonable, load_model, model_card
 from skindistil.serve.batching import MicroBatcher, NotRunning, Overloaded
@@ -183,6 +183,7 @@ def _errors(*statuses: int) -> dict:
         413: "the request body, the file or the image's pixel count is over the limit",
         415: "the request is not multipart/form-data, or the file part is not an image",
         422: "the file field is missing, the image's dimensions are out of range, or a parameter is invalid",
+        501: "the model cannot be explained this way (attention rollout needs a ViT)",
         503: "the server is overloaded or shutting down; retry later",
     }
     return {s: {"model": ErrorResponse, "description": reasons[s]} for s in statuses}
@@ -510,6 +511,9 @@ class ModelService:
         return explain_png(self._explain_model, image, method=method, class_name=class_name)
 
     async def explain(self, data: bytes, name: str, method: str, class_name: str | None) -> tuple[bytes, str, float]:
+        reason = explainable(self.loaded.model)
+        if reason is not None:
+            raise ApiError(501, "not_supported", reason)
         if self._pending_explains >= MAX_PENDING_EXPLAINS:
             raise ApiError(
                 503, "overloaded", f"{self._pending_explains} explanations are already running or waiting",
@@ -644,7 +648,7 @@ def create_app(
                 "description": "PNG: the model's view of the image | its attention-rollout overlay. Headers "
                 "X-Top-Class and X-Top-Probability carry the prediction.",
             },
-            **_errors(400, 413, 415, 422, 503),
+            **_errors(400, 413, 415, 422, 501, 503),
         },
         summary="Attention overlay for one image",
     )

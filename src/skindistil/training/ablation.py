@@ -28,6 +28,7 @@ from skindistil.evaluation.plots import plot_ablation
 from skindistil.evaluation.report import write_metrics_json
 from skindistil.models import load_model
 from skindistil.models.artifact import CONFIG_FILE
+from skindistil.models.student import vit_depth
 from skindistil.training.distill_run import distill
 
 ABLATION_TERMS = {"task": "a_task", "kd": "a_kd", "mse": "a_mse", "cos": "a_cos"}
@@ -70,20 +71,27 @@ def score_ablation(cfg: DistillConfig, variants: dict[str, LossConfig], variant_
     device = device or ("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
                         else "cpu")
     teacher = load_model(cfg.teacher, device=device)
-    datamodule = SkinDataModule(cfg.data.dir, teacher.preprocess, batch_size=cfg.data.eval_batch_size or
-                                cfg.data.batch_size, num_workers=cfg.data.num_workers, persistent_workers=False)
-    teacher_bma = {split: split_bma(teacher.model, datamodule, split) for split in ("val", "test")}
+    datamodules: dict = {}
+
+    def data_for(preprocess):  # each model is scored through its own preprocessing (a student's may differ)
+        if preprocess not in datamodules:
+            datamodules[preprocess] = SkinDataModule(
+                cfg.data.dir, preprocess, batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
+                num_workers=cfg.data.num_workers, persistent_workers=False)
+        return datamodules[preprocess]
+
+    teacher_bma = {split: split_bma(teacher.model, data_for(teacher.preprocess), split) for split in ("val", "test")}
     rows = []
     for name, loss in variants.items():
         student = load_model(variant_dirs[name], device=device)
-        bma = {split: split_bma(student.model, datamodule, split) for split in ("val", "test")}
+        bma = {split: split_bma(student.model, data_for(student.preprocess), split) for split in ("val", "test")}
         rows.append({
             "variant": name,
             **{field: getattr(loss, field) for field in ABLATION_TERMS.values()},
             "val_bma": bma["val"],
             "test_bma": bma["test"],
             "retention_pct": 100.0 * bma["test"] / teacher_bma["test"] if teacher_bma["test"] else float("nan"),
-            "depth": len(student.model.blocks),
+            "depth": vit_depth(student.model),
             "model": str(student.path),
         })
     full_test = rows[0]["test_bma"]
@@ -91,7 +99,7 @@ def score_ablation(cfg: DistillConfig, variants: dict[str, LossConfig], variant_
         row["delta_test_bma"] = row["test_bma"] - full_test
     result = {
         "teacher": {"model": str(teacher.path), "val_bma": teacher_bma["val"], "test_bma": teacher_bma["test"],
-                    "depth": len(teacher.model.blocks)},
+                    "depth": vit_depth(teacher.model)},
         "temperature": cfg.loss.temperature,
         "cos_weight": cos_weight,
         "cos_tokens": cfg.loss.cos_tokens,
@@ -116,6 +124,10 @@ def split_bma(model: torch.nn.Module, datamodule: SkinDataModule, split: str) ->
         return balanced_accuracy(np.concatenate(labels), np.concatenate(preds), datamodule.num_classes)
 
 
+def _blocks(depth: int | None) -> str:
+    return f"{depth} blocks" if depth is not None else "not a ViT"
+
+
 def write_ablation_report(result: dict, out_dir: str | Path) -> dict[str, str]:
     """ablation.json, ablation.md (one row per variant) and ablation.png (val/test BMA bars)."""
     out = Path(out_dir)
@@ -123,7 +135,7 @@ def write_ablation_report(result: dict, out_dir: str | Path) -> dict[str, str]:
     teacher = result["teacher"]
     lines = [
         "# Loss ablation (SkinDistilViT)", "",
-        f"Teacher ({teacher['depth']} blocks): val BMA {teacher['val_bma']:.4f}, test BMA {teacher['test_bma']:.4f}. "
+        f"Teacher ({_blocks(teacher['depth'])}): val BMA {teacher['val_bma']:.4f}, test BMA {teacher['test_bma']:.4f}. "
         f"Students keep {result['keep']} blocks, {result['epochs']} epochs, T = {result['temperature']}. "
         "Retention = student test BMA / teacher test BMA.", "",
         "| variant | a_task | a_kd | a_mse | a_cos | val BMA | test BMA | retention % | test BMA vs full |",
