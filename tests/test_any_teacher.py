@@ -178,6 +178,7 @@ def test_student_from_a_vit_artifact_keeps_chosen_blocks(cnn_teacher, ham_small,
     assert loaded.config["provenance"]["kept_blocks"] == [0, 2]
     assert loaded.config["provenance"]["student_init"] == str(start)
     assert loaded.preprocess == PreprocessConfig(image_size=32)
+    assert f"Kept `{start}` blocks: 0, 2" in (result.model_dir / "model_card.md").read_text()
 
 
 def test_the_teacher_sees_its_own_preprocessing_of_the_students_view(ham_small):

@@ -221,7 +221,9 @@ def model_card(config: dict, metrics: dict) -> str:
         head = "one shared head" if config.get("shared_head") else "one head per exit"
         lines.append(f"- Exits after blocks {', '.join(map(str, config['exits']))} ({head})")
     if "kept_blocks" in prov:
-        lines.append(f"- Kept teacher blocks: {', '.join(map(str, prov['kept_blocks']))}")
+        source = prov.get("student_init", "teacher")
+        owner = "teacher" if source == "teacher" else f"`{source}`"
+        lines.append(f"- Kept {owner} blocks: {', '.join(map(str, prov['kept_blocks']))}")
     lines += [
         f"- Classes ({len(config['classes'])}): {', '.join(config['classes'])}",
         f"- Preprocessing: {'black-border crop, ' if pre.border_crop else ''}shorter side to {pre.resize_size}, "
