@@ -226,6 +226,14 @@ def test_what_cannot_be_distilled_is_refused_before_training(cnn_teacher, ham_sm
     assert not (tmp_path / "refused").exists()
 
 
+def test_ablation_of_a_convnet_teacher_leaves_the_cosine_out(cnn_teacher, ham_small, tmp_path):
+    from skindistil.training.ablation import run_ablation
+
+    with pytest.raises(ConfigError, match=r"--cos-weight 0.1: the teacher .* is not a ViT"):
+        run_ablation(distill_cfg(cnn_teacher, ham_small, tmp_path, "ablate"), cos_weight=0.1)
+    assert not (tmp_path / "ablate").exists()
+
+
 def test_student_input_and_hidden_states_must_match(cnn_teacher, ham_small, tmp_path):
     torch.manual_seed(0)
     wide = save_artifact(create_teacher("vit_base_patch16_224", 7, img_size=32, **{**TINY_VIT, "embed_dim": 48}),

@@ -23,12 +23,14 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from skindistil.config import DistillConfig, LossConfig, dump_yaml
 from skindistil.data.datamodule import SkinDataModule
+from skindistil.errors import ConfigError
 from skindistil.evaluation.metrics import AbsentClassWarning, balanced_accuracy, decide
 from skindistil.evaluation.plots import plot_ablation
 from skindistil.evaluation.report import write_metrics_json
 from skindistil.models import load_model
-from skindistil.models.artifact import CONFIG_FILE
+from skindistil.models.artifact import CONFIG_FILE, resolve_model_dir
 from skindistil.models.student import vit_depth
+from skindistil.models.weights import read_json_object
 from skindistil.training.distill_run import distill
 
 ABLATION_TERMS = {"task": "a_task", "kd": "a_kd", "mse": "a_mse", "cos": "a_cos"}
@@ -50,6 +52,11 @@ def run_ablation(cfg: DistillConfig, *, cos_weight: float = DEFAULT_COS_WEIGHT, 
     """Train every variant of `cfg` (method distilvit) under cfg.run_dir/variants, score each on the
     validation and test splits, and write cfg.run_dir/ablation/. Returns the report's content (with
     "files"); on processes other than rank 0 of a distributed run, an empty dict."""
+    if cos_weight and not cfg.loss.a_cos and cfg.teacher:
+        teacher_config = read_json_object(resolve_model_dir(cfg.teacher) / CONFIG_FILE)
+        if teacher_config.get("kind") == "timm":
+            raise ConfigError(f"--cos-weight {cos_weight:g}: the teacher {cfg.teacher} is not a ViT, so there is no "
+                              "hidden-state cosine term to ablate; pass --cos-weight 0")
     variants = ablation_variants(cfg.loss, cos_weight)
     cfg = dataclasses.replace(cfg, method="distilvit")
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
