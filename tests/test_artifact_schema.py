@@ -196,3 +196,36 @@ def test_serve_refuses_to_start_when_the_model_gives_non_finite_probabilities(ar
     app = create_app(out, max_batch=2)
     with pytest.raises(RuntimeError, match="did not start"), serve_in_background(app, timeout=30):
         pass
+
+
+# --------------------------------------------------------------- kind "timm": any timm classifier
+
+
+@pytest.fixture(scope="module")
+def resnet_artifact(tmp_path_factory):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=8, layers=[1, 1, 1, 1], channels=[8, 16, 32, 64],
+                              stem_width=8).eval()
+    arch = {"name": "resnet18", "kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8}}
+    return save_artifact(model, tmp_path_factory.mktemp("timm") / "model", arch=arch, classes=CLASSES,
+                         preprocess=PreprocessConfig(image_size=32))
+
+
+BAD_TIMM_CONFIGS = {
+    "checkpoint path": (_kw(checkpoint_path="/etc/passwd"), r"checkpoint_path: not allowed in an artifact"),
+    "pretrained": (_kw(pretrained=True), r"pretrained: not allowed"),
+    "object value": (_kw(stem_width={"a": 1}), r"stem_width: expected a number, string, boolean or a list"),
+    "unknown model": (lambda c: c["architecture"].update(name="resnet_999"), r"'resnet_999' is not a timm model"),
+    "class count": (_kw(num_classes=3), r"num_classes is 3 but 8 class names"),
+    "exits": (lambda c: c.update(exits=[1]), r"exits and shared_head belong to kind 'depth_vit' only"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TIMM_CONFIGS))
+def test_timm_kind_config_refused_naming_the_field(resnet_artifact, tmp_path, case):
+    edit, message = BAD_TIMM_CONFIGS[case]
+    assert load_model(resnet_artifact).config["kind"] == "timm"
+    with pytest.raises(ModelError, match=message):
+        load_model(_edited(resnet_artifact, tmp_path, edit))

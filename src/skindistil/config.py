@@ -270,6 +270,10 @@ class LossConfig:
     a_chain: float = 50.0  # fcvit-probs: weight of the chained per-depth KL
     chain_warmup_steps: int = 100  # fcvit-probs: steps with only the last depth
     chain_every_steps: int = 50  # fcvit-probs: one more depth enabled every this many steps
+    # DeiT distillation token (distilvit, full, cascade): none | soft (KL at `temperature`, DeiT's
+    # normalisation) | hard (CE on the teacher's top class), weighted by a_dist, on the token's own head
+    distillation_token: str = "none"
+    a_dist: float = 1.0
 
 
 @dataclass
@@ -285,6 +289,12 @@ class DistillConfig(RunSection):
     min_depth: int = 1  # cascade: last member's depth
     # retention gate: class -> minimum student recall / teacher recall, e.g. {MEL: 0.97} (also "MEL=0.97,BCC=0.95")
     min_class_retention: dict | list | str = dataclasses.field(default_factory=dict)
+    # the ViT the student starts from when not the teacher's own blocks (a must for a non-ViT teacher):
+    # a ViT model/ or run directory, or a timm ViT name (random weights; NAME.TAG: timm's pretrained tag)
+    student_init: str | None = None
+    student_kwargs: dict = dataclasses.field(default_factory=dict)  # timm kwargs for a student_init name
+    # PreprocessConfig fields overriding the student's preprocessing (default: student_init's, else the teacher's)
+    student_preprocess: dict = dataclasses.field(default_factory=dict)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)

@@ -185,6 +185,9 @@ class Pipeline:
             run_dir = cfg.run_dir
             if method == "cascade":
                 depth = _depth(teacher.model_dir)
+                if depth is None:
+                    raise ConfigError(f"methods: cascade cuts the teacher one block at a time, and the teacher "
+                                      f"{teacher.model_dir} is not a ViT")
                 members = [run_dir / "cascade" / f"depth-{k:02d}" for k in range(depth - 1, cfg.min_depth - 1, -1)]
                 if not all(self._done(m) for m in members):
                     distill(cfg, resume=True)
@@ -316,9 +319,11 @@ class Pipeline:
         return md
 
 
-def _depth(model_dir: Path) -> int:
+def _depth(model_dir: Path) -> int | None:
+    """Blocks of a ViT artifact; None for other models (a convnet teacher records no depth)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    return int(config["architecture"]["kwargs"]["depth"])
+    depth = config["architecture"]["kwargs"].get("depth") if config.get("kind") != "timm" else None
+    return None if depth is None else int(depth)
 
 
 def epoch_history(run_dir: Path) -> dict[str, list[float]] | None:

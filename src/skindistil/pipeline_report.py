@@ -76,7 +76,8 @@ def build_report(cfg: RunConfig, run_dir: Path, data_dir: Path, models, bench: d
         headline = entry.metrics["headline"]
         size_mb = (entry.model_dir / "model.safetensors").stat().st_size / 1e6
         retention = 100 * headline["balanced_accuracy"] / teacher_bma if teacher_bma else float("nan")
-        row = [entry.label, config["architecture"]["kwargs"]["depth"], f"{config['num_parameters']:,}",
+        depth = config["architecture"]["kwargs"].get("depth", "-") if config.get("kind") != "timm" else "-"
+        row = [entry.label, depth, f"{config['num_parameters']:,}",
                f"{size_mb:.2f}", _fmt(headline["balanced_accuracy"]), _fmt(headline["accuracy"]),
                _fmt(headline["macro_f1"]), f"{retention:.1f}"]
         row += [_fmt(speed.get((str(entry.model_dir.resolve()), d, b)), 3) for d, b in speed_cols]
@@ -306,7 +307,7 @@ def _family_sections(doc, cfg, run_dir, data_dir, models, assets) -> None:
             by_depth = {r["depth"]: r["bma"] for r in fam["rows"]}
             rows.append([fam["label"], *[_fmt(by_depth.get(d)) if d in by_depth else "" for d in depths]])
         for teacher in result.get("teachers", []):
-            rows.append(["teacher", *[_fmt(teacher["bma"]) if d == teacher.get("depth", depths[-1]) else ""
+            rows.append(["teacher", *[_fmt(teacher["bma"]) if d == (teacher.get("depth") or depths[-1]) else ""
                                       for d in depths]])
         section.table(["method", *map(str, depths)], rows)
         shutil.copyfile(run_dir / "family" / "family.png", assets / "family.png")

@@ -22,6 +22,9 @@ FLAG_KEYS = {
     "a_mse": "loss.a_mse",
     "a_cos": "loss.a_cos",
     "a_chain": "loss.a_chain",
+    "a_dist": "loss.a_dist",
+    "dist_token": "loss.distillation_token",
+    "student_init": "student_init",
     "imbalance": "data.imbalance",
     "devices": "trainer.devices",
     "num_nodes": "trainer.num_nodes",
@@ -53,6 +56,13 @@ def add_student_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", help="teacher model/ or run directory")
     p.add_argument("--data", help="prepared dataset directory")
     p.add_argument("--config", help="YAML recipe; flags and overrides apply on top")
+    p.add_argument("--student-init", metavar="DIR|TIMM_VIT",
+                   help="the ViT the student starts from instead of the teacher's blocks (needed for a non-ViT "
+                        "teacher): a ViT model/ or run directory, or a timm ViT name (random weights; NAME.TAG: "
+                        "timm's pretrained weights); shape via student_kwargs={...}, input via student_preprocess={...}")
+    p.add_argument("--dist-token", choices=["none", "soft", "hard"],
+                   help="DeiT distillation token: soft (KL at --temperature) or hard (CE on the teacher's top "
+                        "class) through the token's own head (loss.distillation_token)")
     p.add_argument("--keep", type=_keep, help="blocks to keep: a number (default 6) or a list like 0,2,4,7,9,11")
     p.add_argument("--strategy", choices=["first", "uniform"], help="which blocks when --keep is a number")
     p.add_argument("--name", help="run name: the run directory is OUT_DIR/NAME")
@@ -60,7 +70,7 @@ def add_student_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
-    for term in ("a-task", "a-kd", "temperature", "a-mse", "a-cos", "a-chain"):
+    for term in ("a-task", "a-kd", "temperature", "a-mse", "a-cos", "a-chain", "a-dist"):
         p.add_argument(f"--{term}", type=float, help=f"loss.{term.replace('-', '_')}")
     p.add_argument("--imbalance", choices=["none", "weighted-loss", "balanced-sampler"])
     p.add_argument("--devices")

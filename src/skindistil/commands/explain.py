@@ -70,12 +70,21 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from skindistil.data.discovery import discover_images
-    from skindistil.errors import ConfigError
-    from skindistil.inference.explain import CLASS_SPECIFIC, check_method, explain_images, methods_for
+    from skindistil.errors import ConfigError, ModelError
+    from skindistil.inference.explain import (
+        CLASS_SPECIFIC,
+        check_method,
+        explain_images,
+        explainable,
+        methods_for,
+    )
     from skindistil.models.artifact import load_model
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     loaded = load_model(args.model, args.device)
+    reason = explainable(loaded.model)
+    if reason is not None:
+        raise ModelError(f"{loaded.path}: {reason}")
     methods = list(dict.fromkeys(args.method or []))
     if not methods:
         methods = list(methods_for(loaded.model)) if args.masks else [methods_for(loaded.model)[0]]

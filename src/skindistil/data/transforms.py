@@ -334,3 +334,26 @@ def normalize_uint8(images: Tensor, cfg: PreprocessConfig) -> Tensor:
     mean = torch.as_tensor(cfg.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     std = torch.as_tensor(cfg.std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     return x.sub_(mean).div_(std)
+
+
+def reprocess(images: Tensor, source: PreprocessConfig, target: PreprocessConfig) -> Tensor:
+    """Model inputs [B, 3, S, S] made with `source`'s preprocessing -> the same view in `target`'s.
+
+    Undo `source`'s normalisation, resize to `target.image_size` (antialiased, `target.interpolation`)
+    and normalise with `target`'s mean and std: how a teacher and a student that differ in input size
+    or normalisation see one augmented image. The view itself (crop, augmentation) is `source`'s; the
+    crop fraction and border crop of `target` are not re-applied. Returns `images` itself when size,
+    mean and std agree. float32 in, float32 out, on the images' device.
+    """
+    if (source.image_size, tuple(source.mean), tuple(source.std)) == (target.image_size, tuple(target.mean), tuple(target.std)):
+        return images
+    device = images.device
+    src_mean, src_std, dst_mean, dst_std = (
+        torch.as_tensor(v, dtype=torch.float32, device=device).view(-1, 1, 1)
+        for v in (source.mean, source.std, target.mean, target.std)
+    )
+    x = images.float() * src_std + src_mean
+    if x.shape[-1] != target.image_size or x.shape[-2] != target.image_size:
+        x = TF.resize(x, [target.image_size, target.image_size],
+                      interpolation=v2.InterpolationMode(target.interpolation), antialias=True)
+    return (x - dst_mean) / dst_std

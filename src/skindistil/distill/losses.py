@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 COSINE_TOKENS = ("all", "cls")
+DISTILLATION_TOKEN_MODES = ("none", "soft", "hard")
 
 
 def task_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None, label_smoothing: float = 0.0) -> Tensor:
@@ -35,6 +36,27 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
 def logit_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """sum((student - teacher)^2) / B: squared error summed over classes, averaged over the batch."""
     return (student_logits - teacher_logits).pow(2).sum() / student_logits.shape[0]
+
+
+def distillation_token_loss(
+    dist_logits: Tensor, teacher_logits: Tensor, mode: str = "hard", temperature: float = 1.0
+) -> Tensor:
+    """DeiT's loss on the distillation token's head (Touvron et al., 2021, facebookresearch/deit losses.py).
+
+    mode="soft": T^2 * sum over batch and classes of KL(softmax(teacher / T) || softmax(dist / T)),
+    divided by the number of logits B * C (DeiT's normalisation: `kd_loss` / C).
+    mode="hard": cross-entropy of `dist_logits` against the teacher's top class (argmax; the first
+    one on a tie, as torch.argmax), batch mean. The teacher gets no gradient either way.
+    """
+    teacher_logits = teacher_logits.detach()
+    if mode == "hard":
+        return F.cross_entropy(dist_logits, teacher_logits.argmax(dim=-1))
+    if mode != "soft":
+        raise ValueError(f"mode={mode!r}: expected soft or hard")
+    log_p_student = F.log_softmax(dist_logits / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
+    return kl * temperature**2 / dist_logits.numel()
 
 
 def hidden_cosine_loss(pairs: Sequence[tuple[Tensor, Tensor]], tokens: str = "all") -> Tensor:
@@ -110,6 +132,11 @@ class DistillationLoss(nn.Module):
         a_task * CE(student, label) + a_kd * T^2 * KL(p_teacher^T || p_student^T)
         + a_mse * sum((student - teacher)^2) / B + a_cos * (1 - cos(student hidden, teacher hidden))
 
+    With the DeiT distillation token (`distillation_token` "soft" or "hard"), `student_logits` are the
+    class-token head's and the token's head adds a_dist * `distillation_token_loss(dist_logits, ...)`
+    (temperature `temperature` for soft); a_kd and a_mse still act on the class-token head (set them to
+    0 for DeiT's own loss, CE on the class token + the token term).
+
     forward(...) returns (total, parts) where parts holds each term before weighting, detached, for
     the terms whose weight is non-zero. Defaults are the authors' code.
     """
@@ -124,11 +151,16 @@ class DistillationLoss(nn.Module):
         class_weights: Tensor | None = None,
         cos_tokens: str = "all",
         label_smoothing: float = 0.0,
+        distillation_token: str = "none",
+        a_dist: float = 1.0,
     ):
         super().__init__()
         if cos_tokens not in COSINE_TOKENS:
             raise ValueError(f"cos_tokens={cos_tokens!r}: expected one of {COSINE_TOKENS}")
+        if distillation_token not in DISTILLATION_TOKEN_MODES:
+            raise ValueError(f"distillation_token={distillation_token!r}: expected one of {DISTILLATION_TOKEN_MODES}")
         self.a_task, self.a_kd, self.a_mse, self.a_cos = a_task, a_kd, a_mse, a_cos
+        self.distillation_token, self.a_dist = distillation_token, a_dist
         self.temperature = temperature
         self.cos_tokens = cos_tokens
         self.label_smoothing = label_smoothing
@@ -140,6 +172,7 @@ class DistillationLoss(nn.Module):
         teacher_logits: Tensor,
         target: Tensor,
         hidden_pairs: Sequence[tuple[Tensor, Tensor]] | None = None,
+        dist_logits: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         terms: dict[str, tuple[float, Tensor]] = {}
         if self.a_task:
@@ -152,5 +185,11 @@ class DistillationLoss(nn.Module):
             if not hidden_pairs:
                 raise ValueError("a_cos > 0 needs hidden_pairs=[(student_hidden, teacher_hidden), ...]")
             terms["cos"] = self.a_cos, hidden_cosine_loss(hidden_pairs, self.cos_tokens)
+        if self.distillation_token != "none" and self.a_dist:
+            if dist_logits is None:
+                raise ValueError(f"distillation_token={self.distillation_token!r} needs dist_logits (the "
+                                 "distillation token head's logits)")
+            terms["dist"] = self.a_dist, distillation_token_loss(
+                dist_logits, teacher_logits, self.distillation_token, self.temperature)
         total = sum((w * loss for w, loss in terms.values()), student_logits.new_zeros(()))
         return total, {name: loss.detach() for name, (_, loss) in terms.items()}

@@ -12,7 +12,10 @@ the class token down to the patches:
   class; R starts at I and is updated R <- R + Ā_l R block by block. Class-specific.
 
 The map is the class token's row of R over the patch tokens, reshaped to the patch grid and
-normalised to sum to 1 (all zeros when no patch has positive relevance).
+normalised to sum to 1 (all zeros when no patch has positive relevance). A ViT with a DeiT
+distillation token predicts with the mean of its class-token and distillation-token heads, so its map
+is the mean of those two tokens' rows. Only ViTs can be explained this way: a convnet has no
+attention and is explained by Grad-CAM (`grad_cam`).
 
 timm's attention normally runs fused (scaled_dot_product_attention), which never materialises A.
 Here, and only here, the attention modules are switched to timm's explicit path for the duration
@@ -45,6 +48,8 @@ from skindistil.errors import ConfigError, ImageError, ModelError
 from skindistil.files import write_bytes
 from skindistil.models.artifact import LoadedModel
 from skindistil.models.depth import DepthViT
+from skindistil.models.distilled import is_distilled
+from skindistil.models.student import is_vit
 
 METHODS = ("rollout", "grad-rollout", "gradcam")
 HEAD_FUSIONS = ("mean", "max")
@@ -138,13 +143,35 @@ def _identity_like(attentions: Sequence[Tensor]) -> Tensor:
 # ------------------------------------------------------------------------------------------- maps
 
 
+def rollout_refusal(model: nn.Module) -> str | None:
+    """None when attention rollout can explain `model` (a timm ViT that classifies its class token,
+    alone or inside a DepthViT), else why not (one sentence)."""
+    vit = model.vit if isinstance(model, DepthViT) else model
+    if not is_vit(vit):
+        return (f"attention rollout explains a ViT's attention, and this model is a {type(vit).__name__} "
+                "(not a ViT, no attention to roll out): explain it with gradcam")
+    if not (vit.has_class_token and vit.global_pool == "token"):
+        return (f"{type(vit).__name__}: rollout explains the class token; the model must be a timm ViT that "
+                "classifies its class token (global_pool='token')")
+    return None
+
+
+def explainable(model: nn.Module) -> str | None:
+    """None when some method of METHODS can explain `model` (Grad-CAM a CNN, rollout a ViT that
+    classifies its class token), else why not (one sentence)."""
+    try:
+        if model_family(model) == "cnn":
+            return None
+    except ModelError as exc:
+        return str(exc)
+    return rollout_refusal(model)
+
+
 def _token_vit(model: nn.Module) -> nn.Module:
     vit = model.vit if isinstance(model, DepthViT) else model
-    if not (getattr(vit, "has_class_token", False) and getattr(vit, "global_pool", None) == "token"):
-        raise ModelError(
-            f"{type(vit).__name__}: rollout explains the class token; the model must be a timm ViT that "
-            "classifies its class token (global_pool='token')"
-        )
+    reason = rollout_refusal(model)
+    if reason is not None:
+        raise ModelError(reason)
     return vit
 
 
@@ -193,7 +220,9 @@ def attention_rollout(
                 relevance = gradient_rollout([a.detach() for a in maps], grads)
     finally:
         model.train(was_training)
-    patches = relevance[0, 0, vit.num_prefix_tokens :].clamp(min=0)
+    # the rows of the tokens the heads read: the class token, and a distillation token's too
+    readout = relevance[0, : 2 if is_distilled(vit) else 1].mean(dim=0)
+    patches = readout[vit.num_prefix_tokens :].clamp(min=0)
     if patches.numel() != grid[0] * grid[1]:
         raise ModelError(
             f"{patches.numel()} patch tokens do not form the {grid[0]}x{grid[1]} patch grid of the input"

@@ -38,6 +38,7 @@ from skindistil.evaluation.retention import compare_models
 from skindistil.files import write_text
 from skindistil.models import DepthViT, LoadedModel, load_model
 from skindistil.models.artifact import CONFIG_FILE, resolve_model_dir
+from skindistil.models.student import vit_depth
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,9 @@ def score_family(family: Family, data_dir: str | Path, split: str = "test", *, b
         loaded, outputs = outputs_of(member.model_dir, member.exit_depth is not None)
         if member.exit_depth is None:
             depth, logits, params = _depth(loaded), outputs.logits, loaded.config["num_parameters"]
+            if depth is None:
+                raise ConfigError(f"{member.model_dir}: a family is scored by depth in blocks, and this "
+                                  f"{type(loaded.model).__name__} is not a ViT; evaluate it without --family")
         else:
             index = loaded.model.exits.index(member.exit_depth)
             depth, logits = member.exit_depth, outputs.logits[index]
@@ -155,9 +159,9 @@ def score_family(family: Family, data_dir: str | Path, split: str = "test", *, b
     return {"method": family.method, "run": str(family.run), "split": split, "rows": rows, "teacher": teacher}
 
 
-def _depth(loaded: LoadedModel) -> int:
-    model = loaded.model
-    return model.depth if isinstance(model, DepthViT) else len(model.blocks)
+def _depth(loaded: LoadedModel) -> int | None:
+    """Depth in blocks; None for a model that is not a ViT (a convnet teacher)."""
+    return vit_depth(loaded.model)
 
 
 def family_report(runs: list[str | Path], data_dir: str | Path, split: str = "test",

@@ -1,7 +1,7 @@
 """The model artifact: a directory that rebuilds the exact model and its preprocessing anywhere.
 
     model/
-      config.json        format, kind ("vit" | "depth_vit"), timm architecture, exits, class names,
+      config.json        format, kind ("vit" | "depth_vit" | "timm"), timm architecture, exits, class names,
                          preprocessing, provenance
       model.safetensors  the weights (no pickle)
       metrics.json       whatever metrics the producer recorded
@@ -30,9 +30,11 @@ from skindistil.config import PreprocessConfig
 from skindistil.errors import ModelError
 from skindistil.files import save_safetensors, write_json, write_text
 from skindistil.models.depth import DepthViT
+from skindistil.models.distilled import is_distilled_name
 from skindistil.models.operating_points import CONFIG_KEY as OPERATING_POINTS_KEY
 from skindistil.models.operating_points import OperatingPoints, parse_operating_points
 from skindistil.models.schema import FORMAT_VERSION, MAX_PARAMETERS, ArtifactConfig, validate_config
+from skindistil.models.student import is_vit
 from skindistil.models.weights import read_json_object
 
 CONFIG_FILE = "config.json"
@@ -49,7 +51,7 @@ def vit_architecture(vit: nn.Module) -> dict[str, Any]:
     every tensor name and shape, so anything not covered fails loudly rather than silently.
     """
     blocks = getattr(vit, "blocks", None)
-    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+    if not is_vit(vit) or not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
         raise ModelError(f"{type(vit).__name__}: not a timm VisionTransformer; pass arch=... explicitly")
     first = blocks[0]
     kwargs: dict[str, Any] = {
@@ -76,19 +78,29 @@ def vit_architecture(vit: nn.Module) -> dict[str, Any]:
     return kwargs
 
 
-def model_architecture(model: nn.Module, arch: dict | None = None) -> dict[str, Any]:
-    """{'name': timm model name, 'kwargs': {...}} for `model` (a timm ViT or a DepthViT).
+def model_kind(model: nn.Module) -> str:
+    """The artifact kind of `model`: "depth_vit", "vit" (a timm ViT) or "timm" (any other timm classifier)."""
+    if isinstance(model, DepthViT):
+        return "depth_vit"
+    return "vit" if is_vit(model) else "timm"
 
-    The structural kwargs are read from the model itself (so a student's depth is always its own);
-    other kwargs given in `arch` (e.g. drop_path_rate) are kept.
+
+def model_architecture(model: nn.Module, arch: dict | None = None) -> dict[str, Any]:
+    """{'name': timm model name, 'kwargs': {...}} for `model` (a timm ViT, a DepthViT, or any timm model).
+
+    For ViTs the structural kwargs are read from the model itself (so a student's depth is always its
+    own); other kwargs given in `arch` (e.g. drop_path_rate) are kept. Other timm models (convnets)
+    are recorded by name and the kwargs in `arch` (num_classes is always the model's own).
     """
     vit = model.vit if isinstance(model, DepthViT) else model
     name = (arch or {}).get("name") or getattr(vit, "pretrained_cfg", {}).get("architecture")
     if not name:
         raise ModelError(f"{type(vit).__name__}: no timm architecture name; pass arch={{'name': ..., 'kwargs': ...}}")
     kwargs = dict((arch or {}).get("kwargs", {}))
-    if isinstance(getattr(vit, "blocks", None), nn.Sequential):
+    if is_vit(vit):
         kwargs.update(vit_architecture(vit))
+    elif isinstance(getattr(vit, "num_classes", None), int):
+        kwargs["num_classes"] = vit.num_classes
     return {"name": str(name).split(".", 1)[0], "kwargs": kwargs}
 
 
@@ -119,7 +131,7 @@ def save_artifact(
     config: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "skindistil_version": __version__,
-        "kind": "depth_vit" if isinstance(model, DepthViT) else "vit",
+        "kind": model_kind(model),
         "architecture": model_architecture(model, arch),
         "classes": classes,
         "preprocess": preprocess.to_dict(),
@@ -217,18 +229,24 @@ def model_card(config: dict, metrics: dict) -> str:
     kw = arch["kwargs"]
     pre = PreprocessConfig.from_dict(config["preprocess"])
     prov = config.get("provenance", {})
-    lines = [
-        f"# skindistil model: {prov.get('role', config['kind'])}",
-        "",
-        f"- Architecture: timm `{arch['name']}`, {kw.get('depth', '?')} blocks, width {kw.get('embed_dim', '?')}, "
-        f"{kw.get('num_heads', '?')} heads, patch {_size(kw.get('patch_size'))}, input {_size(kw.get('img_size'))}",
-        f"- Parameters: {config.get('num_parameters', 0):,}",
-    ]
+    if config["kind"] == "timm":
+        described = f"- Architecture: timm `{arch['name']}` (not a ViT), input {pre.image_size} px"
+    else:
+        described = (f"- Architecture: timm `{arch['name']}`, {kw.get('depth', '?')} blocks, width "
+                     f"{kw.get('embed_dim', '?')}, {kw.get('num_heads', '?')} heads, patch "
+                     f"{_size(kw.get('patch_size'))}, input {_size(kw.get('img_size'))}")
+    lines = [f"# skindistil model: {prov.get('role', config['kind'])}", "", described,
+             f"- Parameters: {config.get('num_parameters', 0):,}"]
+    if is_distilled_name(arch["name"]):
+        lines.append("- DeiT distillation token: the prediction is the mean of the class-token head and the "
+                     "distillation-token head")
     if config["kind"] == "depth_vit":
         head = "one shared head" if config.get("shared_head") else "one head per exit"
         lines.append(f"- Exits after blocks {', '.join(map(str, config['exits']))} ({head})")
     if "kept_blocks" in prov:
-        lines.append(f"- Kept teacher blocks: {', '.join(map(str, prov['kept_blocks']))}")
+        source = prov.get("student_init", "teacher")
+        owner = "teacher" if source == "teacher" else f"`{source}`"
+        lines.append(f"- Kept {owner} blocks: {', '.join(map(str, prov['kept_blocks']))}")
     lines += [
         f"- Classes ({len(config['classes'])}): {', '.join(config['classes'])}",
         f"- Preprocessing: {'black-border crop, ' if pre.border_crop else ''}shorter side to {pre.resize_size}, "

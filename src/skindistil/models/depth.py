@@ -8,6 +8,13 @@ An exit at depth d maps that token through a norm and a linear head to logits:
   head, so `forward` is the wrapped ViT's forward.
 - `shared_head=True` (FCViTProbs): the model's final norm and head serve every exit; no parameters
   are added, and each depth is read by the same classifier.
+
+A ViT with a DeiT distillation token (`models.distilled`) keeps its two heads at every exit: an exit
+reads the class token with its head and the distillation token with its distillation head (own
+copies of `head_dist` per exit, or the model's own when shared), and its logits are the mean of the
+two, exactly as the model's own output is. So every exit, the early-exit rule and `truncate` (a
+distilled ViT of that depth) give the same numbers; `exit_head_logits` returns the two separately
+for the losses that train each head on its own signal.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import torch
 from torch import nn
 
 from skindistil.errors import ModelError
+from skindistil.models.distilled import is_distilled
 from skindistil.models.student import extract_student
 
 
@@ -48,8 +56,11 @@ class DepthViT(nn.Module):
         self.exits = _resolve_exits(exits, self.depth)
         self.shared_head = bool(shared_head)
         own = 0 if self.shared_head else len(self.exits) - 1
+        self.distilled = is_distilled(vit)
         self.exit_norms = nn.ModuleList(copy.deepcopy(vit.norm) for _ in range(own))
         self.exit_heads = nn.ModuleList(copy.deepcopy(vit.head) for _ in range(own))
+        # empty (no state) unless the ViT has a distillation token
+        self.exit_dist_heads = nn.ModuleList(copy.deepcopy(vit.head_dist) for _ in range(own if self.distilled else 0))
 
     @property
     def num_exits(self) -> int:
@@ -60,12 +71,21 @@ class DepthViT(nn.Module):
         return self.vit.num_classes
 
     def exit_logits(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits of exit number `index` (position in `exits`) from the token sequence [B, N, D]."""
-        if self.shared_head or index == len(self.exits) - 1:
-            norm, head = self.vit.norm, self.vit.head
-        else:
-            norm, head = self.exit_norms[index], self.exit_heads[index]
-        return head(self.vit.head_drop(norm(tokens[:, 0])))
+        """Logits of exit number `index` (position in `exits`) from the token sequence [B, N, D]; with
+        a distillation token, the mean of the class-token and distillation-token heads."""
+        logits, dist_logits = self.exit_head_logits(index, tokens)
+        return logits if dist_logits is None else (logits + dist_logits) / 2
+
+    def exit_head_logits(self, index: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(class-token head logits, distillation-token head logits or None) of exit number `index`."""
+        last = self.shared_head or index == len(self.exits) - 1
+        norm = self.vit.norm if last else self.exit_norms[index]
+        head = self.vit.head if last else self.exit_heads[index]
+        x = self.vit.head_drop(norm(tokens[:, : 2 if self.distilled else 1]))
+        if not self.distilled:
+            return head(x[:, 0]), None
+        dist_head = self.vit.head_dist if last else self.exit_dist_heads[index]
+        return head(x[:, 0]), dist_head(x[:, 1])
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] -> the token sequence entering the first block (timm's stem)."""
@@ -130,6 +150,8 @@ class DepthViT(nn.Module):
         if not self.shared_head and index < len(self.exits) - 1:
             student.norm = copy.deepcopy(self.exit_norms[index])
             student.head = copy.deepcopy(self.exit_heads[index])
+            if self.distilled:
+                student.head_dist = copy.deepcopy(self.exit_dist_heads[index])
         return student
 
     def _exit_index(self, depth: int) -> int:

@@ -2,8 +2,9 @@
 
 A config.json is only a promise about the weights beside it, and it is often edited by hand. Every
 field that decides a number the model reports is checked here before anything is built: the timm
-architecture (a ViT of timm's `vision_transformer` module, only the constructor arguments listed in
-`VitKwargs`, each within a sane range), the class names (unique, one per output), the preprocessing
+architecture (for kinds vit and depth_vit a ViT of timm's `vision_transformer` or `deit` module, only
+the constructor arguments listed in `VitKwargs`, each within a sane range; for kind timm any timm
+model with the arguments of `TimmKwargs`), the class names (unique, one per output), the preprocessing
 (finite mean, finite positive std, bounded sizes: `skindistil.config.PreprocessConfig`), the
 calibration temperature (finite, positive), the exits of a per-depth model and the stored operating
 points (`skindistil.models.operating_points`). The parameter count
@@ -35,9 +36,11 @@ from skindistil.errors import ConfigError, ModelError
 from skindistil.models.operating_points import parse_operating_points
 
 FORMAT_VERSION = 1
-KINDS = ("vit", "depth_vit")
-# timm modules whose models `vit_architecture` describes and `load_model` rebuilds.
-TIMM_MODULES = ("vision_transformer",)
+# vit: a timm VisionTransformer (DeiT's distilled ViT included); depth_vit: a DepthViT (per-depth
+# heads); timm: any other timm classifier (ResNet, ConvNeXt, EfficientNet, RegNet, ...)
+KINDS = ("vit", "depth_vit", "timm")
+# timm modules whose ViTs `vit_architecture` describes and `load_model` rebuilds (deit: the distilled ViT).
+TIMM_MODULES = ("vision_transformer", "deit")
 # Bounds that stop a config.json from allocating until memory runs out. They sit well above every
 # ViT in use (ViT-B/16: 12 blocks of width 768, 86 M parameters; ViT-G/14: 48 blocks, 1.8 G).
 MAX_DEPTH = 64
@@ -127,6 +130,62 @@ class Architecture(BaseModel):
         return name
 
 
+# `timm.create_model` arguments that load files, fetch weights or change what the model returns: a
+# config.json must not carry them (timm obeys `checkpoint_path` and `pretrained` on construction).
+TIMM_FORBIDDEN_KWARGS = frozenset({
+    "pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
+    "cache_dir", "features_only", "out_indices", "feature_cls", "feature_cfg", "scriptable", "exportable",
+    "no_jit", "device", "dtype",
+})
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value))
+
+
+class TimmKwargs(BaseModel):
+    """The `timm.create_model` arguments of a non-ViT artifact (kind "timm"). Convnets take
+    architecture-specific options (a ResNet's `layers`, `channels`, `stem_width`, ...), so other keys
+    are allowed, as plain numbers, strings, booleans or lists of them; the keys of
+    `TIMM_FORBIDDEN_KWARGS` (file paths, pretrained downloads, feature-extraction modes) are refused.
+    The network's size is bounded afterwards by the parameter count on the meta device."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    num_classes: Annotated[int, Field(ge=1)]
+    in_chans: Literal[3] = 3
+    img_size: Size | None = None
+    drop_rate: Rate = 0.0
+    drop_path_rate: Rate = 0.0
+
+    @model_validator(mode="after")
+    def _safe_extras(self) -> TimmKwargs:
+        for key, value in (self.model_extra or {}).items():
+            if key in TIMM_FORBIDDEN_KWARGS:
+                raise ValueError(f"{key}: not allowed in an artifact (it loads files or weights, or changes the outputs)")
+            if not _plain(value):
+                raise ValueError(f"{key}: expected a number, string, boolean or a list of them, got {_short(value)}")
+        return self
+
+
+class TimmArchitecture(BaseModel):
+    model_config = Strict
+
+    name: str
+    kwargs: TimmKwargs
+
+    @field_validator("name")
+    @classmethod
+    def _timm_model(cls, name: str) -> str:
+        from timm import is_model
+
+        if not is_model(name):
+            raise ValueError(f"{name!r} is not a timm model name")
+        return name
+
+
 class Calibration(BaseModel):
     model_config = Strict
 
@@ -184,7 +243,30 @@ class ArtifactConfig(BaseModel):
                 f"architecture.kwargs.img_size {kwargs.img_size} differs from preprocess.image_size "
                 f"{self.preprocess.image_size} (the model's input)"
             )
-        if self.kind == "vit" and (self.exits is not None or self.shared_head is not None):
+        if self.kind != "depth_vit" and (self.exits is not None or self.shared_head is not None):
+            raise ValueError("exits and shared_head belong to kind 'depth_vit' only")
+        return self
+
+
+class TimmArtifactConfig(ArtifactConfig):
+    """config.json of a non-ViT timm classifier (kind "timm"): its architecture is any timm model."""
+
+    kind: Literal["timm"]
+    architecture: TimmArchitecture
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TimmArtifactConfig:
+        kwargs = self.architecture.kwargs
+        if kwargs.num_classes != len(self.classes):
+            raise ValueError(
+                f"architecture.kwargs.num_classes is {kwargs.num_classes} but {len(self.classes)} class names are listed"
+            )
+        if kwargs.img_size is not None and _pair(kwargs.img_size) != (self.preprocess.image_size,) * 2:
+            raise ValueError(
+                f"architecture.kwargs.img_size {kwargs.img_size} differs from preprocess.image_size "
+                f"{self.preprocess.image_size} (the model's input)"
+            )
+        if self.exits is not None or self.shared_head is not None:
             raise ValueError("exits and shared_head belong to kind 'depth_vit' only")
         return self
 
@@ -195,8 +277,9 @@ def validate_config(data: dict, where: str) -> ArtifactConfig:
         raise ModelError(f"{where}: expected a JSON object")
     if data.get("format") != FORMAT_VERSION:
         raise ModelError(f"{where}: unsupported artifact format {data.get('format')!r} (expected {FORMAT_VERSION})")
+    schema = TimmArtifactConfig if data.get("kind") == "timm" else ArtifactConfig
     try:
-        checked = ArtifactConfig.model_validate(data)
+        checked = schema.model_validate(data)
     except ValidationError as exc:
         raise ModelError(f"{where}: invalid model config: {describe_errors(exc)}") from None
     parse_operating_points(data, where)

@@ -13,6 +13,21 @@ from skindistil.errors import ModelError
 STRATEGIES = ("first", "uniform")
 
 
+def is_vit(model: nn.Module) -> bool:
+    """Whether `model` is a timm VisionTransformer (DeiT's distilled ViT included): the architecture
+    whose blocks a student can copy, whose hidden states are tokens, and whose attention can be rolled out.
+    Convnets (ResNet, ConvNeXt, EfficientNet, RegNet) and other timm families are not."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def vit_depth(model: nn.Module) -> int | None:
+    """Blocks of a timm ViT or of the ViT inside a DepthViT; None for any other model (a convnet)."""
+    vit = getattr(model, "vit", model)
+    return len(vit.blocks) if is_vit(vit) else None
+
+
 class ExtractedStudent(NamedTuple):
     """The student and the teacher block indices (0-based, ascending) it was built from."""
 
@@ -60,7 +75,7 @@ def extract_student(
     Returns `ExtractedStudent(model, kept_blocks)`.
     """
     blocks = getattr(teacher, "blocks", None)
-    if not isinstance(blocks, nn.Sequential):
+    if not is_vit(teacher) or not isinstance(blocks, nn.Sequential):
         raise ModelError(f"{type(teacher).__name__}: student extraction needs a timm VisionTransformer (with .blocks)")
     kept = select_blocks(len(blocks), keep_blocks, strategy)
     student = copy.deepcopy(teacher)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 from pathlib import Path
@@ -71,6 +72,30 @@ def create_teacher(
         return model
     tag = name if pretrained is True else str(pretrained)
     return _build_from_hub(arch, tag, kwargs)
+
+
+@functools.lru_cache(maxsize=64)
+def accepts_img_size(name: str) -> bool:
+    """Whether timm model `name` takes an `img_size` argument (ViTs, Swin, ...: a fixed input grid);
+    convnets (ResNet, ConvNeXt, EfficientNet, RegNet) do not and take any input size.
+
+    Answered by building the model on the meta device (no memory, no weights, no download).
+    Raises ModelError for a name timm does not know.
+    """
+    import timm
+    import torch
+
+    arch = name.split(".", 1)[0]
+    if not timm.is_model(arch):
+        raise ModelError(f"unknown timm model {name!r} (see timm.list_models())")
+    try:
+        with torch.device("meta"):
+            timm.create_model(arch, pretrained=False, img_size=224)
+    except TypeError as exc:
+        if "img_size" in str(exc):
+            return False
+        raise
+    return True
 
 
 def _build(name: str, pretrained: bool, kwargs: dict) -> nn.Module:

@@ -62,7 +62,7 @@ from skindistil.data.imageio import image_size, read_image
 from skindistil.errors import ConfigError, ImageError, ModelError
 from skindistil.evaluation.operating_points import decide
 from skindistil.inference.backends import warmup_batch_sizes
-from skindistil.inference.explain import METHODS, explain_png
+from skindistil.inference.explain import METHODS, check_method, explain_png, explainable, methods_for
 from skindistil.inference.predictor import Predictor, select_operating_points
 from skindistil.models.artifact import CARD_FILE, WEIGHTS_FILE, LoadedModel, jsonable, load_model, model_card
 from skindistil.serve.batching import MicroBatcher, NotRunning, Overloaded
@@ -233,6 +233,7 @@ def _errors(*statuses: int) -> dict:
         413: "the request body, the file or the image's pixel count is over the limit",
         415: "the request is not multipart/form-data, or the file part is not an image",
         422: "the file field is missing, the image's dimensions are out of range, or a parameter is invalid",
+        501: "the model cannot be explained (neither a CNN for Grad-CAM nor a ViT that classifies its class token)",
         503: "the server is overloaded or shutting down; retry later",
     }
     return {s: {"model": ErrorResponse, "description": reasons[s]} for s in statuses}
@@ -649,7 +650,15 @@ class ModelService:
             self._explain_model = dataclasses.replace(self.loaded, model=copy.deepcopy(self.loaded.model))
         return explain_png(self._explain_model, image, method=method, class_name=class_name)
 
-    async def explain(self, file: UploadFile, method: str, class_name: str | None) -> tuple[bytes, str, float]:
+    async def explain(self, file: UploadFile, method: str | None, class_name: str | None) -> tuple[bytes, str, float]:
+        reason = explainable(self.loaded.model)
+        if reason is not None:
+            raise ApiError(501, "not_supported", reason)
+        method = method or methods_for(self.loaded.model)[0]
+        try:
+            check_method(self.loaded.model, method)
+        except ConfigError as exc:
+            raise ApiError(422, "unsupported_method", str(exc)) from None
         if self._pending_explains >= MAX_PENDING_EXPLAINS:
             raise ApiError(
                 503, "overloaded", f"{self._pending_explains} explanations are already running or waiting",
@@ -836,18 +845,23 @@ def create_app(
         responses={
             200: {
                 "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-                "description": "PNG: the model's view of the image | its attention-rollout overlay. Headers "
+                "description": "PNG: the model's view of the image | its explanation overlay. Headers "
                 "X-Top-Class and X-Top-Probability carry the prediction.",
             },
-            **_errors(400, 408, 413, 415, 422, 503),
+            **_errors(400, 408, 413, 415, 422, 501, 503),
         },
-        summary="Attention overlay for one image",
+        summary="Explanation overlay for one image (attention rollout or Grad-CAM)",
     )
     async def explain(
         file: Annotated[UploadFile, upload_field],
-        method: Annotated[Literal[METHODS], Query(description="rollout (class-agnostic) or grad-rollout")] = "rollout",
+        method: Annotated[
+            Literal[METHODS] | None,
+            Query(description="rollout (class-agnostic) or grad-rollout for a ViT, gradcam for a CNN (default: "
+                  "rollout for a ViT, gradcam for a CNN); a method of the other architecture is answered 422"),
+        ] = None,
         class_name: Annotated[
-            class_choice | None, Query(alias="class", description="class grad-rollout explains (default: the top one)")
+            class_choice | None,
+            Query(alias="class", description="class grad-rollout or gradcam explains (default: the top one)"),
         ] = None,
     ) -> Response:
         png, top_class, probability = await service.explain(file, method, class_name)

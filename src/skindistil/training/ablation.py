@@ -23,12 +23,15 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from skindistil.config import DistillConfig, LossConfig, dump_yaml
 from skindistil.data.datamodule import SkinDataModule
+from skindistil.errors import ConfigError
 from skindistil.evaluation.metrics import AbsentClassWarning, balanced_accuracy, decide
 from skindistil.evaluation.plots import plot_ablation
 from skindistil.evaluation.report import write_metrics_json
 from skindistil.files import write_text
 from skindistil.models import load_model
-from skindistil.models.artifact import CONFIG_FILE
+from skindistil.models.artifact import CONFIG_FILE, resolve_model_dir
+from skindistil.models.student import vit_depth
+from skindistil.models.weights import read_json_object
 from skindistil.training.distill_run import distill
 
 ABLATION_TERMS = {"task": "a_task", "kd": "a_kd", "mse": "a_mse", "cos": "a_cos"}
@@ -50,6 +53,11 @@ def run_ablation(cfg: DistillConfig, *, cos_weight: float = DEFAULT_COS_WEIGHT, 
     """Train every variant of `cfg` (method distilvit) under cfg.run_dir/variants, score each on the
     validation and test splits, and write cfg.run_dir/ablation/. Returns the report's content (with
     "files"); on processes other than rank 0 of a distributed run, an empty dict."""
+    if cos_weight and not cfg.loss.a_cos and cfg.teacher:
+        teacher_config = read_json_object(resolve_model_dir(cfg.teacher) / CONFIG_FILE)
+        if teacher_config.get("kind") == "timm":
+            raise ConfigError(f"--cos-weight {cos_weight:g}: the teacher {cfg.teacher} is not a ViT, so there is no "
+                              "hidden-state cosine term to ablate; pass --cos-weight 0")
     variants = ablation_variants(cfg.loss, cos_weight)
     cfg = dataclasses.replace(cfg, method="distilvit")
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -71,20 +79,27 @@ def score_ablation(cfg: DistillConfig, variants: dict[str, LossConfig], variant_
     device = device or ("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
                         else "cpu")
     teacher = load_model(cfg.teacher, device=device)
-    datamodule = SkinDataModule(cfg.data.dir, teacher.preprocess, batch_size=cfg.data.eval_batch_size or
-                                cfg.data.batch_size, num_workers=cfg.data.num_workers, persistent_workers=False)
-    teacher_bma = {split: split_bma(teacher.model, datamodule, split) for split in ("val", "test")}
+    datamodules: dict = {}
+
+    def data_for(preprocess):  # each model is scored through its own preprocessing (a student's may differ)
+        if preprocess not in datamodules:
+            datamodules[preprocess] = SkinDataModule(
+                cfg.data.dir, preprocess, batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
+                num_workers=cfg.data.num_workers, persistent_workers=False)
+        return datamodules[preprocess]
+
+    teacher_bma = {split: split_bma(teacher.model, data_for(teacher.preprocess), split) for split in ("val", "test")}
     rows = []
     for name, loss in variants.items():
         student = load_model(variant_dirs[name], device=device)
-        bma = {split: split_bma(student.model, datamodule, split) for split in ("val", "test")}
+        bma = {split: split_bma(student.model, data_for(student.preprocess), split) for split in ("val", "test")}
         rows.append({
             "variant": name,
             **{field: getattr(loss, field) for field in ABLATION_TERMS.values()},
             "val_bma": bma["val"],
             "test_bma": bma["test"],
             "retention_pct": 100.0 * bma["test"] / teacher_bma["test"] if teacher_bma["test"] else float("nan"),
-            "depth": len(student.model.blocks),
+            "depth": vit_depth(student.model),
             "model": str(student.path),
         })
     full_test = rows[0]["test_bma"]
@@ -92,7 +107,7 @@ def score_ablation(cfg: DistillConfig, variants: dict[str, LossConfig], variant_
         row["delta_test_bma"] = row["test_bma"] - full_test
     result = {
         "teacher": {"model": str(teacher.path), "val_bma": teacher_bma["val"], "test_bma": teacher_bma["test"],
-                    "depth": len(teacher.model.blocks)},
+                    "depth": vit_depth(teacher.model)},
         "temperature": cfg.loss.temperature,
         "cos_weight": cos_weight,
         "cos_tokens": cfg.loss.cos_tokens,
@@ -117,6 +132,10 @@ def split_bma(model: torch.nn.Module, datamodule: SkinDataModule, split: str) ->
         return balanced_accuracy(np.concatenate(labels), np.concatenate(preds), datamodule.num_classes)
 
 
+def _blocks(depth: int | None) -> str:
+    return f"{depth} blocks" if depth is not None else "not a ViT"
+
+
 def write_ablation_report(result: dict, out_dir: str | Path) -> dict[str, str]:
     """ablation.json, ablation.md (one row per variant) and ablation.png (val/test BMA bars)."""
     out = Path(out_dir)
@@ -124,7 +143,7 @@ def write_ablation_report(result: dict, out_dir: str | Path) -> dict[str, str]:
     teacher = result["teacher"]
     lines = [
         "# Loss ablation (SkinDistilViT)", "",
-        f"Teacher ({teacher['depth']} blocks): val BMA {teacher['val_bma']:.4f}, test BMA {teacher['test_bma']:.4f}. "
+        f"Teacher ({_blocks(teacher['depth'])}): val BMA {teacher['val_bma']:.4f}, test BMA {teacher['test_bma']:.4f}. "
         f"Students keep {result['keep']} blocks, {result['epochs']} epochs, T = {result['temperature']}. "
         "Retention = student test BMA / teacher test BMA.", "",
         "| variant | a_task | a_kd | a_mse | a_cos | val BMA | test BMA | retention % | test BMA vs full |",

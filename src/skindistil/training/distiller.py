@@ -13,7 +13,15 @@ weights of `data.imbalance`; the KD loss is `DistillationLoss`: task + KD + logi
   + sum over d < N of CE(z_d, label) + a_chain * the chained per-depth KL with the same schedule.
   (The cascade is a chain of distilvit runs, see `distill_run`.)
 
-The teacher is frozen, kept in eval mode for the whole run, and left out of checkpoints.
+With the DeiT distillation token (loss.distillation_token soft | hard; the student is a distilled
+ViT, `models.distilled`), the KD loss reads the class-token head and adds a_dist * the token term on
+the distillation head (in `full`: at the last exit; the other exits are trained on the mean of their
+two heads, the logits they predict with). Without it, a distilled student is trained on its output.
+
+The teacher is any timm classifier, frozen, kept in eval mode for the whole run, and left out of
+checkpoints. It sees each training batch through its own preprocessing (`teacher_preprocess`: input
+size, mean, std; `data.transforms.reprocess` of the student's augmented view); its hidden states are
+computed only when the cosine term needs them.
 """
 
 from __future__ import annotations
@@ -22,15 +30,18 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from skindistil.config import LossConfig, OptimConfig
+from skindistil.config import LossConfig, OptimConfig, PreprocessConfig
+from skindistil.data.transforms import reprocess
 from skindistil.distill.losses import DistillationLoss, chained_depth_kl, enabled_depths, per_depth_ce
-from skindistil.models.depth import vit_logits_and_hidden
+from skindistil.models.depth import vit_logits_and_hidden, vit_stem
+from skindistil.models.distilled import head_logits, is_distilled, without_distillation_token
 from skindistil.training.collect import PredictionCollector
 from skindistil.training.optim import configure_optimizers
 from skindistil.training.trainer import CLASSES_KEY
 from skindistil.training.validation import log_validation_metrics
 
 METHODS = ("distilvit", "fcvit", "fcvit-probs", "full")
+TOKEN_METHODS = ("distilvit", "full")  # the methods with a teacher term the distillation token can carry
 
 
 class DistillerModule(L.LightningModule):
@@ -45,10 +56,19 @@ class DistillerModule(L.LightningModule):
         optim: OptimConfig,
         loss: LossConfig,
         class_weights: torch.Tensor | None = None,
+        teacher_preprocess: PreprocessConfig | None = None,
+        student_preprocess: PreprocessConfig | None = None,
     ):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+        if loss.distillation_token != "none":
+            if method not in TOKEN_METHODS:
+                raise ValueError(f"method {method!r} has no teacher term for the distillation token "
+                                 f"(it works with {', '.join(TOKEN_METHODS)})")
+            if not is_distilled(student):
+                raise ValueError("loss.distillation_token needs a student with a distillation token "
+                                 "(models.distilled.add_distillation_token)")
         # Lightning keeps each module's train/eval mode as it finds it, and students are built from
         # loaded (eval-mode) artifacts: without this, dropout and drop-path would be off while training
         self.student = student.train()
@@ -64,7 +84,9 @@ class DistillerModule(L.LightningModule):
         self.kd_loss = DistillationLoss(
             a_task=loss.a_task, a_kd=loss.a_kd, temperature=loss.temperature, a_mse=loss.a_mse,
             a_cos=loss.a_cos, cos_tokens=loss.cos_tokens, class_weights=class_weights,
+            distillation_token=loss.distillation_token, a_dist=loss.a_dist,
         )
+        self.teacher_preprocess, self.student_preprocess = teacher_preprocess, student_preprocess
         self.val_predictions = PredictionCollector()
 
     # the teacher never leaves eval mode, whatever Lightning does with the student
@@ -78,8 +100,14 @@ class DistillerModule(L.LightningModule):
         return self.student(images)
 
     @torch.no_grad()
-    def _teacher(self, images):
-        return vit_logits_and_hidden(self.teacher, images)
+    def _teacher(self, images, hidden: bool):
+        """Teacher logits, and (with `hidden`) its last hidden states without a distillation token."""
+        if self.teacher_preprocess is not None and self.student_preprocess is not None:
+            images = reprocess(images, self.student_preprocess, self.teacher_preprocess)
+        if not hidden:
+            return self.teacher(images), None
+        logits, tokens = vit_logits_and_hidden(self.teacher, images)
+        return logits, without_distillation_token(self.teacher, tokens)
 
     def training_step(self, batch, batch_idx):
         images, targets = batch[0], batch[1]
@@ -100,7 +128,10 @@ class DistillerModule(L.LightningModule):
                 task = F.cross_entropy(all_logits[-1], targets, weight=self.class_weights)
                 parts = {"task": task.detach()}
             else:
-                task, parts = self._kd_parts(all_logits[-1], hidden, images, targets)
+                logits, dist_logits = all_logits[-1], None
+                if self.loss_cfg.distillation_token != "none":
+                    logits, dist_logits = self.student.exit_head_logits(all_logits.shape[0] - 1, hidden)
+                task, parts = self._kd_parts(logits, dist_logits, hidden, images, targets)
                 task = task + per_depth_ce(all_logits[:-1], targets, weight=self.class_weights)
             loss = task + self.loss_cfg.a_chain * chain
             parts = {**parts, "chain_kl": chain.detach(), "enabled_depths": float(len(depths))}
@@ -111,13 +142,21 @@ class DistillerModule(L.LightningModule):
         return loss
 
     def _kd_step(self, images, targets):
-        logits, hidden = vit_logits_and_hidden(self.student, images)
-        return self._kd_parts(logits, hidden, images, targets)
+        hidden = self.student.blocks(vit_stem(self.student, images))
+        logits, dist_logits = head_logits(self.student, hidden)
+        if dist_logits is not None and self.loss_cfg.distillation_token == "none":
+            logits, dist_logits = (logits + dist_logits) / 2, None  # trained on its output, as it predicts
+        return self._kd_parts(logits, dist_logits, hidden, images, targets)
 
-    def _kd_parts(self, student_logits, student_hidden, images, targets):
-        teacher_logits, teacher_hidden = self._teacher(images)
-        hidden_pairs = [(student_hidden, teacher_hidden)] if student_hidden is not None else None
-        return self.kd_loss(student_logits, teacher_logits, targets, hidden_pairs=hidden_pairs)
+    def _kd_parts(self, student_logits, dist_logits, student_hidden, images, targets):
+        need_hidden = bool(self.loss_cfg.a_cos)
+        teacher_logits, teacher_hidden = self._teacher(images, need_hidden)
+        hidden_pairs = None
+        if need_hidden:
+            vit = getattr(self.student, "vit", self.student)
+            hidden_pairs = [(without_distillation_token(vit, student_hidden), teacher_hidden)]
+        return self.kd_loss(student_logits, teacher_logits, targets, hidden_pairs=hidden_pairs,
+                            dist_logits=dist_logits)
 
     def validation_step(self, batch, batch_idx):
         images, targets, indices = batch

@@ -15,6 +15,7 @@ from skindistil.data.sampling import inverse_frequency_weights
 from skindistil.data.splits import check_trainable
 from skindistil.errors import ConfigError
 from skindistil.models import create_teacher, save_artifact
+from skindistil.models.teacher import accepts_img_size
 from skindistil.training.classifier import ClassifierModule
 from skindistil.training.trainer import MONITOR, build_trainer, fit, load_checkpoint_state, resume_checkpoint
 
@@ -57,9 +58,14 @@ def loss_class_weights(cfg: TrainConfig | DistillConfig, datamodule: SkinDataMod
 
 
 def architecture(cfg: TrainConfig, num_classes: int) -> dict:
-    """The timm architecture the artifact records: enough to rebuild the network without a download."""
+    """The timm architecture the artifact records: enough to rebuild the network without a download.
+
+    Models with a fixed input grid (ViTs) get `img_size` = preprocess.image_size unless the kwargs set
+    it; convnets (ResNet, ConvNeXt, ...) take no `img_size` and run at whatever size preprocessing gives.
+    """
     kwargs = dict(cfg.model.kwargs)
-    kwargs.setdefault("img_size", cfg.preprocess.image_size)
+    if "img_size" not in kwargs and accepts_img_size(cfg.model.name):
+        kwargs["img_size"] = cfg.preprocess.image_size
     return {"name": cfg.model.name, "kwargs": {**kwargs, "num_classes": num_classes}}
 
 
