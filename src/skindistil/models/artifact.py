@@ -150,6 +150,18 @@ def set_calibration(model_dir: str | Path, temperature: float, fitted_on: str) -
     _write_json(model_dir / CONFIG_FILE, config)
 
 
+def weights_sha256(model_dir: str | Path) -> str:
+    """sha256 (hex) of an artifact's model.safetensors: the identity of its weights."""
+    import hashlib
+
+    path = resolve_model_dir(model_dir) / WEIGHTS_FILE
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _save_weights(model: nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 

@@ -1,4 +1,11 @@
-"""Distillation runs: SkinDistilViT, FCViT, FCViTProbs, `full`, and the cascade family."""
+"""Distillation runs: SkinDistilViT, FCViT, FCViTProbs, `full`, and the cascade family.
+
+With `cfg.teacher_store` (`skindistil store-teacher`) the teacher's outputs come from the store instead
+of a teacher forward pass; the store must match the run (seed, teacher, preprocessing, augmentation,
+training split, epochs) or it is refused by name. In a cascade only the first member (depth N-1)
+distils from the teacher and reads the store; every later member distils from the previous member,
+online.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ from skindistil.models import DepthViT, extract_student, load_model
 from skindistil.models.artifact import resolve_model_dir
 from skindistil.training.distiller import METHODS, DistillerModule
 from skindistil.training.teacher import TrainResult, finish_run, loss_class_weights, start_run
+from skindistil.training.teacher_store import TeacherStore, needed_hidden, store_identity
 from skindistil.training.trainer import build_trainer, fit
 
 ALL_METHODS = (*METHODS, "cascade")
@@ -23,6 +31,9 @@ def distill(cfg: DistillConfig, *, resume: bool = False) -> list[TrainResult]:
         raise ConfigError(f"method: {cfg.method!r} is not one of {', '.join(ALL_METHODS)}")
     if not cfg.teacher:
         raise ConfigError("teacher: give the teacher's model/ or run directory (--teacher DIR)")
+    if cfg.teacher_store and cfg.method in ("fcvit", "fcvit-probs"):
+        raise ConfigError(f"teacher_store: method {cfg.method} has no teacher term, so stored teacher outputs "
+                          "would go unused; drop --teacher-store")
     teacher = load_model(cfg.teacher)
     run_dir = cfg.run_dir
     datamodule = start_run(cfg, teacher.preprocess)
@@ -30,14 +41,30 @@ def distill(cfg: DistillConfig, *, resume: bool = False) -> list[TrainResult]:
         raise ConfigError(
             f"data.dir: the dataset's classes {datamodule.vocab.to_list()} differ from the teacher's {teacher.classes}"
         )
+    store = open_teacher_store(cfg, teacher, datamodule) if cfg.teacher_store else None
     provenance = {"teacher": str(resolve_model_dir(cfg.teacher)), "method": cfg.method,
                   "loss": cfg.to_dict()["loss"], "data": str(cfg.data.dir)}
     if cfg.method == "cascade":
-        return _cascade(cfg, teacher, datamodule, provenance, resume)
+        return _cascade(cfg, teacher, datamodule, provenance, resume, store)
     student, extra = _initial_student(cfg, teacher.model)
+    if store is not None:
+        extra["teacher_store"] = str(store.path)
     result = _train_one(cfg, student, teacher.model, cfg.method, datamodule, run_dir, teacher,
-                        {**provenance, **extra}, resume)
+                        {**provenance, **extra}, resume, store)
     return [result]
+
+
+def open_teacher_store(cfg: DistillConfig, teacher, datamodule) -> TeacherStore:
+    """The store `cfg.teacher_store`, checked against this run (ConfigError naming what differs), with
+    the data module switched to training batches that carry sample keys."""
+    if cfg.data.augment_on != "cpu":
+        raise ConfigError(f"teacher_store: data.augment_on={cfg.data.augment_on!r} is not replayable; stored teacher "
+                          "outputs need data.augment_on=cpu (augmentation seeded per (seed, epoch, sample))")
+    hidden = needed_hidden(cfg.method, cfg.loss.a_cos, cfg.loss.cos_tokens)
+    store = TeacherStore.open(cfg.teacher_store, store_identity(cfg, teacher, datamodule),
+                              epochs=cfg.trainer.max_epochs, hidden=hidden)
+    datamodule.train_keys = True
+    return store
 
 
 def _initial_student(cfg: DistillConfig, teacher_vit):
@@ -49,9 +76,12 @@ def _initial_student(cfg: DistillConfig, teacher_vit):
     return depth_model, {"kept_blocks": list(range(len(teacher_vit.blocks)))}
 
 
-def _train_one(cfg, student, teacher_vit, method, datamodule, run_dir: Path, teacher, provenance, resume):
-    module = DistillerModule(student, teacher_vit, method, teacher.classes, cfg.optim, cfg.loss,
-                             class_weights=loss_class_weights(cfg, datamodule))
+def _train_one(cfg, student, teacher_vit, method, datamodule, run_dir: Path, teacher, provenance, resume,
+               store=None):
+    # with a store the teacher never runs: it stays off the module (and off the accelerator)
+    module = DistillerModule(student, None if store is not None else teacher_vit, method, teacher.classes,
+                             cfg.optim, cfg.loss, class_weights=loss_class_weights(cfg, datamodule),
+                             teacher_store=store)
     trainer = build_trainer(cfg.trainer, run_dir)
     with warnings.catch_warnings():
         # Lightning warns about modules in eval mode at the start of training: the frozen teacher's, on purpose
@@ -62,11 +92,12 @@ def _train_one(cfg, student, teacher_vit, method, datamodule, run_dir: Path, tea
                       extra={"role": "student", **provenance}, net_attr="student")
 
 
-def _cascade(cfg: DistillConfig, teacher, datamodule, provenance, resume) -> list[TrainResult]:
+def _cascade(cfg: DistillConfig, teacher, datamodule, provenance, resume, store=None) -> list[TrainResult]:
     """Depth N-1 from the teacher, then each depth k from the trained depth k+1, down to min_depth.
 
     Members already written (their model/ exists) are loaded and skipped, so an interrupted cascade
-    continues where it stopped.
+    continues where it stopped. A teacher store serves the first member only (the others' teacher is
+    the previous member).
     """
     depth = len(teacher.model.blocks)
     if not 1 <= cfg.min_depth < depth:
@@ -80,6 +111,11 @@ def _cascade(cfg: DistillConfig, teacher, datamodule, provenance, resume) -> lis
             continue
         student, kept = extract_student(previous, k, "first")
         extra = {**provenance, "kept_blocks": list(kept), "cascade_depth": k}
-        results.append(_train_one(cfg, student, previous, "distilvit", datamodule, member_dir, teacher, extra, resume))
+        member_store = store if previous is teacher.model else None
+        if member_store is not None:
+            extra["teacher_store"] = str(store.path)
+        datamodule.train_keys = member_store is not None
+        results.append(_train_one(cfg, student, previous, "distilvit", datamodule, member_dir, teacher, extra, resume,
+                                  member_store))
         previous = student
     return results

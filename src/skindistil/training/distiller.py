@@ -13,7 +13,9 @@ weights of `data.imbalance`; the KD loss is `DistillationLoss`: task + KD + logi
   + sum over d < N of CE(z_d, label) + a_chain * the chained per-depth KL with the same schedule.
   (The cascade is a chain of distilvit runs, see `distill_run`.)
 
-The teacher is frozen, kept in eval mode for the whole run, and left out of checkpoints.
+The teacher is frozen, kept in eval mode for the whole run, and left out of checkpoints. With a
+`teacher_store` (`training.teacher_store.TeacherStore`) the teacher's outputs are read from the store
+by the batch's sample keys (batches (images, labels, keys)) instead of running the teacher.
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ class DistillerModule(L.LightningModule):
         optim: OptimConfig,
         loss: LossConfig,
         class_weights: torch.Tensor | None = None,
+        teacher_store=None,
     ):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+        self.teacher_store = teacher_store
         # Lightning keeps each module's train/eval mode as it finds it, and students are built from
         # loaded (eval-mode) artifacts: without this, dropout and drop-path would be off while training
         self.student = student.train()
@@ -78,13 +82,26 @@ class DistillerModule(L.LightningModule):
         return self.student(images)
 
     @torch.no_grad()
-    def _teacher(self, images):
+    def _teacher(self, images, keys):
+        if self.teacher_store is not None:
+            if keys is None:
+                raise ValueError("a teacher store needs training batches with sample keys (SkinDataModule(train_keys=True))")
+            return self.teacher_store.outputs(keys, device=images.device)
         return vit_logits_and_hidden(self.teacher, images)
 
     def training_step(self, batch, batch_idx):
+        loss, parts = self.training_loss(batch)
+        batch_size = len(batch[1])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, on_step=True, batch_size=batch_size)
+        return loss
+
+    def training_loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, detached parts) of the method on a training batch (images, labels[, sample keys])."""
         images, targets = batch[0], batch[1]
+        keys = batch[2] if len(batch) > 2 else None
         if self.method == "distilvit":
-            loss, parts = self._kd_step(images, targets)
+            loss, parts = self._kd_step(images, targets, keys)
         elif self.method == "fcvit":
             all_logits = self.student.forward_all(images)
             loss = per_depth_ce(all_logits, targets, weight=self.class_weights)
@@ -100,22 +117,20 @@ class DistillerModule(L.LightningModule):
                 task = F.cross_entropy(all_logits[-1], targets, weight=self.class_weights)
                 parts = {"task": task.detach()}
             else:
-                task, parts = self._kd_parts(all_logits[-1], hidden, images, targets)
+                task, parts = self._kd_parts(all_logits[-1], hidden, images, targets, keys)
                 task = task + per_depth_ce(all_logits[:-1], targets, weight=self.class_weights)
             loss = task + self.loss_cfg.a_chain * chain
             parts = {**parts, "chain_kl": chain.detach(), "enabled_depths": float(len(depths))}
-        batch_size = len(targets)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, on_step=True, batch_size=batch_size)
-        return loss
+        return loss, parts
 
-    def _kd_step(self, images, targets):
+    def _kd_step(self, images, targets, keys):
         logits, hidden = vit_logits_and_hidden(self.student, images)
-        return self._kd_parts(logits, hidden, images, targets)
+        return self._kd_parts(logits, hidden, images, targets, keys)
 
-    def _kd_parts(self, student_logits, student_hidden, images, targets):
-        teacher_logits, teacher_hidden = self._teacher(images)
-        hidden_pairs = [(student_hidden, teacher_hidden)] if student_hidden is not None else None
+    def _kd_parts(self, student_logits, student_hidden, images, targets, keys):
+        teacher_logits, teacher_hidden = self._teacher(images, keys)
+        has_pair = student_hidden is not None and teacher_hidden is not None
+        hidden_pairs = [(student_hidden, teacher_hidden)] if has_pair else None
         return self.kd_loss(student_logits, teacher_logits, targets, hidden_pairs=hidden_pairs)
 
     def validation_step(self, batch, batch_idx):
