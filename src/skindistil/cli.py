@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("predict", "predict image files, folders or a CSV of paths with a model artifact"),
     "explain": ("explain", "attention-rollout heat maps over images"),
     "serve": ("serve", "REST API and web page for a model artifact"),
+    "push": ("push", "upload a model artifact to the Hugging Face Hub (timm reads it there as it is)"),
 }
 
 

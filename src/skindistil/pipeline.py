@@ -27,6 +27,7 @@ from rich.console import Console
 
 from skindistil.config import RunConfig, dump_yaml
 from skindistil.errors import ConfigError
+from skindistil.models.artifact import architecture_of
 
 console = Console()
 
@@ -247,7 +248,7 @@ class Pipeline:
 
 def _depth(model_dir: Path) -> int:
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    return int(config["architecture"]["kwargs"]["depth"])
+    return int(architecture_of(config)["kwargs"]["depth"])
 
 
 def epoch_history(run_dir: Path) -> dict[str, list[float]] | None:

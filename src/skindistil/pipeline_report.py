@@ -13,6 +13,7 @@ from skindistil.config import RunConfig
 from skindistil.evaluation.document import Document
 from skindistil.evaluation.plots import plot_training_curves
 from skindistil.evaluation.report import headline_rows, incomplete_warning
+from skindistil.models.artifact import architecture_of, weight_files
 
 DISCLAIMER = ("Research software: these models are not medical devices and their outputs are not diagnoses. "
               "Figures below are measured in this run on the data it names.")
@@ -64,9 +65,9 @@ def build_report(cfg: RunConfig, run_dir: Path, data_dir: Path, models, bench: d
     for entry in models:
         config = _config(entry.model_dir)
         headline = entry.metrics["headline"]
-        size_mb = (entry.model_dir / "model.safetensors").stat().st_size / 1e6
+        size_mb = sum(path.stat().st_size for path in weight_files(entry.model_dir)) / 1e6
         retention = 100 * headline["balanced_accuracy"] / teacher_bma if teacher_bma else float("nan")
-        row = [entry.label, config["architecture"]["kwargs"]["depth"], f"{config['num_parameters']:,}",
+        row = [entry.label, architecture_of(config)["kwargs"]["depth"], f"{config['num_parameters']:,}",
                f"{size_mb:.2f}", _fmt(headline["balanced_accuracy"]), _fmt(headline["accuracy"]),
                _fmt(headline["macro_f1"]), f"{retention:.1f}"]
         row += [_fmt(speed.get((str(entry.model_dir.resolve()), d, b)), 3) for d, b in speed_cols]

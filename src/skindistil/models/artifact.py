@@ -1,14 +1,22 @@
 """The model artifact: a directory that rebuilds the exact model and its preprocessing anywhere.
 
     model/
-      config.json        format, kind ("vit" | "depth_vit"), timm architecture, exits, class names,
-                         preprocessing, provenance
-      model.safetensors  the weights (no pickle)
+      config.json        timm's hub format (architecture, num_classes, num_features, label_names,
+                         model_args, pretrained_cfg: input size, crop, mean, std, interpolation) with
+                         skindistil's own fields beside them (format, kind, classes, preprocess, exits,
+                         calibration, provenance); see `hub_config`
+      model.safetensors  the weights (no pickle) in timm's own names: for a DepthViT, the wrapped ViT
+                         (its last exit)
+      exits.safetensors  DepthViT with a head per exit only: the norms and heads of the other exits
       metrics.json       whatever metrics the producer recorded
       model_card.md      a short human summary generated from the two JSON files
 
 `load_model` rebuilds the network from config.json alone (no download) and returns a `LoadedModel`
-that predicts class probabilities from image files, PIL images or uint8 arrays.
+that predicts class probabilities from image files, PIL images or uint8 arrays. Plain timm reads the
+same folder: `timm.create_model("local-dir:DIR", pretrained=True)` builds the ViT with its weights and
+`timm.data.resolve_data_config(model=...)` its preprocessing (except the dermoscope black-border crop,
+which timm has no transform for); for a DepthViT timm gets the last exit, a plain ViT. Format 1
+artifacts (architecture as {name, kwargs}, DepthViT weights under "vit.") still load.
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ from skindistil.errors import ModelError
 from skindistil.models.depth import DepthViT
 from skindistil.models.weights import read_json_object
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+EXITS_FILE = "exits.safetensors"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "model_card.md"
 KINDS = ("vit", "depth_vit")
@@ -112,24 +122,130 @@ def save_artifact(
         raise ModelError(f"model has {num_classes} outputs but {len(classes)} class names were given")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    config = hub_config(model, arch=arch, classes=classes, preprocess=preprocess, extra=extra)
+    _write_json(out_dir / CONFIG_FILE, config)
+    _save_weights(model, out_dir)
+    _write_json(out_dir / METRICS_FILE, jsonable(metrics or {}))
+    (out_dir / CARD_FILE).write_text(model_card(config, metrics or {}))
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------ config.json
+
+
+def hub_config(model: nn.Module, *, arch: dict | None, classes: Sequence[str], preprocess: PreprocessConfig,
+               extra: dict | None = None) -> dict[str, Any]:
+    """config.json of an artifact: timm's hub format, which `timm.create_model("local-dir:DIR")` and
+    the Hugging Face hub read as they are, with skindistil's own fields beside it.
+
+    timm's fields: architecture (timm model name), num_classes, num_features, global_pool,
+    label_names (= classes), model_args (the constructor kwargs that fix every shape; see
+    `model_architecture`), pretrained_cfg (`timm_pretrained_cfg`: input_size, crop_pct, crop_mode,
+    mean, std, interpolation, num_classes, label_names, ...). skindistil's: format, skindistil_version,
+    kind ("vit" | "depth_vit"), classes, preprocess (`PreprocessConfig`, the authority on inputs),
+    num_parameters, provenance, and for a DepthViT exits and shared_head. Read back with
+    `architecture_of`. For a DepthViT, timm's fields describe the wrapped ViT (its last exit).
+    """
+    classes = [str(c) for c in classes]
+    architecture = model_architecture(model, arch)
+    net = model.vit if isinstance(model, DepthViT) else model
     config: dict[str, Any] = {
+        "architecture": architecture["name"],
+        "num_classes": len(classes),
+        "num_features": int(getattr(net, "num_features", 0)) or None,
+        "label_names": classes,
+        "model_args": jsonable(architecture["kwargs"]),
+        "pretrained_cfg": timm_pretrained_cfg(net, preprocess, classes, architecture["name"]),
         "format": FORMAT_VERSION,
         "skindistil_version": __version__,
         "kind": "depth_vit" if isinstance(model, DepthViT) else "vit",
-        "architecture": model_architecture(model, arch),
         "classes": classes,
         "preprocess": preprocess.to_dict(),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "provenance": jsonable(extra or {}),
     }
+    if isinstance(getattr(net, "global_pool", None), str) and net.global_pool:
+        config["global_pool"] = net.global_pool
     if isinstance(model, DepthViT):
         config["exits"] = list(model.exits)
         config["shared_head"] = model.shared_head
-    _write_json(out_dir / CONFIG_FILE, config)
-    _save_weights(model, out_dir / WEIGHTS_FILE)
-    _write_json(out_dir / METRICS_FILE, jsonable(metrics or {}))
-    (out_dir / CARD_FILE).write_text(model_card(config, metrics or {}))
-    return out_dir
+    return config
+
+
+def timm_crop_pct(preprocess: PreprocessConfig) -> float:
+    """timm's crop_pct for `preprocess`: timm resizes the shorter side to floor(image_size / crop_pct),
+    so the fraction is nudged (by float ulps) until that is exactly `preprocess.resize_size`."""
+    size, target = preprocess.image_size, preprocess.resize_size
+    pct = size / target
+    for _ in range(64):
+        scaled = math.floor(size / pct)
+        if scaled == target:
+            return pct
+        pct = math.nextafter(pct, 0.0 if scaled < target else 2.0)
+    raise ModelError(f"preprocess: no timm crop_pct gives a resize to {target} px for a {size} px input")
+
+
+def timm_pretrained_cfg(net: nn.Module, preprocess: PreprocessConfig, classes: Sequence[str], name: str) -> dict:
+    """timm's pretrained_cfg for the artifact's weights and preprocessing (eval: shorter side to
+    `resize_size`, centre crop `image_size`, mean/std normalisation, `interpolation`)."""
+    own = getattr(net, "pretrained_cfg", None) or {}
+    size = preprocess.image_size
+    return {
+        "architecture": name,
+        "input_size": [3, size, size],
+        "fixed_input_size": bool(own.get("fixed_input_size", True)),
+        "interpolation": preprocess.interpolation,
+        "crop_pct": timm_crop_pct(preprocess),
+        "crop_mode": "center",
+        "mean": list(preprocess.mean),
+        "std": list(preprocess.std),
+        "num_classes": len(classes),
+        "label_names": [str(c) for c in classes],
+        "pool_size": None,
+        "first_conv": own.get("first_conv", "patch_embed.proj"),
+        "classifier": own.get("classifier", "head"),
+    }
+
+
+def architecture_of(config: dict, where: str = CONFIG_FILE) -> dict[str, Any]:
+    """{'name': timm model name, 'kwargs': constructor kwargs} from an artifact config of any format
+    (format 2: architecture + model_args; format 1: architecture {name, kwargs})."""
+    arch = config.get("architecture")
+    if isinstance(arch, str) and arch:
+        kwargs = config.get("model_args", {})
+    elif isinstance(arch, dict) and isinstance(arch.get("name"), str):
+        arch, kwargs = arch["name"], arch.get("kwargs", {})
+    else:
+        raise ModelError(f"{where}: missing or malformed field 'architecture'")
+    if not isinstance(kwargs, dict):
+        raise ModelError(f"{where}: field 'model_args' must be an object, got {type(kwargs).__name__}")
+    return {"name": arch, "kwargs": dict(kwargs)}
+
+
+def check_hub_fields(config: dict, where: str = CONFIG_FILE) -> None:
+    """Refuse a format 2 config whose timm fields disagree with skindistil's (a hand edit of one
+    side): label_names vs classes, num_classes, and pretrained_cfg's input size, mean, std and
+    interpolation vs preprocess. ModelError naming the field."""
+    if config.get("format") != 2:
+        return
+    classes = list(config.get("classes", []))
+    pre = config.get("preprocess", {})
+    cfg = config.get("pretrained_cfg")
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{where}: missing field 'pretrained_cfg'")
+    size = pre.get("image_size")
+    checks = {
+        "label_names": (config.get("label_names"), classes),
+        "num_classes": (config.get("num_classes"), len(classes)),
+        "pretrained_cfg.input_size": (list(cfg.get("input_size", []))[1:], [size, size]),
+        "pretrained_cfg.mean": (list(cfg.get("mean", [])), list(pre.get("mean", []))),
+        "pretrained_cfg.std": (list(cfg.get("std", [])), list(pre.get("std", []))),
+        "pretrained_cfg.interpolation": (cfg.get("interpolation"), pre.get("interpolation")),
+    }
+    for field_name, (found, expected) in checks.items():
+        if found != expected:
+            raise ModelError(f"{where}: {field_name} is {found!r} but the skindistil fields (classes, preprocess) "
+                             f"say {expected!r}; the two must agree")
 
 
 def update_metrics(model_dir: str | Path, metrics: dict) -> dict:
@@ -162,21 +278,44 @@ def weights_sha256(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _save_weights(model: nn.Module, path: Path) -> None:
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The artifact's weight files present (model.safetensors, and exits.safetensors for a DepthViT)."""
+    model_dir = Path(model_dir)
+    return [model_dir / name for name in (WEIGHTS_FILE, EXITS_FILE) if (model_dir / name).is_file()]
+
+
+def _save_weights(model: nn.Module, out_dir: Path) -> None:
+    """model.safetensors in timm's own key names (a DepthViT's wrapped ViT), exits.safetensors with a
+    DepthViT's per-exit norms and heads (when it has any)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if isinstance(model, DepthViT):
+        exits = {k: v for k, v in state.items() if not k.startswith("vit.")}
+        _write_safetensors({k[len("vit."):]: v for k, v in state.items() if k.startswith("vit.")}, out_dir / WEIGHTS_FILE)
+        if exits:
+            _write_safetensors(exits, out_dir / EXITS_FILE)
+        else:
+            (out_dir / EXITS_FILE).unlink(missing_ok=True)
+    else:
+        _write_safetensors(state, out_dir / WEIGHTS_FILE)
+        (out_dir / EXITS_FILE).unlink(missing_ok=True)
+
+
+def _write_safetensors(state: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o666 & ~umask)  # safetensors creates its file 0600; every artifact file reads alike
-    tmp.replace(path)  # a crash never leaves a half-written model.safetensors behind
+    tmp.replace(path)  # a crash never leaves a half-written weight file behind
 
 
 def _write_json(path: Path, data: dict) -> None:
     # default=str: an exotic provenance value must not lose a finished training run's artifact
-    path.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
+    tmp.replace(path)
 
 
 def jsonable(value: Any) -> Any:
@@ -200,7 +339,7 @@ def jsonable(value: Any) -> Any:
 
 def model_card(config: dict, metrics: dict) -> str:
     """A short Markdown model card generated from config.json and metrics.json."""
-    arch = config["architecture"]
+    arch = architecture_of(config)
     kw = arch["kwargs"]
     pre = PreprocessConfig.from_dict(config["preprocess"])
     prov = config.get("provenance", {})
@@ -296,13 +435,14 @@ def build_model(config: dict, where: str = CONFIG_FILE) -> nn.Module:
     import timm
 
     kind = config.get("kind")
-    if config.get("format") != FORMAT_VERSION:
-        raise ModelError(f"{where}: unsupported artifact format {config.get('format')!r} (expected {FORMAT_VERSION})")
+    if config.get("format") not in READABLE_FORMATS:
+        raise ModelError(f"{where}: unsupported artifact format {config.get('format')!r} "
+                         f"(this skindistil reads {', '.join(map(str, READABLE_FORMATS))})")
     if kind not in KINDS:
         raise ModelError(f"{where}: unknown model kind {kind!r}; expected one of {', '.join(KINDS)}")
+    arch = architecture_of(config, where)
     try:
-        arch = config["architecture"]
-        vit = timm.create_model(arch["name"], pretrained=False, **arch.get("kwargs", {}))
+        vit = timm.create_model(arch["name"], pretrained=False, **arch["kwargs"])
     except (KeyError, TypeError, RuntimeError) as exc:
         raise ModelError(f"{where}: cannot build the architecture ({type(exc).__name__}: {exc})") from None
     if kind == "depth_vit":
@@ -310,16 +450,16 @@ def build_model(config: dict, where: str = CONFIG_FILE) -> nn.Module:
     return vit
 
 
-def _load_weights(model: nn.Module, path: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise ModelError(f"{path}: weight file not found")
-    try:
-        state = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot read weights (truncated or corrupt safetensors file): {exc}") from None
+def _load_weights(model: nn.Module, model_dir: Path, fmt: int) -> None:
+    """Load the artifact's weight files into `model`; every tensor name and shape must match."""
+    path = model_dir / WEIGHTS_FILE
+    state = _read_safetensors(path)
+    if isinstance(model, DepthViT) and fmt >= 2:
+        # format 2: model.safetensors is the wrapped ViT in timm's names, exits.safetensors the other exits
+        state = {f"vit.{k}": v for k, v in state.items()}
+        if (model_dir / EXITS_FILE).is_file():
+            state.update(_read_safetensors(model_dir / EXITS_FILE))
+        path = model_dir / f"{{{WEIGHTS_FILE},{EXITS_FILE}}}"
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -330,6 +470,18 @@ def _load_weights(model: nn.Module, path: Path) -> None:
             f"shape mismatch {mismatched[:5]})"
         )
     model.load_state_dict(state)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ModelError(f"{path}: weight file not found")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read weights (truncated or corrupt safetensors file): {exc}") from None
 
 
 @dataclass
@@ -350,6 +502,11 @@ class LoadedModel:
     def to(self, device: str | torch.device) -> LoadedModel:
         self.model.to(device)
         return self
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """{'name': timm model name, 'kwargs': constructor kwargs}, whatever the artifact's format."""
+        return architecture_of(self.config)
 
     @property
     def temperature(self) -> float:
@@ -415,6 +572,33 @@ class LoadedModel:
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
 
 
+def upgrade_artifact(path: str | Path) -> Path:
+    """Rewrite an artifact of an older format in place in the current one (timm's hub format), keeping
+    its weights, classes, preprocessing, metrics, provenance and calibration; returns the folder.
+    The rewritten artifact's logits are checked to equal the old one's before anything is replaced."""
+    import shutil
+    import tempfile
+
+    loaded = load_model(path)
+    model_dir = loaded.path
+    if loaded.config.get("format") == FORMAT_VERSION:
+        return model_dir
+    with tempfile.TemporaryDirectory(dir=model_dir.parent) as tmp:
+        new_dir = save_artifact(loaded.model, Path(tmp) / "model", arch=loaded.architecture, classes=loaded.classes,
+                                preprocess=loaded.preprocess, metrics=loaded.metrics,
+                                extra=loaded.config.get("provenance", {}))
+        if "calibration" in loaded.config:
+            calibration = loaded.config["calibration"]
+            set_calibration(new_dir, calibration["temperature"], calibration.get("fitted_on", ""))
+        probe = torch.zeros(1, 3, loaded.preprocess.image_size, loaded.preprocess.image_size)
+        if not torch.equal(load_model(new_dir).logits(probe), loaded.logits(probe)):
+            raise ModelError(f"{model_dir}: the rewritten artifact does not reproduce the model; left unchanged")
+        (model_dir / EXITS_FILE).unlink(missing_ok=True)
+        for item in new_dir.iterdir():
+            shutil.move(str(item), model_dir / item.name)
+    return model_dir
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild an artifact (model/ dir, run dir or config.json) in eval mode on `device`."""
     model_dir = resolve_model_dir(path)
@@ -424,7 +608,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         if key not in config:
             raise ModelError(f"{config_path}: missing field {key!r}")
     model = build_model(config, str(config_path))
-    _load_weights(model, model_dir / WEIGHTS_FILE)
+    check_hub_fields(config, str(config_path))
+    _load_weights(model, model_dir, int(config["format"]))
     metrics = read_json_object(model_dir / METRICS_FILE) if (model_dir / METRICS_FILE).is_file() else {}
     try:
         preprocess = PreprocessConfig.from_dict(config["preprocess"])

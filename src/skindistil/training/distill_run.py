@@ -87,7 +87,7 @@ def _train_one(cfg, student, teacher_vit, method, datamodule, run_dir: Path, tea
         # Lightning warns about modules in eval mode at the start of training: the frozen teacher's, on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         fit(trainer, module, datamodule, run_dir, resume=resume)
-    arch = {"name": teacher.config["architecture"]["name"]} if "architecture" in teacher.config else None
+    arch = {"name": teacher.architecture["name"]}
     return finish_run(trainer, module, run_dir, arch=arch, classes=teacher.classes, preprocess=teacher.preprocess,
                       extra={"role": "student", **provenance}, net_attr="student")
 
