@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="skindistil-load-") as tmp:
         model_dir = args.model or build_default_model(Path(tmp), args.depth, args.width, args.heads, args.image_size)
         loaded = load_model(model_dir, args.device)
-        kw = loaded.config["architecture"]["kwargs"]
+        kw = loaded.architecture["kwargs"]
         print(
             f"model: {kw.get('depth')} blocks, width {kw.get('embed_dim')}, {loaded.preprocess.image_size} px, "
             f"{loaded.config.get('num_parameters', 0):,} parameters; backends {args.backends} on {args.device}; "

@@ -64,8 +64,7 @@ def test_convnet_artifacts_round_trip(name, tmp_path, ham_root):
     out = save_artifact(model, tmp_path / name, arch={"name": name, "kwargs": {}}, classes=HAM_CLASSES,
                         preprocess=PreprocessConfig(image_size=32))
     loaded = load_model(out)
-    assert loaded.config["kind"] == "timm" and loaded.config["architecture"] == {"name": name,
-                                                                                  "kwargs": {"num_classes": 7}}
+    assert loaded.config["kind"] == "timm" and loaded.architecture == {"name": name, "kwargs": {"num_classes": 7}}
     assert f"timm `{name}` (not a ViT), input 32 px" in (out / "model_card.md").read_text()
     images = sorted((ham_root / "images").glob("*.jpg"))[:3]
     batch = loaded.preprocess_images(images)
@@ -76,7 +75,7 @@ def test_convnet_artifacts_round_trip(name, tmp_path, ham_root):
 def test_convnet_teacher_trains_and_its_artifact_rebuilds(cnn_teacher, ham_small):
     config = json.loads((cnn_teacher / "config.json").read_text())
     assert config["kind"] == "timm"
-    assert config["architecture"] == {"name": "resnet18", "kwargs": {**TINY_RESNET, "num_classes": 7}}
+    assert config["architecture"] == "resnet18" and config["model_args"] == {**TINY_RESNET, "num_classes": 7}
     metrics = pd.read_csv(cnn_teacher.parent / "logs" / "metrics.csv")
     assert metrics["train/loss_step"].notna().sum() >= 3 and metrics["val/bma"].notna().any()
     loaded = load_model(cnn_teacher)
@@ -157,7 +156,7 @@ def test_convnet_teacher_distils_into_a_vit_with_the_distillation_token(cnn_teac
     [result] = distill(cfg)
     loaded = load_model(result.model_dir)
     assert is_distilled(loaded.model) and len(loaded.model.blocks) == 2 and loaded.config["kind"] == "vit"
-    assert loaded.config["architecture"]["name"] == "deit_base_distilled_patch16_224"
+    assert loaded.architecture["name"] == "deit_base_distilled_patch16_224"
     assert loaded.preprocess.image_size == 32 and list(loaded.preprocess.mean) == [0.5] * 3
     provenance = loaded.config["provenance"]
     assert provenance["student_init"] == "vit_base_patch16_224" and provenance["kept_blocks"] == [0, 1]
@@ -206,7 +205,7 @@ def test_the_teacher_sees_its_own_preprocessing_of_the_students_view(ham_small):
     module = DistillerModule(create_teacher("vit_base_patch16_224", 7, img_size=32, **TINY_VIT), teacher,
                              "distilvit", HAM_CLASSES, OptimConfig(), LossConfig(),
                              teacher_preprocess=teacher_pre, student_preprocess=student_pre)
-    module._kd_step(images, torch.zeros(4, dtype=torch.long))
+    module._kd_step(images, torch.zeros(4, dtype=torch.long), None)
     unit = images * 0.5 + 0.5
     resized = torch.nn.functional.interpolate(unit, size=(48, 48), mode="bilinear", antialias=True,
                                               align_corners=False)

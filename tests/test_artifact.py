@@ -46,8 +46,8 @@ def test_vit_round_trip_is_exact_and_writes_every_file(tmp_path, x):
     with torch.no_grad():
         assert torch.equal(loaded.logits(x), model(x))
     config = json.loads((out / "config.json").read_text())
-    assert config["kind"] == "vit" and config["architecture"]["name"] == "vit_base_patch16_224"
-    assert config["architecture"]["kwargs"]["depth"] == 4
+    assert config["kind"] == "vit" and config["architecture"] == "vit_base_patch16_224" and config["format"] == 2
+    assert config["model_args"]["depth"] == 4 and config["label_names"] == config["classes"] == CLASSES
     card = (out / "model_card.md").read_text()
     assert "not a medical device" in card and "| val.bma | 0.5000 |" in card
 
@@ -58,8 +58,8 @@ def test_student_depth_comes_from_the_model_not_the_callers_arch(tmp_path, x):
     save_artifact(student, tmp_path / "run" / "model", arch=arch, classes=CLASSES, preprocess=PRE,
                   extra={"role": "student", "kept_blocks": kept})
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
-    assert config["architecture"]["kwargs"]["depth"] == 2
-    assert config["architecture"]["kwargs"]["drop_path_rate"] == 0.1
+    assert config["model_args"]["depth"] == 2
+    assert config["model_args"]["drop_path_rate"] == 0.1
     assert config["provenance"]["kept_blocks"] == [0, 3]
     assert "Kept teacher blocks: 0, 3" in (tmp_path / "run" / "model" / "model_card.md").read_text()
     for path in (tmp_path / "run", tmp_path / "run" / "model" / "config.json"):  # run dir and config path
@@ -110,7 +110,7 @@ def test_missing_and_corrupt_files_name_the_file(tmp_path):
 
     save_artifact(_vit(depth=1), out, classes=CLASSES, preprocess=PRE)
     config = json.loads((out / "config.json").read_text())
-    config["architecture"]["kwargs"]["depth"] = 2
+    config["model_args"]["depth"] = 2
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="num_parameters: config.json records 19,784 parameters but its architecture has 32,488"):
         load_model(out)

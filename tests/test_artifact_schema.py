@@ -47,7 +47,7 @@ def _edited(artifact, tmp_path, edit, depth_vit=False):
 
 
 def _kw(**values):
-    return lambda c: c["architecture"]["kwargs"].update(values)
+    return lambda c: c["model_args"].update(values)
 
 
 BAD_CONFIGS = {
@@ -92,7 +92,7 @@ BAD_CONFIGS = {
     "checkpoint_path kwarg": (_kw(checkpoint_path="/tmp/x.pth"), r"architecture\.kwargs\.checkpoint_path: Extra inputs are not permitted"),
     "pretrained kwarg": (_kw(pretrained=True), r"architecture\.kwargs\.pretrained: Extra inputs are not permitted"),
     "string for a boolean": (_kw(qkv_bias="false"), r"architecture\.kwargs\.qkv_bias: Input should be a valid boolean"),
-    "not a ViT": (lambda c: c["architecture"].update(name="resnet50"), r"architecture\.name: 'resnet50' is not a timm model"),
+    "not a ViT": (lambda c: c.update(architecture="resnet50"), r"architecture\.name: 'resnet50' is not a timm model"),
     "4 input channels": (_kw(in_chans=4), r"architecture\.kwargs\.in_chans: Input should be 3"),
     "unknown top-level key": (lambda c: c.update(temprature=2.0), r"temprature: Extra inputs are not permitted"),
     "missing classes": (lambda c: c.pop("classes"), r"classes: Field required"),
@@ -217,7 +217,7 @@ BAD_TIMM_CONFIGS = {
     "checkpoint path": (_kw(checkpoint_path="/etc/passwd"), r"checkpoint_path: not allowed in an artifact"),
     "pretrained": (_kw(pretrained=True), r"pretrained: not allowed"),
     "object value": (_kw(stem_width={"a": 1}), r"stem_width: expected a number, string, boolean or a list"),
-    "unknown model": (lambda c: c["architecture"].update(name="resnet_999"), r"'resnet_999' is not a timm model"),
+    "unknown model": (lambda c: c.update(architecture="resnet_999"), r"'resnet_999' is not a timm model"),
     "class count": (_kw(num_classes=3), r"num_classes is 3 but 8 class names"),
     "exits": (lambda c: c.update(exits=[1]), r"exits and shared_head belong to kind 'depth_vit' only"),
 }

@@ -115,7 +115,7 @@ def test_each_method_writes_a_working_artifact(distilled, ham_small, method):
     if method == "distilvit":
         assert loaded.config["kind"] == "vit"
         assert provenance["kept_blocks"] == [0, 1]
-        assert len(loaded.model.blocks) == 2 and loaded.config["architecture"]["kwargs"]["depth"] == 2
+        assert len(loaded.model.blocks) == 2 and loaded.architecture["kwargs"]["depth"] == 2
     else:
         assert loaded.config["kind"] == "depth_vit" and isinstance(loaded.model, DepthViT)
         assert loaded.model.exits == list(range(1, TEACHER_DEPTH + 1))

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-data": ("bench_data", "measure prepare and training-loader throughput"),
     "train": ("train", "train a ViT teacher (or any timm classifier) with Lightning"),
     "distill": ("distill", "distil a teacher: distilvit, fcvit, fcvit-probs, cascade or full"),
+    "store-teacher": ("store_teacher", "run a teacher once over the planned epochs and store its outputs for distill"),
     "ablate": ("ablate", "train the student with each loss term removed in turn; BMA and retention per variant"),
     "run": ("run", "the main job: prepare, teacher, students, evaluation, benchmark, report"),
     "demo": ("demo", "the main job on the embedded default (run --config quickstart)"),
@@ -27,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("predict", "predict image files, folders or a CSV of paths with a model artifact"),
     "explain": ("explain", "heat maps of where a model looks, scored against lesion masks with --masks"),
     "serve": ("serve", "REST API and web page for a model artifact"),
+    "push": ("push", "upload a model artifact to the Hugging Face Hub (timm reads it there as it is)"),
 }
 
 
@@ -35,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # beside a loader worker or another program those spinning threads take the cores the work needs, and
 # training on 2 busy cores ran 29x slower instead of the ~6x the lost cores explain. A passive wait
 # policy (set before torch loads, and only when the user set neither variable) degrades gracefully.
-TRAINING_COMMANDS = frozenset({"train", "distill", "ablate", "run", "demo"})
+TRAINING_COMMANDS = frozenset({"train", "distill", "store-teacher", "ablate", "run", "demo"})
 
 
 def openmp_wait_policy(command: str, environ: dict) -> None:

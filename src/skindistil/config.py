@@ -283,6 +283,7 @@ class DistillConfig(RunSection):
     name: str = "student"
     out_dir: str = "runs"
     teacher: str | None = None  # teacher model/ or run directory
+    teacher_store: str | None = None  # stored teacher outputs (`skindistil store-teacher`): no teacher forward
     method: str = "distilvit"  # distilvit | fcvit | fcvit-probs | cascade | full
     keep: int | list = 6
     strategy: str = "first"  # first | uniform (when keep is a number)

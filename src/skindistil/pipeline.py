@@ -27,6 +27,7 @@ from rich.console import Console
 
 from skindistil.config import RunConfig, dump_yaml
 from skindistil.errors import ConfigError
+from skindistil.models.artifact import architecture_of
 
 console = Console()
 
@@ -322,7 +323,7 @@ class Pipeline:
 def _depth(model_dir: Path) -> int | None:
     """Blocks of a ViT artifact; None for other models (a convnet teacher records no depth)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    depth = config["architecture"]["kwargs"].get("depth") if config.get("kind") != "timm" else None
+    depth = architecture_of(config)["kwargs"].get("depth") if config.get("kind") != "timm" else None
     return None if depth is None else int(depth)
 
 

@@ -23,6 +23,7 @@ from skindistil.evaluation.report import (
     subgroup_rows,
 )
 from skindistil.files import write_bytes
+from skindistil.models.artifact import architecture_of, weight_files
 
 DISCLAIMER = ("Research software: these models are not medical devices and their outputs are not diagnoses. "
               "Figures below are measured in this run on the data it names.")
@@ -74,9 +75,9 @@ def build_report(cfg: RunConfig, run_dir: Path, data_dir: Path, models, bench: d
     for entry in models:
         config = _config(entry.model_dir)
         headline = entry.metrics["headline"]
-        size_mb = (entry.model_dir / "model.safetensors").stat().st_size / 1e6
+        size_mb = sum(path.stat().st_size for path in weight_files(entry.model_dir)) / 1e6
         retention = 100 * headline["balanced_accuracy"] / teacher_bma if teacher_bma else float("nan")
-        depth = config["architecture"]["kwargs"].get("depth", "-") if config.get("kind") != "timm" else "-"
+        depth = architecture_of(config)["kwargs"].get("depth", "-") if config.get("kind") != "timm" else "-"
         row = [entry.label, depth, f"{config['num_parameters']:,}",
                f"{size_mb:.2f}", _fmt(headline["balanced_accuracy"]), _fmt(headline["accuracy"]),
                _fmt(headline["macro_f1"]), f"{retention:.1f}"]

@@ -25,7 +25,7 @@ def resolve_config(args: argparse.Namespace, config_cls, flag_keys: dict[str, st
 
 def _keep_strings(data: dict, args: argparse.Namespace, flag_keys: dict[str, str]) -> dict:
     """Paths and names given as flags stay strings even when they look like numbers or booleans."""
-    for flag in ("data", "name", "out_dir", "pretrained", "model", "teacher"):
+    for flag in ("data", "name", "out_dir", "pretrained", "model", "teacher", "teacher_store"):
         value = getattr(args, flag, None)
         if value is not None and flag in flag_keys:
             node = data

@@ -6,6 +6,7 @@ import argparse
 
 FLAG_KEYS = {
     "teacher": "teacher",
+    "teacher_store": "teacher_store",
     "data": "data.dir",
     "method": "method",
     "keep": "keep",
@@ -54,6 +55,8 @@ def add_gate_argument(p: argparse.ArgumentParser) -> None:
 def add_student_arguments(p: argparse.ArgumentParser) -> None:
     """Teacher, data, student shape, loss weights and trainer options (shared with `ablate`)."""
     p.add_argument("--teacher", help="teacher model/ or run directory")
+    p.add_argument("--teacher-store", help="stored teacher outputs (`skindistil store-teacher`): students train "
+                                           "without running the teacher")
     p.add_argument("--data", help="prepared dataset directory")
     p.add_argument("--config", help="YAML recipe; flags and overrides apply on top")
     p.add_argument("--student-init", metavar="DIR|TIMM_VIT",

@@ -73,11 +73,12 @@ def collate_images(batch: list[tuple]) -> list:
 
 
 class CachedImageDataset(Dataset):
-    """Rows of a prepared manifest as (image, label), (image, label, row index) with `with_index`, or
-    (image, label, image_id) with `with_ids`.
+    """Rows of a prepared manifest as (image, label), (image, label, row index) with `with_index`,
+    (image, label, image_id) with `with_ids`, or (image, label, key) with `with_key`.
 
     With `seed` set (training), items are keys `epoch * len + index` from an `EpochSampler(tag_epoch=True)`
-    and each sample's randomness (square crop, augmentation) is seeded from (seed, epoch, index).
+    and each sample's randomness (square crop, augmentation) is seeded from (seed, epoch, index). The
+    key names that augmented sample: stored teacher outputs (`training.teacher_store`) are looked up by it.
 
     The image is the cached uint8 array as a CHW tensor, optionally cut to a square of its shorter
     side (`square`: "random" along the longer side, or "center"), then passed through `transform`.
@@ -94,6 +95,7 @@ class CachedImageDataset(Dataset):
         square: str | None = None,
         with_ids: bool = False,
         with_index: bool = False,
+        with_key: bool = False,
         seed: int | None = None,
     ):
         if square not in SQUARE_CROPS:
@@ -104,6 +106,7 @@ class CachedImageDataset(Dataset):
         self.square = square
         self.with_ids = with_ids
         self.with_index = with_index
+        self.with_key = with_key
         self.seed = seed
         self.labels = frame["label"].to_numpy(dtype=np.int64)
         self.image_ids = frame["image_id"].astype(str).tolist()
@@ -139,6 +142,8 @@ class CachedImageDataset(Dataset):
         label = int(self.labels[index])
         if self.with_ids:
             return image, label, self.image_ids[index]
+        if self.with_key:
+            return image, label, int(key)
         return (image, label, index) if self.with_index else (image, label)
 
     def _load_transformed(self, index: int) -> torch.Tensor:
@@ -156,7 +161,9 @@ class SkinDataModule(L.LightningDataModule):
     (images, labels), validation (images, labels, row indices), `predict_dataloader` (test split
     unless told otherwise) (images, labels, image_ids). Training order and augmentation are functions
     of (seed, epoch): reproducible across worker counts and after a resume, mid-epoch too (the
-    training position travels in Lightning checkpoints through `state_dict`/`load_state_dict`).
+    training position travels in Lightning checkpoints through `state_dict`/`load_state_dict`). With
+    `train_keys`, training batches are (images, labels, keys), key = epoch * len(train split) + row:
+    the name of each augmented sample (see `CachedImageDataset`).
     """
 
     def __init__(
@@ -175,6 +182,7 @@ class SkinDataModule(L.LightningDataModule):
         augment: AugmentConfig = PAPER_AUGMENT,
         predict_split: str = "test",
         seed: int = 42,
+        train_keys: bool = False,
     ):
         super().__init__()
         if augment_on not in AUGMENT_ON:
@@ -196,6 +204,7 @@ class SkinDataModule(L.LightningDataModule):
         self.augment = augment
         self.predict_split = predict_split
         self.seed = int(seed)
+        self.train_keys = bool(train_keys)
         self.batch_augment = BatchAugment(self.preprocess, augment)
         self.info: dict | None = None
         self._frames: dict[str, pd.DataFrame] = {}
@@ -264,8 +273,20 @@ class SkinDataModule(L.LightningDataModule):
     def class_counts(self, split: str = "train") -> np.ndarray:
         return class_counts(self.labels(split), self.num_classes)
 
+    def fingerprint(self, split: str = "train") -> str:
+        """sha256 (hex) of what a split's samples are: per row in loader order its image id, image content
+        hash, cache file, label and cached size, with the dataset's classes, cache scale and border crop.
+        Equal fingerprints mean the same row index names the same cached image (same split, same fold)."""
+        import hashlib
+
+        self.setup()
+        columns = ["image_id", "sha256", "cache_file", "label", "height", "width"]
+        rows = self._frame(split)[columns].astype(str).to_numpy().tolist()
+        head = [self.info["classes"], self.info["short_side"], self.info.get("border_crop")]
+        return hashlib.sha256(repr((head, rows)).encode()).hexdigest()
+
     def dataset(self, split: str, *, train: bool = False, with_ids: bool = False,
-                with_index: bool = False) -> CachedImageDataset:
+                with_index: bool = False, with_key: bool = False) -> CachedImageDataset:
         """Dataset of `split`, with training (`train`: seeded per sample and epoch) or eval preprocessing."""
         if self.augment_on == "device":
             transform, square = None, ("random" if train else "center")
@@ -273,7 +294,8 @@ class SkinDataModule(L.LightningDataModule):
             transform = build_train_transform(self.preprocess, self.augment) if train else build_eval_transform(self.preprocess)
             square = None
         return CachedImageDataset(self.data_dir, self._frame(split), self.vocab, transform, square=square,
-                                  with_ids=with_ids, with_index=with_index, seed=self.seed if train else None)
+                                  with_ids=with_ids, with_index=with_index, with_key=with_key,
+                                  seed=self.seed if train else None)
 
     # ------------------------------------------------------------------ loaders
 
@@ -302,7 +324,7 @@ class SkinDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self.dataset("train", train=True)
+        dataset = self.dataset("train", train=True, with_key=self.train_keys)
         rank, world_size = self._shard()
         shard = {"seed": self.seed, "rank": rank, "world_size": world_size, "tag_epoch": True}
         if self.sampler == "balanced":

@@ -65,7 +65,7 @@ from skindistil.inference.backends import (
     check_backends,
     model_input_size,
 )
-from skindistil.models.artifact import WEIGHTS_FILE, load_model, resolve_model_dir
+from skindistil.models.artifact import load_model, resolve_model_dir, weight_files
 from skindistil.models.teacher import create_teacher
 
 RESULT_FORMAT = 1
@@ -175,10 +175,10 @@ def load_bench_model(ref: ModelRef) -> BenchModel:
         return BenchModel(
             ref,
             loaded.model,
-            loaded.config["architecture"]["name"],
+            loaded.architecture["name"],
             (size, size),
-            (ref.path / WEIGHTS_FILE).stat().st_size,
-            WEIGHTS_FILE,
+            sum(path.stat().st_size for path in weight_files(ref.path)),
+            " + ".join(path.name for path in weight_files(ref.path)),
             loaded.metrics,
         )
     kwargs = ref.spec.timm_kwargs()

@@ -1,16 +1,26 @@
 """The model artifact: a directory that rebuilds the exact model and its preprocessing anywhere.
 
     model/
-      config.json        format, kind ("vit" | "depth_vit" | "timm"), timm architecture, exits, class names,
-                         preprocessing, provenance
-      model.safetensors  the weights (no pickle)
+      config.json        timm's hub format (architecture, num_classes, num_features, label_names,
+                         model_args, pretrained_cfg: input size, crop, mean, std, interpolation) with
+                         skindistil's own fields beside them (format, kind "vit" | "depth_vit" | "timm", classes,
+                         preprocess, exits,
+                         calibration, provenance); see `hub_config`
+      model.safetensors  the weights (no pickle) in timm's own names: for a DepthViT, the wrapped ViT
+                         (its last exit)
+      exits.safetensors  DepthViT with a head per exit only: the norms and heads of the other exits
       metrics.json       whatever metrics the producer recorded
       model_card.md      a short human summary generated from the two JSON files
 
 `load_model` rebuilds the network from config.json alone (no download) and returns a `LoadedModel`
-that predicts class probabilities from image files, PIL images or uint8 arrays. config.json is checked
-against `skindistil.models.schema` on every save and load, and its parameter count is bounded before
-anything is allocated; weights must be finite, and so must every probability the model reports.
+that predicts class probabilities from image files, PIL images or uint8 arrays. Plain timm reads the
+same folder: `timm.create_model("local-dir:DIR", pretrained=True)` builds the ViT with its weights and
+`timm.data.resolve_data_config(model=...)` its preprocessing (except the dermoscope black-border crop,
+which timm has no transform for); for a DepthViT timm gets the last exit, a plain ViT. Format 1
+artifacts (architecture as {name, kwargs}, DepthViT weights under "vit.") still load.
+config.json is checked against `skindistil.models.schema` on every save and load, and its parameter
+count is bounded before anything is allocated; weights must be finite, and so must every probability
+the model reports.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from skindistil.models.weights import read_json_object
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+EXITS_FILE = "exits.safetensors"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "model_card.md"
 
@@ -128,27 +139,107 @@ def save_artifact(
         raise ModelError(f"model has {num_classes} outputs but {len(classes)} class names were given")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    config = hub_config(model, arch=arch, classes=classes, preprocess=preprocess, extra=extra)
+    validate_config(config, str(out_dir / CONFIG_FILE))  # nothing is written for a config that would not load
+    # config.json last: it marks a complete artifact (runs skip stages whose model/config.json exists),
+    # so a write that fails midway never leaves an artifact that looks finished
+    _save_weights(model, out_dir)
+    _write_json(out_dir / METRICS_FILE, jsonable(metrics or {}))
+    write_text(out_dir / CARD_FILE, model_card(config, metrics or {}))
+    _write_json(out_dir / CONFIG_FILE, config)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------ config.json
+
+
+def hub_config(model: nn.Module, *, arch: dict | None, classes: Sequence[str], preprocess: PreprocessConfig,
+               extra: dict | None = None) -> dict[str, Any]:
+    """config.json of an artifact: timm's hub format, which `timm.create_model("local-dir:DIR")` and
+    the Hugging Face hub read as they are, with skindistil's own fields beside it.
+
+    timm's fields: architecture (timm model name), num_classes, num_features, global_pool,
+    label_names (= classes), model_args (the constructor kwargs that fix every shape; see
+    `model_architecture`), pretrained_cfg (`timm_pretrained_cfg`: input_size, crop_pct, crop_mode,
+    mean, std, interpolation, num_classes, label_names, ...). skindistil's: format, skindistil_version,
+    kind ("vit" | "depth_vit"), classes, preprocess (`PreprocessConfig`, the authority on inputs),
+    num_parameters, provenance, and for a DepthViT exits and shared_head. Read back with
+    `architecture_of`. For a DepthViT, timm's fields describe the wrapped ViT (its last exit).
+    """
+    classes = [str(c) for c in classes]
+    architecture = model_architecture(model, arch)
+    net = model.vit if isinstance(model, DepthViT) else model
     config: dict[str, Any] = {
+        "architecture": architecture["name"],
+        "num_classes": len(classes),
+        "num_features": int(getattr(net, "num_features", 0)) or None,
+        "label_names": classes,
+        "model_args": jsonable(architecture["kwargs"]),
+        "pretrained_cfg": timm_pretrained_cfg(net, preprocess, classes, architecture["name"]),
         "format": FORMAT_VERSION,
         "skindistil_version": __version__,
         "kind": model_kind(model),
-        "architecture": model_architecture(model, arch),
         "classes": classes,
         "preprocess": preprocess.to_dict(),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "provenance": jsonable(extra or {}),
     }
+    if isinstance(getattr(net, "global_pool", None), str) and net.global_pool:
+        config["global_pool"] = net.global_pool
     if isinstance(model, DepthViT):
         config["exits"] = list(model.exits)
         config["shared_head"] = model.shared_head
-    validate_config(config, str(out_dir / CONFIG_FILE))  # nothing is written for a config that would not load
-    # config.json last: it marks a complete artifact (runs skip stages whose model/config.json exists),
-    # so a write that fails midway never leaves an artifact that looks finished
-    _save_weights(model, out_dir / WEIGHTS_FILE)
-    _write_json(out_dir / METRICS_FILE, jsonable(metrics or {}))
-    write_text(out_dir / CARD_FILE, model_card(config, metrics or {}))
-    _write_json(out_dir / CONFIG_FILE, config)
-    return out_dir
+    return config
+
+
+def timm_crop_pct(preprocess: PreprocessConfig) -> float:
+    """timm's crop_pct for `preprocess`: timm resizes the shorter side to floor(image_size / crop_pct),
+    so the fraction is nudged (by float ulps) until that is exactly `preprocess.resize_size`."""
+    size, target = preprocess.image_size, preprocess.resize_size
+    pct = size / target
+    for _ in range(64):
+        scaled = math.floor(size / pct)
+        if scaled == target:
+            return pct
+        pct = math.nextafter(pct, 0.0 if scaled < target else 2.0)
+    raise ModelError(f"preprocess: no timm crop_pct gives a resize to {target} px for a {size} px input")
+
+
+def timm_pretrained_cfg(net: nn.Module, preprocess: PreprocessConfig, classes: Sequence[str], name: str) -> dict:
+    """timm's pretrained_cfg for the artifact's weights and preprocessing (eval: shorter side to
+    `resize_size`, centre crop `image_size`, mean/std normalisation, `interpolation`)."""
+    own = getattr(net, "pretrained_cfg", None) or {}
+    size = preprocess.image_size
+    return {
+        "architecture": name,
+        "input_size": [3, size, size],
+        "fixed_input_size": bool(own.get("fixed_input_size", True)),
+        "interpolation": preprocess.interpolation,
+        "crop_pct": timm_crop_pct(preprocess),
+        "crop_mode": "center",
+        "mean": list(preprocess.mean),
+        "std": list(preprocess.std),
+        "num_classes": len(classes),
+        "label_names": [str(c) for c in classes],
+        "pool_size": None,
+        "first_conv": own.get("first_conv", "patch_embed.proj"),
+        "classifier": own.get("classifier", "head"),
+    }
+
+
+def architecture_of(config: dict, where: str = CONFIG_FILE) -> dict[str, Any]:
+    """{'name': timm model name, 'kwargs': constructor kwargs} from an artifact config of any format
+    (format 2: architecture + model_args; format 1: architecture {name, kwargs})."""
+    arch = config.get("architecture")
+    if isinstance(arch, str) and arch:
+        kwargs = config.get("model_args", {})
+    elif isinstance(arch, dict) and isinstance(arch.get("name"), str):
+        arch, kwargs = arch["name"], arch.get("kwargs", {})
+    else:
+        raise ModelError(f"{where}: missing or malformed field 'architecture'")
+    if not isinstance(kwargs, dict):
+        raise ModelError(f"{where}: field 'model_args' must be an object, got {type(kwargs).__name__}")
+    return {"name": arch, "kwargs": dict(kwargs)}
 
 
 def update_metrics(model_dir: str | Path, metrics: dict) -> dict:
@@ -194,8 +285,41 @@ def set_operating_points(model_dir: str | Path, points: dict, *, fitted_on: str,
     return stored
 
 
-def _save_weights(model: nn.Module, path: Path) -> None:
+def weights_sha256(model_dir: str | Path) -> str:
+    """sha256 (hex) of an artifact's model.safetensors: the identity of its weights."""
+    import hashlib
+
+    path = resolve_model_dir(model_dir) / WEIGHTS_FILE
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The artifact's weight files present (model.safetensors, and exits.safetensors for a DepthViT)."""
+    model_dir = Path(model_dir)
+    return [model_dir / name for name in (WEIGHTS_FILE, EXITS_FILE) if (model_dir / name).is_file()]
+
+
+def _save_weights(model: nn.Module, out_dir: Path) -> None:
+    """model.safetensors in timm's own key names (a DepthViT's wrapped ViT), exits.safetensors with a
+    DepthViT's per-exit norms and heads (when it has any)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if isinstance(model, DepthViT):
+        exits = {k: v for k, v in state.items() if not k.startswith("vit.")}
+        _write_safetensors({k[len("vit."):]: v for k, v in state.items() if k.startswith("vit.")}, out_dir / WEIGHTS_FILE)
+        if exits:
+            _write_safetensors(exits, out_dir / EXITS_FILE)
+        else:
+            (out_dir / EXITS_FILE).unlink(missing_ok=True)
+    else:
+        _write_safetensors(state, out_dir / WEIGHTS_FILE)
+        (out_dir / EXITS_FILE).unlink(missing_ok=True)
+
+
+def _write_safetensors(state: dict, path: Path) -> None:
     save_safetensors(state, path, metadata={"format": "pt"})
 
 
@@ -225,7 +349,7 @@ def jsonable(value: Any) -> Any:
 
 def model_card(config: dict, metrics: dict) -> str:
     """A short Markdown model card generated from config.json and metrics.json."""
-    arch = config["architecture"]
+    arch = architecture_of(config)
     kw = arch["kwargs"]
     pre = PreprocessConfig.from_dict(config["preprocess"])
     prov = config.get("provenance", {})
@@ -359,16 +483,16 @@ def _instantiate(checked: ArtifactConfig, where: str) -> nn.Module:
     return vit
 
 
-def _load_weights(model: nn.Module, path: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise ModelError(f"{path}: weight file not found")
-    try:
-        state = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot read weights (truncated or corrupt safetensors file): {exc}") from None
+def _load_weights(model: nn.Module, model_dir: Path, fmt: int) -> None:
+    """Load the artifact's weight files into `model`; every tensor name and shape must match."""
+    path = model_dir / WEIGHTS_FILE
+    state = _read_safetensors(path)
+    if isinstance(model, DepthViT) and fmt >= 2:
+        # format 2: model.safetensors is the wrapped ViT in timm's names, exits.safetensors the other exits
+        state = {f"vit.{k}": v for k, v in state.items()}
+        if (model_dir / EXITS_FILE).is_file():
+            state.update(_read_safetensors(model_dir / EXITS_FILE))
+        path = model_dir / f"{{{WEIGHTS_FILE},{EXITS_FILE}}}"
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -382,6 +506,18 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     if non_finite:
         raise ModelError(f"{path}: {len(non_finite)} tensor(s) hold NaN or infinite values: {', '.join(non_finite[:5])}")
     model.load_state_dict(state)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ModelError(f"{path}: weight file not found")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read weights (truncated or corrupt safetensors file): {exc}") from None
 
 
 @dataclass
@@ -407,6 +543,11 @@ class LoadedModel:
     def operating_points(self) -> OperatingPoints | None:
         """The stored operating points (`evaluate --operating-point`), validated; None when none."""
         return parse_operating_points(self.config, str((self.path or Path(".")) / CONFIG_FILE))
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """{'name': timm model name, 'kwargs': constructor kwargs}, whatever the artifact's format."""
+        return architecture_of(self.config)
 
     @property
     def temperature(self) -> float:
@@ -512,6 +653,33 @@ class LoadedModel:
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
 
 
+def upgrade_artifact(path: str | Path) -> Path:
+    """Rewrite an artifact of an older format in place in the current one (timm's hub format), keeping
+    its weights, classes, preprocessing, metrics, provenance and calibration; returns the folder.
+    The rewritten artifact's logits are checked to equal the old one's before anything is replaced."""
+    import shutil
+    import tempfile
+
+    loaded = load_model(path)
+    model_dir = loaded.path
+    if loaded.config.get("format") == FORMAT_VERSION:
+        return model_dir
+    with tempfile.TemporaryDirectory(dir=model_dir.parent) as tmp:
+        new_dir = save_artifact(loaded.model, Path(tmp) / "model", arch=loaded.architecture, classes=loaded.classes,
+                                preprocess=loaded.preprocess, metrics=loaded.metrics,
+                                extra=loaded.config.get("provenance", {}))
+        if "calibration" in loaded.config:
+            calibration = loaded.config["calibration"]
+            set_calibration(new_dir, calibration["temperature"], calibration.get("fitted_on", ""))
+        probe = torch.zeros(1, 3, loaded.preprocess.image_size, loaded.preprocess.image_size)
+        if not torch.equal(load_model(new_dir).logits(probe), loaded.logits(probe)):
+            raise ModelError(f"{model_dir}: the rewritten artifact does not reproduce the model; left unchanged")
+        (model_dir / EXITS_FILE).unlink(missing_ok=True)
+        for item in new_dir.iterdir():
+            shutil.move(str(item), model_dir / item.name)
+    return model_dir
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild an artifact (model/ dir, run dir or config.json) in eval mode on `device`.
 
@@ -524,6 +692,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     config = read_json_object(config_path)
     checked = validate_config(config, str(config_path))
     model = build_model(checked, str(config_path))
-    _load_weights(model, model_dir / WEIGHTS_FILE)
+    _load_weights(model, model_dir, int(config["format"]))
     metrics = read_json_object(model_dir / METRICS_FILE) if (model_dir / METRICS_FILE).is_file() else {}
     return LoadedModel(model.eval().to(device), config, list(checked.classes), checked.preprocess, metrics, model_dir)

@@ -35,7 +35,12 @@ from skindistil.config import MAX_IMAGE_SIZE, PreprocessConfig
 from skindistil.errors import ConfigError, ModelError
 from skindistil.models.operating_points import parse_operating_points
 
-FORMAT_VERSION = 1
+# format 2: config.json in timm's hub format (architecture = timm name, model_args, pretrained_cfg, ...)
+# with skindistil's fields beside them; format 1 (architecture = {name, kwargs}) still loads.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+# timm's fields of a format 2 config.json (`skindistil.models.artifact.hub_config`)
+HUB_FIELDS = ("num_classes", "num_features", "label_names", "model_args", "pretrained_cfg", "global_pool")
 # vit: a timm VisionTransformer (DeiT's distilled ViT included); depth_vit: a DepthViT (per-depth
 # heads); timm: any other timm classifier (ResNet, ConvNeXt, EfficientNet, RegNet, ...)
 KINDS = ("vit", "depth_vit", "timm")
@@ -198,7 +203,7 @@ class ArtifactConfig(BaseModel):
 
     model_config = Strict
 
-    format: Literal[1]
+    format: Literal[1, 2]
     skindistil_version: str
     kind: Literal["vit", "depth_vit"]
     architecture: Architecture
@@ -275,15 +280,58 @@ def validate_config(data: dict, where: str) -> ArtifactConfig:
     """The checked config.json `data`, or ModelError naming `where` and every field at fault."""
     if not isinstance(data, dict):
         raise ModelError(f"{where}: expected a JSON object")
-    if data.get("format") != FORMAT_VERSION:
-        raise ModelError(f"{where}: unsupported artifact format {data.get('format')!r} (expected {FORMAT_VERSION})")
+    if data.get("format") not in READABLE_FORMATS:
+        raise ModelError(f"{where}: unsupported artifact format {data.get('format')!r} "
+                         f"(this skindistil reads {', '.join(map(str, READABLE_FORMATS))})")
     schema = TimmArtifactConfig if data.get("kind") == "timm" else ArtifactConfig
     try:
-        checked = schema.model_validate(data)
+        checked = schema.model_validate(_format1_view(data, where))
     except ValidationError as exc:
         raise ModelError(f"{where}: invalid model config: {describe_errors(exc)}") from None
+    check_hub_fields(data, where)
     parse_operating_points(data, where)
     return checked
+
+
+def _format1_view(data: dict, where: str) -> dict:
+    """A format 2 config as the schema reads it: architecture {name: architecture, kwargs: model_args},
+    without timm's other fields (which `check_hub_fields` compares with skindistil's)."""
+    if data.get("format") == 1:
+        return data
+    arch, args = data.get("architecture"), data.get("model_args", {})
+    if not isinstance(arch, str) or not arch:
+        raise ModelError(f"{where}: architecture: expected a timm model name (format 2), got {_short(arch)}")
+    if not isinstance(args, dict):
+        raise ModelError(f"{where}: model_args: expected an object, got {type(args).__name__}")
+    view = {k: v for k, v in data.items() if k not in HUB_FIELDS}
+    view["architecture"] = {"name": arch, "kwargs": args}
+    return view
+
+
+def check_hub_fields(config: dict, where: str) -> None:
+    """Refuse a format 2 config whose timm fields disagree with skindistil's (a hand edit of one
+    side): label_names vs classes, num_classes, and pretrained_cfg's input size, mean, std and
+    interpolation vs preprocess. ModelError naming the field."""
+    if config.get("format") != 2:
+        return
+    classes = list(config.get("classes", []))
+    pre = config.get("preprocess", {})
+    cfg = config.get("pretrained_cfg")
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{where}: missing field 'pretrained_cfg'")
+    size = pre.get("image_size")
+    checks = {
+        "label_names": (config.get("label_names"), classes),
+        "num_classes": (config.get("num_classes"), len(classes)),
+        "pretrained_cfg.input_size": (list(cfg.get("input_size", []))[1:], [size, size]),
+        "pretrained_cfg.mean": (list(cfg.get("mean", [])), list(pre.get("mean", []))),
+        "pretrained_cfg.std": (list(cfg.get("std", [])), list(pre.get("std", []))),
+        "pretrained_cfg.interpolation": (cfg.get("interpolation"), pre.get("interpolation")),
+    }
+    for field_name, (found, expected) in checks.items():
+        if found != expected:
+            raise ModelError(f"{where}: {field_name} is {found!r} but the skindistil fields (classes, preprocess) "
+                             f"say {expected!r}; the two must agree")
 
 
 def describe_errors(exc: ValidationError) -> str:

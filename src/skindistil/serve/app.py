@@ -452,7 +452,7 @@ def model_ref(loaded: LoadedModel) -> dict:
     """{"name", "version", "role"}: runs/<name>/model is called <name>; other folders by their own name."""
     path = loaded.path
     if path is None:
-        name = loaded.config["architecture"]["name"]
+        name = loaded.architecture["name"]
     else:
         name = path.parent.name if path.name == "model" and path.parent.name else path.name
     return {"name": name, "version": weights_version(path), "role": loaded.config.get("provenance", {}).get("role")}
@@ -687,7 +687,7 @@ class ModelService:
         return {
             "model": self.ref,
             "kind": loaded.config.get("kind", "vit"),
-            "architecture": jsonable(loaded.config.get("architecture", {})),
+            "architecture": jsonable(loaded.architecture),
             "num_parameters": loaded.config.get("num_parameters"),
             "classes": loaded.classes,
             "preprocess": loaded.preprocess.to_dict(),

@@ -19,6 +19,12 @@ tokens; a distillation token is left out of the comparison). Anything else is re
 bridged by a learned projection: such a projection is a training-only module the artifact would not
 carry, it changes what the term measures (SPEC: cosine of the hidden states themselves), and the term
 measured no effect in the loss ablation (see `LossConfig`).
+
+With `cfg.teacher_store` (`skindistil store-teacher`) the teacher's outputs come from the store instead
+of a teacher forward pass; the store must match the run (seed, teacher, preprocessing, augmentation,
+training split, epochs) or it is refused by name. In a cascade only the first member (depth N-1)
+distils from the teacher and reads the store; every later member distils from the previous member,
+online.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from skindistil.models.student import is_vit
 from skindistil.models.teacher import accepts_img_size
 from skindistil.training.distiller import METHODS, TOKEN_METHODS, DistillerModule
 from skindistil.training.teacher import TrainResult, finish_run, loss_class_weights, start_run
+from skindistil.training.teacher_store import TeacherStore, needed_hidden, store_identity
 from skindistil.training.trainer import build_trainer, fit, resume_checkpoint
 
 ALL_METHODS = (*METHODS, "cascade")
@@ -70,6 +77,9 @@ def distill(cfg: DistillConfig, *, resume: bool = False, resume_from: str | Path
     if not cfg.teacher:
         raise ConfigError("teacher: give the teacher's model/ or run directory (--teacher DIR)")
     check_token_method(cfg)
+    if cfg.teacher_store and cfg.method in ("fcvit", "fcvit-probs"):
+        raise ConfigError(f"teacher_store: method {cfg.method} has no teacher term, so stored teacher outputs "
+                          "would go unused; drop --teacher-store")
     teacher = load_model(cfg.teacher)
     if cfg.method == "cascade":
         check_cascade(cfg, teacher)
@@ -80,15 +90,31 @@ def distill(cfg: DistillConfig, *, resume: bool = False, resume_from: str | Path
         raise ConfigError(
             f"data.dir: the dataset's classes {datamodule.vocab.to_list()} differ from the teacher's {teacher.classes}"
         )
+    store = open_teacher_store(cfg, teacher, start, datamodule) if cfg.teacher_store else None
     provenance = {"teacher": str(resolve_model_dir(cfg.teacher)), "method": cfg.method,
                   "loss": cfg.to_dict()["loss"], "data": str(cfg.data.dir), "student_init": start.source}
     if cfg.method == "cascade":
-        return _cascade(cfg, teacher, start, datamodule, provenance, resume)
+        return _cascade(cfg, teacher, start, datamodule, provenance, resume, store)
     student, name, extra = _initial_student(cfg, start)
+    if store is not None:
+        extra["teacher_store"] = str(store.path)
     ckpt_path = resume_checkpoint(cfg.run_dir, resume=resume, resume_from=resume_from)
     result = _train_one(cfg, student, name, teacher.model, cfg.method, datamodule, cfg.run_dir, teacher,
-                        start.preprocess, {**provenance, **extra}, ckpt_path)
+                        start.preprocess, {**provenance, **extra}, ckpt_path, store)
     return [result]
+
+
+def open_teacher_store(cfg: DistillConfig, teacher, start: StudentStart, datamodule) -> TeacherStore:
+    """The store `cfg.teacher_store`, checked against this run (ConfigError naming what differs), with
+    the data module switched to training batches that carry sample keys."""
+    if cfg.data.augment_on != "cpu":
+        raise ConfigError(f"teacher_store: data.augment_on={cfg.data.augment_on!r} is not replayable; stored teacher "
+                          "outputs need data.augment_on=cpu (augmentation seeded per (seed, epoch, sample))")
+    hidden = needed_hidden(cfg.method, cfg.loss.a_cos, cfg.loss.cos_tokens)
+    store = TeacherStore.open(cfg.teacher_store, store_identity(cfg, teacher, datamodule, start.preprocess),
+                              epochs=cfg.trainer.max_epochs, hidden=hidden)
+    datamodule.train_keys = True
+    return store
 
 
 def check_token_method(cfg: DistillConfig) -> None:
@@ -121,14 +147,14 @@ def student_start(cfg: DistillConfig, teacher: LoadedModel) -> StudentStart:
     if init is None:
         if not is_vit(teacher.model):
             raise ConfigError(
-                f"teacher: {teacher.path} is a timm {teacher.config['architecture']['name']} "
+                f"teacher: {teacher.path} is a timm {teacher.architecture['name']} "
                 f"({type(teacher.model).__name__}), not a ViT, so the student cannot copy its blocks: give the "
                 "ViT the student starts from with --student-init (a ViT model/ or run directory, or a timm ViT "
                 "name such as vit_tiny_patch16_224)"
             )
         if cfg.student_kwargs:
             raise ConfigError("student_kwargs: apply to a timm name given as student_init; none is given")
-        start = StudentStart(teacher.model, teacher.config["architecture"]["name"], teacher.preprocess, "teacher")
+        start = StudentStart(teacher.model, teacher.architecture["name"], teacher.preprocess, "teacher")
     elif Path(init).exists():
         if cfg.student_kwargs:
             raise ConfigError(f"student_kwargs: apply to a timm name given as student_init, not to the artifact {init}")
@@ -138,7 +164,7 @@ def student_start(cfg: DistillConfig, teacher: LoadedModel) -> StudentStart:
                               f"({type(loaded.model).__name__}); the student must start from a plain timm ViT")
         if loaded.classes != teacher.classes:
             raise ConfigError(f"student_init: {loaded.path} predicts {loaded.classes}, the teacher {teacher.classes}")
-        start = StudentStart(loaded.model, loaded.config["architecture"]["name"], loaded.preprocess,
+        start = StudentStart(loaded.model, loaded.architecture["name"], loaded.preprocess,
                              str(loaded.path))
     else:
         start = _student_from_timm(cfg, init, teacher)
@@ -233,10 +259,12 @@ def _initial_student(cfg: DistillConfig, start: StudentStart):
 
 
 def _train_one(cfg, student, name, teacher_model, method, datamodule, run_dir: Path, teacher, preprocess,
-               provenance, ckpt_path):
-    module = DistillerModule(student, teacher_model, method, teacher.classes, cfg.optim, cfg.loss,
-                             class_weights=loss_class_weights(cfg, datamodule),
-                             teacher_preprocess=teacher.preprocess, student_preprocess=preprocess)
+               provenance, ckpt_path, store=None):
+    # with a store the teacher never runs: it stays off the module (and off the accelerator)
+    module = DistillerModule(student, None if store is not None else teacher_model, method, teacher.classes,
+                             cfg.optim, cfg.loss, class_weights=loss_class_weights(cfg, datamodule),
+                             teacher_preprocess=teacher.preprocess, student_preprocess=preprocess,
+                             teacher_store=store)
     trainer = build_trainer(cfg.trainer, run_dir, resume_from=ckpt_path)
     with warnings.catch_warnings():
         # Lightning warns about modules in eval mode at the start of training: the frozen teacher's, on purpose
@@ -246,11 +274,13 @@ def _train_one(cfg, student, name, teacher_model, method, datamodule, run_dir: P
                       extra={"role": "student", **provenance}, net_attr="student")
 
 
-def _cascade(cfg: DistillConfig, teacher, start: StudentStart, datamodule, provenance, resume) -> list[TrainResult]:
+def _cascade(cfg: DistillConfig, teacher, start: StudentStart, datamodule, provenance, resume,
+             store=None) -> list[TrainResult]:
     """Depth N-1 from the teacher, then each depth k from the trained depth k+1, down to min_depth.
 
     Members already written (their model/ exists) are loaded and skipped, so an interrupted cascade
-    continues where it stopped.
+    continues where it stopped. A teacher store serves the first member only (the others' teacher is
+    the previous member).
     """
     depth = len(teacher.model.blocks)
     if not 1 <= cfg.min_depth < depth:
@@ -261,13 +291,17 @@ def _cascade(cfg: DistillConfig, teacher, start: StudentStart, datamodule, prove
         member_dir = cfg.run_dir / "cascade" / f"depth-{k:02d}"
         if (member_dir / "model" / "config.json").is_file():
             member = load_model(member_dir)
-            previous, name = member.model, member.config["architecture"]["name"]
+            previous, name = member.model, member.architecture["name"]
             continue
         student, kept = extract_student(previous, k, "first")
         student, name = _with_token(cfg, student, name)
         extra = {**provenance, "kept_blocks": list(kept), "cascade_depth": k}
+        member_store = store if previous is teacher.model else None
+        if member_store is not None:
+            extra["teacher_store"] = str(store.path)
+        datamodule.train_keys = member_store is not None
         ckpt_path = resume_checkpoint(member_dir, resume=resume)
         results.append(_train_one(cfg, student, name, previous, "distilvit", datamodule, member_dir, teacher,
-                                  start.preprocess, extra, ckpt_path))
+                                  start.preprocess, extra, ckpt_path, member_store))
         previous = student
     return results

@@ -22,6 +22,8 @@ The teacher is any timm classifier, frozen, kept in eval mode for the whole run,
 checkpoints. It sees each training batch through its own preprocessing (`teacher_preprocess`: input
 size, mean, std; `data.transforms.reprocess` of the student's augmented view); its hidden states are
 computed only when the cosine term needs them.
+With a `teacher_store` (`training.teacher_store.TeacherStore`) the teacher's outputs are read from
+the store by the batch's sample keys (batches (images, labels, keys)) instead of running the teacher.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class DistillerModule(L.LightningModule):
         class_weights: torch.Tensor | None = None,
         teacher_preprocess: PreprocessConfig | None = None,
         student_preprocess: PreprocessConfig | None = None,
+        teacher_store=None,
     ):
         super().__init__()
         if method not in METHODS:
@@ -69,6 +72,7 @@ class DistillerModule(L.LightningModule):
             if not is_distilled(student):
                 raise ValueError("loss.distillation_token needs a student with a distillation token "
                                  "(models.distilled.add_distillation_token)")
+        self.teacher_store = teacher_store
         # Lightning keeps each module's train/eval mode as it finds it, and students are built from
         # loaded (eval-mode) artifacts: without this, dropout and drop-path would be off while training
         self.student = student.train()
@@ -100,8 +104,14 @@ class DistillerModule(L.LightningModule):
         return self.student(images)
 
     @torch.no_grad()
-    def _teacher(self, images, hidden: bool):
-        """Teacher logits, and (with `hidden`) its last hidden states without a distillation token."""
+    def _teacher(self, images, hidden: bool, keys):
+        """Teacher logits, and (with `hidden`) its last hidden states without a distillation token: from
+        the teacher store by sample `keys` when there is one, else from the teacher."""
+        if self.teacher_store is not None:
+            if keys is None:
+                raise ValueError("a teacher store needs training batches with sample keys (SkinDataModule(train_keys=True))")
+            logits, tokens = self.teacher_store.outputs(keys, device=images.device)
+            return logits, (tokens if hidden else None)
         if self.teacher_preprocess is not None and self.student_preprocess is not None:
             images = reprocess(images, self.student_preprocess, self.teacher_preprocess)
         if not hidden:
@@ -110,9 +120,19 @@ class DistillerModule(L.LightningModule):
         return logits, without_distillation_token(self.teacher, tokens)
 
     def training_step(self, batch, batch_idx):
+        loss, parts = self.training_loss(batch)
+        batch_size = len(batch[1])
+        # the epoch mean is EpochMeanLoss's (it survives a mid-epoch resume)
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, on_step=True, batch_size=batch_size)
+        return loss
+
+    def training_loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, detached parts) of the method on a training batch (images, labels[, sample keys])."""
         images, targets = batch[0], batch[1]
+        keys = batch[2] if len(batch) > 2 else None
         if self.method == "distilvit":
-            loss, parts = self._kd_step(images, targets)
+            loss, parts = self._kd_step(images, targets, keys)
         elif self.method == "fcvit":
             all_logits = self.student.forward_all(images)
             loss = per_depth_ce(all_logits, targets, weight=self.class_weights)
@@ -131,26 +151,22 @@ class DistillerModule(L.LightningModule):
                 logits, dist_logits = all_logits[-1], None
                 if self.loss_cfg.distillation_token != "none":
                     logits, dist_logits = self.student.exit_head_logits(all_logits.shape[0] - 1, hidden)
-                task, parts = self._kd_parts(logits, dist_logits, hidden, images, targets)
+                task, parts = self._kd_parts(logits, dist_logits, hidden, images, targets, keys)
                 task = task + per_depth_ce(all_logits[:-1], targets, weight=self.class_weights)
             loss = task + self.loss_cfg.a_chain * chain
             parts = {**parts, "chain_kl": chain.detach(), "enabled_depths": float(len(depths))}
-        batch_size = len(targets)
-        # the epoch mean is EpochMeanLoss's (it survives a mid-epoch resume)
-        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, on_step=True, batch_size=batch_size)
-        return loss
+        return loss, parts
 
-    def _kd_step(self, images, targets):
+    def _kd_step(self, images, targets, keys):
         hidden = self.student.blocks(vit_stem(self.student, images))
         logits, dist_logits = head_logits(self.student, hidden)
         if dist_logits is not None and self.loss_cfg.distillation_token == "none":
             logits, dist_logits = (logits + dist_logits) / 2, None  # trained on its output, as it predicts
-        return self._kd_parts(logits, dist_logits, hidden, images, targets)
+        return self._kd_parts(logits, dist_logits, hidden, images, targets, keys)
 
-    def _kd_parts(self, student_logits, dist_logits, student_hidden, images, targets):
+    def _kd_parts(self, student_logits, dist_logits, student_hidden, images, targets, keys):
         need_hidden = bool(self.loss_cfg.a_cos)
-        teacher_logits, teacher_hidden = self._teacher(images, need_hidden)
+        teacher_logits, teacher_hidden = self._teacher(images, need_hidden, keys)
         hidden_pairs = None
         if need_hidden:
             vit = getattr(self.student, "vit", self.student)
