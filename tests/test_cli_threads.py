@@ -33,7 +33,7 @@ def test_train_sets_the_policy_before_torch_loads(tmp_path):
 
 
 def test_the_users_choice_and_other_commands_are_left_alone():
-    assert {"train", "distill", "ablate", "run", "demo"} == TRAINING_COMMANDS
+    assert {"train", "distill", "ablate", "run", "demo", "store-teacher"} == TRAINING_COMMANDS
     for command in TRAINING_COMMANDS:
         environ = {}
         openmp_wait_policy(command, environ)
