@@ -47,7 +47,7 @@ def test_report_has_every_section_with_numbers(quick_run):
     for model in ("teacher", "distilvit"):
         for point in ("melanoma@sens95", "melanoma@spec80"):
             row = next(line for line in melanoma.splitlines() if line.startswith(f"| {model} | {point} | MEL |"))
-            assert re.search(r"\| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \|", row), row
+            assert re.search(r"\| \d\.\d{4} \[\d\.\d{4}, \d\.\d{4}\] \| \d\.\d{4} \[\d\.\d{4}, \d\.\d{4}\] \|", row), row
     assert "## Operating points: cancer vs non-cancer (test split)" in report
     html = (run_dir / "report.html").read_text()
     assert "<table>" in html and "not medical devices" in html
