@@ -93,32 +93,24 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for label, command in runs.items():
         run_dir = out / command[command.index("--name") + 1]
-        started = time.perf_counter()
-        if not (run_dir / "model" / "config.json").is_file():
-            print(f"== {label}", flush=True)
-            if cli([*command, *common]) != 0:
-                raise SystemExit(f"{label}: `skindistil {' '.join(command)}` failed")
-        seconds = time.perf_counter() - started
-        results[label] = {"run": str(run_dir), "train_seconds": round(seconds, 1), **_throughput(run_dir)}
+        seconds = _timed(run_dir / "model" / "config.json", out / "seconds" / f"{run_dir.name}.json",
+                         lambda command=command, label=label: _cli(cli, [*command, *common], label))
+        results[label] = {"run": str(run_dir), "train_seconds": seconds, **_throughput(run_dir)}
 
     # the paper's student again, from stored teacher outputs
     store = out / "store"
-    started = time.perf_counter()
-    if cli(["store-teacher", "--teacher", str(out / "vit-teacher"), "--data", str(data), "--out", str(store),
-            "--epochs", str(epochs), "--batch-size", str(setup["batch_size"]), "--precision", setup["precision"],
-            "--no-progress"]) != 0:
-        raise SystemExit("store-teacher failed")
-    store_seconds = time.perf_counter() - started
+    store_seconds = _timed(store / f"epoch-{epochs - 1:04d}-logits.npy", out / "seconds" / "store.json",
+                           lambda: _cli(cli, ["store-teacher", "--teacher", str(out / "vit-teacher"), "--data", str(data),
+                                              "--out", str(store), "--epochs", str(epochs), "--batch-size",
+                                              str(setup["batch_size"]), "--precision", setup["precision"],
+                                              "--no-progress"], "store-teacher"))
     stored_dir = out / "paper-stored"
-    started = time.perf_counter()
-    if not (stored_dir / "model" / "config.json").is_file():
-        command = ["distill", "--name", "paper-stored", "--teacher", str(out / "vit-teacher"), "--keep", str(keep),
-                   "--teacher-store", str(store)]
-        if cli([*command, *common]) != 0:
-            raise SystemExit("distill from the store failed")
-    results["paper, stored teacher outputs"] = {"run": str(stored_dir), "store_seconds": round(store_seconds, 1),
-                                                "train_seconds": round(time.perf_counter() - started, 1),
-                                                **_throughput(stored_dir)}
+    command = ["distill", "--name", "paper-stored", "--teacher", str(out / "vit-teacher"), "--keep", str(keep),
+               "--teacher-store", str(store)]
+    seconds = _timed(stored_dir / "model" / "config.json", out / "seconds" / "paper-stored.json",
+                     lambda: _cli(cli, [*command, *common], "paper from the store"))
+    results["paper, stored teacher outputs"] = {"run": str(stored_dir), "store_seconds": store_seconds,
+                                                "train_seconds": seconds, **_throughput(stored_dir)}
 
     for result in results.values():
         run_dir = Path(result["run"])
@@ -149,6 +141,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _cli(cli, command: list[str], label: str) -> None:
+    print(f"== {label}", flush=True)
+    if cli(command) != 0:
+        raise SystemExit(f"{label}: `skindistil {' '.join(command)}` failed")
+
+
+def _timed(done: Path, record: Path, work) -> float:
+    """Seconds `work()` took, measured when `done` does not exist yet and kept in `record`, so a rerun
+    that skips finished work reports the time it took when it ran."""
+    if not done.is_file() or not record.is_file():
+        started = time.perf_counter()
+        work()
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1)}) + "\n")
+    return json.loads(record.read_text())["seconds"]
+
+
 def _throughput(run_dir: Path) -> dict:
     path = run_dir / "logs" / "throughput.json"
     if not path.is_file():
@@ -167,11 +176,13 @@ def _markdown(document: dict) -> str:
         seconds = f"{r['train_seconds']:.0f}" + (f" (+ store {r['store_seconds']:.0f})" if "store_seconds" in r else "")
         rate = f"{rate:.0f}" if rate else "n/a"
         lines.append(f"| {label} | {r['parameters']:,} | {r['bma']:.3f} [{low:.3f}, {high:.3f}] | {seconds} | {rate} |")
-    lines += ["", "| comparison | BMA difference [95% CI] | McNemar p | verdict |", "| --- | --- | --- | --- |"]
+    lines += ["", "Paired on the same test images (first model minus second; lesions resampled together):", "",
+              "| comparison | BMA difference [95% CI] | interval excludes 0 | McNemar p |", "| --- | --- | --- | --- |"]
     for label, c in document["comparisons"].items():
         d = c["bma_difference"]
-        lines.append(f"| {label} | {d['value']:+.3f} [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}] | "
-                     f"{c['mcnemar']['p_value']:.3g} | {c['verdict']} |")
+        low, high = d["interval"]
+        lines.append(f"| {label} | {d['value']:+.3f} [{low:+.3f}, {high:+.3f}] | {'yes' if low > 0 or high < 0 else 'no'} | "
+                     f"{c['mcnemar']['p_value']:.3g} |")
     return "\n".join(lines) + "\n"
 
 
