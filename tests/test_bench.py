@@ -12,9 +12,8 @@ from torch import nn
 
 from skindistil.cli import main
 from skindistil.config import PreprocessConfig
-from skindistil.errors import ConfigError, ModelError
+from skindistil.errors import BackendUnavailable, ConfigError, ModelError
 from skindistil.inference.backends import (
-    BackendUnavailable,
     LinearPatchEmbed,
     TorchRunner,
     build_backend,
@@ -23,7 +22,6 @@ from skindistil.inference.backends import (
 )
 from skindistil.inference.bench import (
     BenchSettings,
-    PeakMemory,
     choose_pairs,
     count_flops,
     find_bma,
@@ -32,10 +30,8 @@ from skindistil.inference.bench import (
     parse_arch_spec,
     parse_model_ref,
     run_benchmark,
-    summarize_times,
-    time_calls,
-    time_interleaved,
 )
+from skindistil.measure import PeakMemory, summarize_times, time_calls, time_interleaved
 from skindistil.models import create_teacher, save_artifact
 
 TINY = "embed_dim=32,num_heads=2,img_size=32,patch_size=8"

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import torch
 from rich.console import Console
 
@@ -325,21 +324,6 @@ def _depth(model_dir: Path) -> int | None:
     config = json.loads((Path(model_dir) / "config.json").read_text())
     depth = architecture_of(config)["kwargs"].get("depth") if config.get("kind") != "timm" else None
     return None if depth is None else int(depth)
-
-
-def epoch_history(run_dir: Path) -> dict[str, list[float]] | None:
-    """Training loss and validation BMA by epoch from a run's logs/metrics.csv."""
-    path = Path(run_dir) / "logs" / "metrics.csv"
-    if not path.is_file():
-        return None
-    frame = pd.read_csv(path)
-    needed = {"epoch", "train/loss_epoch", "val/bma"}
-    if not needed <= set(frame.columns):
-        return None
-    by_epoch = frame.groupby("epoch").max(numeric_only=True)
-    return {"epoch": by_epoch.index.to_numpy(dtype=int).tolist(),
-            "train_loss": by_epoch["train/loss_epoch"].to_numpy(dtype=float).tolist(),
-            "val_bma": by_epoch["val/bma"].to_numpy(dtype=float).tolist()}
 
 
 def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> Pipeline:

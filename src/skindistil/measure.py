@@ -1,0 +1,129 @@
+"""Measuring a call: one timer (warm-up, synchronisation, repeats, a time budget) and one memory meter.
+
+Every benchmark of skindistil (models and backends, the data loader, training, early exit, the ONNX
+int8 report) times through these functions, so their numbers follow one protocol. Pure utilities
+over callables: nothing here imports a model, a dataset or onnxruntime.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class PeakMemory:
+    """Context manager: `peak_bytes` used inside the block on `device` (see module doc), or None.
+
+    `kind` says what was measured.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes: int | None = None
+        self._base_kb = 0
+        self._base_bytes = 0
+        if device.type == "cuda":
+            self.kind = "cuda max_memory_allocated increase during one call (weights excluded)"
+        elif Path("/proc/self/clear_refs").exists():
+            self.kind = "cpu peak RSS increase during one call (weights excluded)"
+        else:
+            self.kind = "unavailable"
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base_bytes = torch.cuda.memory_allocated(self.device)
+        elif self.kind != "unavailable":
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM), Linux >= 4.0
+                self._base_kb = _proc_status_kb("VmRSS")
+            except OSError:
+                self.kind = "unavailable"
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device)) - self._base_bytes
+        elif self.kind != "unavailable":
+            self.peak_bytes = max(0, _proc_status_kb("VmHWM") - self._base_kb) * 1024
+
+
+def _proc_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def time_calls(
+    fn: Callable,
+    inputs,
+    *,
+    warmup: int = 2,
+    repeats: int = 20,
+    min_repeats: int = 3,
+    max_seconds: float = 10.0,
+    sync: Callable[[], None] | None = None,
+) -> list[float]:
+    """Seconds taken by each timed call of fn(inputs), after `warmup` untimed calls.
+
+    Calls are timed until `repeats` are done, or until `max_seconds` have been spent timing and at
+    least `min_repeats` are done. `sync` (e.g. torch.cuda.synchronize) runs after each call, inside
+    the timed span, so asynchronous work is counted.
+    """
+    for _ in range(warmup):
+        fn(inputs)
+        if sync:
+            sync()
+    return time_interleaved([fn], [inputs], repeats=repeats, min_repeats=min_repeats, max_seconds=max_seconds, sync=sync)[0]
+
+
+def time_interleaved(
+    fns: Sequence[Callable],
+    inputs: Sequence,
+    *,
+    repeats: int = 20,
+    min_repeats: int = 3,
+    max_seconds: float = 10.0,
+    sync: Callable[[], None] | None = None,
+) -> list[list[float]]:
+    """Round-robin timing: each round times one call fns[i](inputs[i]) of every callable in turn.
+
+    On a shared machine the load then changes alike for all of them, which keeps their ratios honest.
+    Rounds run until `repeats` are done, or until `max_seconds` per callable have been spent and at
+    least `min_repeats` rounds are done. Returns the seconds per call, one list per callable.
+    """
+    sync = sync or (lambda: None)
+    times: list[list[float]] = [[] for _ in fns]
+    budget = max_seconds * len(fns)
+    start = time.perf_counter()
+    for round_index in range(repeats):
+        for fn, x, spent in zip(fns, inputs, times, strict=True):
+            t0 = time.perf_counter()
+            fn(x)
+            sync()
+            spent.append(time.perf_counter() - t0)
+        if round_index + 1 >= min_repeats and time.perf_counter() - start >= budget:
+            break
+    return times
+
+
+def summarize_times(times: Sequence[float], batch_size: int = 1) -> dict:
+    """Median, p90, mean and min seconds per call; ms per image and images/s from the median."""
+    arr = np.asarray(times, dtype=np.float64)
+    median = float(np.median(arr))
+    return {
+        "median_s": median,
+        "p90_s": float(np.percentile(arr, 90)),
+        "mean_s": float(arr.mean()),
+        "min_s": float(arr.min()),
+        "repeats": len(arr),
+        "ms_per_image": median * 1e3 / batch_size,
+        "images_per_s": batch_size / median,
+    }
