@@ -203,7 +203,7 @@ def evaluate_threshold(
     lesions) with an "early_exit" section (mean depth used,
     share per exit, measured throughput with and without early exit, agreement of the simulated
     decisions with the model's own)."""
-    from skindistil.inference.evaluate import split_metadata, split_outputs
+    from skindistil.evaluation.evaluate import split_metadata, split_outputs
 
     loaded = load_depth_model(model_path, device)
     outputs = split_outputs(loaded, data_dir, split, batch_size=batch_size, num_workers=num_workers,
@@ -264,7 +264,7 @@ def sweep_exits(
     and of every exit alone, written to out_dir/early_exit.{json,md,png}. With `teacher_probs` (the
     teacher's scores [N, C] on the split, in manifest order) every point also gets "comparison"
     against the teacher (`retention.compare_models`). Returns the JSON's content with "files" added."""
-    from skindistil.inference.evaluate import split_metadata, split_outputs
+    from skindistil.evaluation.evaluate import split_metadata, split_outputs
 
     loaded = load_depth_model(model_path, device)
     outputs = split_outputs(loaded, data_dir, split, batch_size=batch_size, num_workers=num_workers,
