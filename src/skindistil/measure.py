@@ -7,6 +7,8 @@ over callables: nothing here imports a model, a dataset or onnxruntime.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,20 +18,29 @@ import torch
 
 
 class PeakMemory:
-    """Context manager: `peak_bytes` used inside the block on `device` (see module doc), or None.
+    """Context manager: the most memory the block holds on `device` on top of what was held when it
+    began (activations, workspace and outputs of one call; not the weights or inputs already there).
 
-    `kind` says what was measured.
+    After the block, `peak_bytes` is that many bytes (int), or None where it cannot be measured, and
+    `kind` says what was measured:
+    - CUDA: `torch.cuda.max_memory_allocated` during the block minus `memory_allocated` at its start
+      (PyTorch's tensors only; a library with its own allocator, like onnxruntime, is not seen).
+    - CPU (Linux): the process's peak resident set size during the block (`VmHWM`, reset through
+      /proc/self/clear_refs) minus its resident size at the start. The C allocator keeps freed memory
+      for reuse, which a later call then takes without the resident size growing (a warmed-up ViT-B
+      call read 0 MB); so freed memory is first handed back to the system (glibc's malloc_trim) and
+      the call's memory is counted again. Process-wide: other threads' allocations count too.
     """
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
         self.peak_bytes: int | None = None
-        self._base_kb = 0
-        self._base_bytes = 0
-        if device.type == "cuda":
-            self.kind = "cuda max_memory_allocated increase during one call (weights excluded)"
+        self._base = 0
+        if self.device.type == "cuda":
+            self.kind = "cuda: torch.cuda.max_memory_allocated during the call minus memory_allocated before it"
         elif Path("/proc/self/clear_refs").exists():
-            self.kind = "cpu peak RSS increase during one call (weights excluded)"
+            trim = "after malloc_trim" if _malloc_trim() is not None else "no malloc_trim here: may miss reused memory"
+            self.kind = f"cpu: peak resident set size (VmHWM) during the call minus the resident size before it ({trim})"
         else:
             self.kind = "unavailable"
 
@@ -37,11 +48,12 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._base_bytes = torch.cuda.memory_allocated(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
         elif self.kind != "unavailable":
+            release_freed_memory()
             try:
                 Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM), Linux >= 4.0
-                self._base_kb = _proc_status_kb("VmRSS")
+                self._base = _proc_status_kb("VmRSS") * 1024
             except OSError:
                 self.kind = "unavailable"
         return self
@@ -49,9 +61,27 @@ class PeakMemory:
     def __exit__(self, *exc_info) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device)) - self._base_bytes
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device)) - self._base
         elif self.kind != "unavailable":
-            self.peak_bytes = max(0, _proc_status_kb("VmHWM") - self._base_kb) * 1024
+            self.peak_bytes = max(0, _proc_status_kb("VmHWM") * 1024 - self._base)
+
+
+def release_freed_memory() -> bool:
+    """Hand the memory the C allocator keeps after frees back to the system (glibc `malloc_trim(0)`),
+    so that the resident size counts live memory only. False where the C library has no malloc_trim."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without it)
+        return None
 
 
 def _proc_status_kb(field: str) -> int:

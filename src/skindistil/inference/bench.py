@@ -11,11 +11,15 @@ Definitions
   norms, activations, softmax and additions are not (a few % of a ViT).
 - latency: seconds per call (one batch), median and 90th percentile over the timed calls.
 - throughput: batch size / median seconds per call (images/s).
-- peak memory: the memory one call needs on top of what is already held (weights, inputs): activations
-  and workspace. CUDA: `torch.cuda.max_memory_allocated` during the call minus `memory_allocated`
-  before it (onnxruntime's own GPU memory is not seen by PyTorch, so it is not reported). CPU (Linux):
-  the process's peak resident set size during the call minus its resident size before (`VmHWM` after
-  a reset through /proc/self/clear_refs, minus `VmRSS`); process-wide, so approximate.
+- peak memory: what running the model at that batch size takes, in MB (10^6 bytes, as file MB):
+  weights + input batch + call, where weights are the bytes the backend holds (PyTorch backends: the
+  parameters and buffers of the module they run, e.g. a bf16 copy for `fast`; onnxruntime: the ONNX
+  file's bytes, the initialisers its session loads), input is the batch's tensor bytes, and call is
+  the most memory one call adds on top of them (activations, workspace, outputs), measured by
+  `skindistil.measure.PeakMemory`: on CUDA with torch's allocator statistics, on the CPU as the growth
+  of the process's peak resident size after freed memory is handed back (malloc_trim). The three parts
+  are reported too (weights_memory_mb, input_memory_mb, call_memory_mb). onnxruntime's own GPU
+  memory is not seen by PyTorch, so peak memory is not reported for it on CUDA.
 - the paper's ratios for a teacher/student pair, per device, backend and batch size:
   X% smaller = 1 - params_student / params_teacher; Y% faster = t_teacher / t_student - 1, with t the
   median seconds per image.
@@ -69,6 +73,10 @@ from skindistil.models.teacher import create_teacher
 
 RESULT_FORMAT = 1
 DEFAULT_NUM_CLASSES = 8
+MEMORY_PARTS = (
+    "peak memory = weights held by the backend (parameters + buffers of the module run, or the ONNX file) "
+    "+ input batch + the most memory one call adds"
+)
 
 # ------------------------------------------------------------------------------------- model specs
 
@@ -199,6 +207,17 @@ def count_parameters(model: nn.Module) -> int:
 def tensor_bytes(model: nn.Module) -> int:
     """Bytes of the state dict's tensors (what a safetensors file of the model holds, minus its header)."""
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def weight_bytes(runner) -> int | None:
+    """Bytes of the weights a backend holds: the parameters and buffers of the module a PyTorch backend
+    runs (in its dtype), or an onnxruntime backend's ONNX file size; None for anything else."""
+    module = getattr(runner, "module", None)
+    if isinstance(module, nn.Module):
+        tensors = [*module.parameters(), *module.buffers()]  # each yields a shared tensor once
+        return sum(t.numel() * t.element_size() for t in tensors)
+    file_bytes = getattr(runner, "file_bytes", None)
+    return int(file_bytes) if file_bytes is not None else None
 
 
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
@@ -454,13 +473,18 @@ def _measure_cells(
         )
     cells = {}
     for (label, mem), spent in zip(memory.items(), times, strict=True):
+        weights = weight_bytes(runners[label])
+        held = inputs[label].numel() * inputs[label].element_size()
         # PyTorch's CUDA allocator does not see onnxruntime's GPU memory
-        seen = mem.peak_bytes is not None and not (device.type == "cuda" and backend.runtime != "torch")
+        seen = mem.peak_bytes is not None and weights is not None and not (device.type == "cuda" and backend.runtime != "torch")
         cells[label] = {
             "batch_size": batch_size,
             **summarize_times(spent, batch_size),
-            "peak_memory_mb": mem.peak_bytes / 2**20 if seen else None,
-            "memory_kind": mem.kind if seen else "unavailable",
+            "peak_memory_mb": (weights + held + mem.peak_bytes) / 1e6 if seen else None,
+            "weights_memory_mb": weights / 1e6 if weights is not None else None,
+            "input_memory_mb": held / 1e6,
+            "call_memory_mb": mem.peak_bytes / 1e6 if seen else None,
+            "memory_kind": f"{MEMORY_PARTS}; call = {mem.kind}" if seen else "unavailable",
         }
     return cells
 
@@ -576,7 +600,7 @@ def markdown_report(result: dict) -> str:
         )
     kinds = sorted({r["memory_kind"] for r in result["results"]})
     if kinds:
-        lines += ["", "Peak memory: " + "; ".join(kinds) + "."]
+        lines += ["", "Peak memory MB (10^6 bytes): " + "; ".join(kinds) + "."]
     lines += ["", "## Teacher vs student", ""]
     lines += [f"- {ratio_sentence(r)}" for r in result["ratios"]] or ["No teacher/student pair."]
     lines.append("")

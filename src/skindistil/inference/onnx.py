@@ -108,6 +108,7 @@ class OnnxRunner:
         self.path = Path(onnx_path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: ONNX file not found")
+        self.file_bytes = self.path.stat().st_size  # the initialisers the session holds (the file may go)
         self.device = torch.device(device)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
