@@ -13,6 +13,7 @@ from torch import nn
 from skindistil.cli import main
 from skindistil.config import PreprocessConfig
 from skindistil.errors import BackendUnavailable, ConfigError, ModelError
+from skindistil.evaluation.early_exit import measure_throughput
 from skindistil.inference.backends import (
     LinearPatchEmbed,
     TorchRunner,
@@ -31,7 +32,7 @@ from skindistil.inference.bench import (
     parse_model_ref,
     run_benchmark,
 )
-from skindistil.measure import PeakMemory, summarize_times, time_calls, time_interleaved
+from skindistil.measure import PeakMemory, measure_rate, summarize_times, time_calls, time_interleaved
 from skindistil.models import create_teacher, save_artifact
 
 TINY = "embed_dim=32,num_heads=2,img_size=32,patch_size=8"
@@ -116,6 +117,42 @@ def test_time_interleaved_alternates_and_shares_the_budget():
     nap = lambda x: time.sleep(0.02)  # noqa: E731
     times = time_interleaved([nap, nap], [0, 0], repeats=100, min_repeats=2, max_seconds=0.03)
     assert [len(t) for t in times] == [2, 2]
+
+
+def test_measure_rate_counts_items_over_the_span_and_syncs_inside_it():
+    events = []
+
+    def step() -> int:
+        time.sleep(0.01)
+        events.append("step")
+        return 2
+
+    rate = measure_rate(step, 0.2, sync=lambda: events.append("sync"))
+    assert events[0] == "sync" and events[-1] == "sync" and events.count("sync") == 2
+    assert rate.cpu is None  # device work is not this process's CPU time
+    assert 100 < rate.wall <= 200  # 2 items per >= 10 ms
+    assert measure_rate(lambda: 1, 0.05).cpu > 0
+
+
+class _SleepyExits(nn.Module):
+    """Early exit takes 2 ms per batch, the full forward 6 ms: a speed-up of 3."""
+
+    def early_exit(self, x, threshold):
+        time.sleep(0.002)
+        return torch.zeros(len(x), 2), torch.ones(len(x), dtype=torch.long)
+
+    def forward(self, x):
+        time.sleep(0.006)
+        return torch.zeros(len(x), 2)
+
+
+def test_early_exit_throughput_is_timed_by_the_shared_timer():
+    batches = [torch.zeros(4, 3, 8, 8) for _ in range(3)]
+    timed = measure_throughput(_SleepyExits(), batches, 0.5, repeats=4)
+    assert timed["repeats"] == 4 and timed["timed_images"] == 12
+    assert timed["speedup"] == pytest.approx(3.0, rel=0.35)
+    assert timed["early_exit_images_per_s"] == pytest.approx(12 / 0.006, rel=0.35)
+    assert timed["full_depth_images_per_s"] == pytest.approx(12 / 0.018, rel=0.35)
 
 
 def test_summarize_times_definitions():

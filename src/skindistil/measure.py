@@ -1,8 +1,11 @@
-"""Measuring a call: one timer (warm-up, synchronisation, repeats, a time budget) and one memory meter.
+"""Measuring work: one timer and one memory meter.
 
 Every benchmark of skindistil (models and backends, the data loader, training, early exit, the ONNX
-int8 report) times through these functions, so their numbers follow one protocol. Pure utilities
-over callables: nothing here imports a model, a dataset or onnxruntime.
+int8 report) times through these functions, so their numbers follow one protocol: untimed warm-up
+calls first, the device synchronised inside the timed span (`device_sync`) so queued GPU work is
+counted, then either a number of timed calls (`time_calls`, `time_interleaved`: seconds per call)
+or as many calls as fit in a span (`measure_rate`: items per second). Pure utilities over callables:
+nothing here imports a model, a dataset or onnxruntime.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import ctypes
 import functools
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +93,43 @@ def _proc_status_kb(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise OSError(f"/proc/self/status has no {field}")
+
+
+def device_sync(device: str | torch.device) -> Callable[[], None]:
+    """A function that waits for the device's queued work: torch.cuda.synchronize on CUDA, a no-op
+    on the CPU (whose PyTorch calls return when their work is done)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+@dataclass
+class Rate:
+    """Items per wall-clock second, and per CPU second of this process (None where the work runs in
+    other processes or on a device). On a shared machine the CPU-time rate is the per-core cost."""
+
+    wall: float
+    cpu: float | None = None
+
+
+def measure_rate(step: Callable[[], int], seconds: float, sync: Callable[[], None] | None = None) -> Rate:
+    """Call `step()` (it returns the items it handled) again and again until `seconds` of wall time
+    have passed; items per second over that span. Warm up before calling this.
+
+    With `sync` (see `device_sync`) the device is synchronised before the clock starts and once more
+    after the last call, inside the span, and the CPU-time rate is None (device work is not this
+    process's CPU time).
+    """
+    if sync:
+        sync()
+    count, wall_started, cpu_started = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall_started < seconds:
+        count += step()
+    if sync:
+        sync()
+    wall, cpu = time.perf_counter() - wall_started, time.process_time() - cpu_started
+    return Rate(count / wall, None if sync or cpu <= 0 else count / cpu)
 
 
 def time_calls(
