@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from skindistil.data.prepare import prepare_dataset
     from skindistil.data.sources import build_source
     from skindistil.evaluation.bootstrap import BootstrapSettings
-    from skindistil.inference.compare import compare_eval_dirs
+    from skindistil.evaluation.compare import compare_eval_dirs
 
     setup = GPU if args.device.startswith("cuda") else CPU
     out = Path(args.out)

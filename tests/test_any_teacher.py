@@ -233,7 +233,7 @@ def test_what_cannot_be_distilled_is_refused_before_training(cnn_teacher, ham_sm
 
 
 def test_ablation_of_a_convnet_teacher_leaves_the_cosine_out(cnn_teacher, ham_small, tmp_path):
-    from skindistil.training.ablation import run_ablation
+    from skindistil.experiments.ablation import run_ablation
 
     with pytest.raises(ConfigError, match=r"--cos-weight 0.1: the teacher .* is not a ViT"):
         run_ablation(distill_cfg(cnn_teacher, ham_small, tmp_path, "ablate"), cos_weight=0.1)

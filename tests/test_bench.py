@@ -12,9 +12,9 @@ from torch import nn
 
 from skindistil.cli import main
 from skindistil.config import PreprocessConfig
-from skindistil.errors import ConfigError, ModelError
+from skindistil.errors import BackendUnavailable, ConfigError, ModelError
+from skindistil.evaluation.early_exit import measure_throughput
 from skindistil.inference.backends import (
-    BackendUnavailable,
     LinearPatchEmbed,
     TorchRunner,
     build_backend,
@@ -23,7 +23,6 @@ from skindistil.inference.backends import (
 )
 from skindistil.inference.bench import (
     BenchSettings,
-    PeakMemory,
     choose_pairs,
     count_flops,
     find_bma,
@@ -32,10 +31,8 @@ from skindistil.inference.bench import (
     parse_arch_spec,
     parse_model_ref,
     run_benchmark,
-    summarize_times,
-    time_calls,
-    time_interleaved,
 )
+from skindistil.measure import PeakMemory, measure_rate, summarize_times, time_calls, time_interleaved
 from skindistil.models import create_teacher, save_artifact
 
 TINY = "embed_dim=32,num_heads=2,img_size=32,patch_size=8"
@@ -122,6 +119,42 @@ def test_time_interleaved_alternates_and_shares_the_budget():
     assert [len(t) for t in times] == [2, 2]
 
 
+def test_measure_rate_counts_items_over_the_span_and_syncs_inside_it():
+    events = []
+
+    def step() -> int:
+        time.sleep(0.01)
+        events.append("step")
+        return 2
+
+    rate = measure_rate(step, 0.2, sync=lambda: events.append("sync"))
+    assert events[0] == "sync" and events[-1] == "sync" and events.count("sync") == 2
+    assert rate.cpu is None  # device work is not this process's CPU time
+    assert 100 < rate.wall <= 200  # 2 items per >= 10 ms
+    assert measure_rate(lambda: 1, 0.05).cpu > 0
+
+
+class _SleepyExits(nn.Module):
+    """Early exit takes 2 ms per batch, the full forward 6 ms: a speed-up of 3."""
+
+    def early_exit(self, x, threshold):
+        time.sleep(0.002)
+        return torch.zeros(len(x), 2), torch.ones(len(x), dtype=torch.long)
+
+    def forward(self, x):
+        time.sleep(0.006)
+        return torch.zeros(len(x), 2)
+
+
+def test_early_exit_throughput_is_timed_by_the_shared_timer():
+    batches = [torch.zeros(4, 3, 8, 8) for _ in range(3)]
+    timed = measure_throughput(_SleepyExits(), batches, 0.5, repeats=4)
+    assert timed["repeats"] == 4 and timed["timed_images"] == 12
+    assert timed["speedup"] == pytest.approx(3.0, rel=0.35)
+    assert timed["early_exit_images_per_s"] == pytest.approx(12 / 0.006, rel=0.35)
+    assert timed["full_depth_images_per_s"] == pytest.approx(12 / 0.018, rel=0.35)
+
+
 def test_summarize_times_definitions():
     stats = summarize_times([0.4, 0.1, 0.3, 0.2], batch_size=2)
     assert stats["median_s"] == pytest.approx(0.25)
@@ -138,6 +171,55 @@ def test_peak_memory_sees_a_large_cpu_allocation():
     if memory.kind == "unavailable":
         pytest.skip("no /proc/self/clear_refs on this system")
     assert memory.peak_bytes >= 40 * 2**20
+
+
+_PINS = []
+
+
+def _eight_blocks_of_8_mib():
+    blocks = [torch.ones(2 * 2**20) for _ in range(8)]
+    _PINS.append(torch.ones(1024))  # kept above the blocks, so their freed memory is not the heap's top
+    return sum(float(b[0]) for b in blocks)
+
+
+def test_peak_memory_counts_memory_the_allocator_reuses():
+    """A warmed-up call (the C allocator reuses the memory it kept from the last one) still reads as
+    the 64 MiB it allocates; without handing freed memory back first this read 8-16 MiB, and a
+    warmed-up ViT-B/16@6 call 0 MB."""
+    torch.ones(5 * 2**20)  # a freed 20 MiB mapping raises glibc's mmap threshold above 8 MiB
+    for _ in range(3):
+        _eight_blocks_of_8_mib()
+    readings = []
+    for _ in range(3):
+        with PeakMemory("cpu") as memory:
+            _eight_blocks_of_8_mib()
+        if memory.kind == "unavailable":
+            pytest.skip("no /proc/self/clear_refs on this system")
+        readings.append(memory.peak_bytes)
+    assert "malloc_trim" in memory.kind
+    assert all(60 * 2**20 <= r <= 80 * 2**20 for r in readings), [r / 2**20 for r in readings]
+
+
+def test_benchmark_memory_holds_the_weights_input_and_call(tmp_path):
+    """A model whose weights are N MB reports a peak of at least N MB: the weights the backend holds
+    (exactly its tensor bytes; the ONNX file for onnxruntime), plus the input batch, plus one call."""
+    spec = "vit_base_patch16_224@1:img_size=32"  # 7.7 M parameters: 30.8 MB of float32 weights
+    settings = BenchSettings(batch_sizes=(1, 8), backends=("eager", "onnx"), warmup=1, repeats=2, min_repeats=1, seconds=0.1)
+    result = run_benchmark([spec], settings)
+    (summary,) = result["models"]
+    weights_mb = summary["file_bytes"] / 1e6
+    assert weights_mb > 30
+    for cell in result["results"]:
+        input_mb = cell["batch_size"] * 3 * 32 * 32 * 4 / 1e6
+        assert cell["input_memory_mb"] == pytest.approx(input_mb)
+        assert cell["call_memory_mb"] > 0
+        assert cell["peak_memory_mb"] == pytest.approx(cell["weights_memory_mb"] + input_mb + cell["call_memory_mb"])
+        assert cell["peak_memory_mb"] >= weights_mb
+        assert cell["memory_kind"].startswith("peak memory = weights held by the backend")
+        if cell["backend"] == "eager":
+            assert cell["weights_memory_mb"] == pytest.approx(weights_mb)  # fp32, no buffers
+        else:  # the ONNX file: the same weights, give or take the graph and folded constants
+            assert cell["weights_memory_mb"] == pytest.approx(weights_mb, rel=0.05)
 
 
 def test_pairs_and_ratios_follow_the_paper_definitions():

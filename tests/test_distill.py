@@ -21,16 +21,16 @@ from skindistil.commands.distill import FLAG_KEYS
 from skindistil.config import DistillConfig, LossConfig
 from skindistil.data.datamodule import SkinDataModule
 from skindistil.errors import ModelError
-from skindistil.inference.early_exit import (
+from skindistil.evaluation.early_exit import (
     FULL_DEPTH,
     exit_confidences,
     measure_throughput,
     simulate_early_exit,
     sweep_thresholds,
 )
-from skindistil.inference.evaluate import evaluate_model, split_outputs
+from skindistil.evaluation.evaluate import evaluate_model, split_outputs
+from skindistil.experiments.ablation import ablation_variants
 from skindistil.models import DepthViT, load_model
-from skindistil.training.ablation import ablation_variants
 from skindistil.training.distill_run import distill
 from skindistil.training.distiller import DistillerModule
 from skindistil.training.teacher import train_classifier
@@ -283,8 +283,8 @@ def test_simulated_early_exit_matches_the_model(fcvit_outputs, ham_small):
 
 def test_sweep_scores_calibration_and_teacher_agreement_at_every_threshold(fcvit_outputs, teacher, ham_small,
                                                                           tmp_path):
+    from skindistil.evaluation.early_exit import sweep_exits
     from skindistil.evaluation.metrics import decide, expected_calibration_error
-    from skindistil.inference.early_exit import sweep_exits
 
     loaded, outputs = fcvit_outputs
     t_loaded = load_model(teacher)

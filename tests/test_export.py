@@ -11,8 +11,8 @@ import torch
 from skindistil.cli import main
 from skindistil.config import PreprocessConfig
 from skindistil.errors import ConfigError, ImageError, ModelError
-from skindistil.inference.backends import OnnxRunner
 from skindistil.inference.export import collect_images, export_artifact, max_abs_diff, top1_agreement
+from skindistil.inference.onnx import OnnxRunner
 from skindistil.models import DepthViT, create_teacher, load_model, save_artifact
 
 CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]

@@ -335,7 +335,7 @@ def test_split_folder_tree_errors(ham_root, ham_meta, tmp_path):
 
 
 def test_detect_every_layout_and_refuse_the_rest(ham_root, uda_root, ham_meta, tmp_path):
-    from skindistil.pipeline import detect_source as detect_data
+    from skindistil.experiments.pipeline import detect_source as detect_data
 
     assert detect_source(ham_root) == "ham10000" and detect_source(uda_root) == "isic2019"
     not_2020 = tmp_path / "other"
@@ -431,7 +431,7 @@ def _tiny_model(out: Path, classes: list[str]) -> Path:
 
 
 def test_evaluate_refuses_other_classes_and_labels_an_incomplete_split(ham_root, ham_meta, tmp_path):
-    from skindistil.inference.evaluate import evaluate_model
+    from skindistil.evaluation.evaluate import evaluate_model
 
     tree = tmp_path / "tree"
     _tree(ham_root, ham_meta, tree, {"train": {"mel": 6, "nv": 6}, "test": {"nv": 5}})
@@ -460,8 +460,8 @@ def test_evaluate_refuses_other_classes_and_labels_an_incomplete_split(ham_root,
 def test_run_data_on_a_one_class_tree_stops_before_training(ham_root, ham_meta, tmp_path):
     from skindistil.commands.run import recipe_path
     from skindistil.config import RunConfig, apply_overrides, load_yaml
-    from skindistil.pipeline import Pipeline
-    from skindistil.pipeline import detect_source as detect_data
+    from skindistil.experiments.pipeline import Pipeline
+    from skindistil.experiments.pipeline import detect_source as detect_data
 
     tree = tmp_path / "benign-only"
     _copy(ham_root, list(ham_meta.index[ham_meta["dx"] == "nv"][:8]), tree / "train" / "nv")

@@ -404,8 +404,8 @@ def test_run_report_answers_the_questions_with_numbers(ham_masked, vit_artifact,
     from skindistil.config import RunConfig
     from skindistil.data.prepare import load_manifest
     from skindistil.evaluation.document import Document
-    from skindistil.pipeline import ModelEntry
-    from skindistil.pipeline_report import _localization_section
+    from skindistil.experiments.pipeline import ModelEntry
+    from skindistil.experiments.run_report import _localization_section
 
     data_dir = ham_masked[0]
     entries = []

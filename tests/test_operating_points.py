@@ -17,6 +17,7 @@ from skindistil.config import PreprocessConfig
 from skindistil.data.vocab import BINARY, HAM10000, ISIC2019
 from skindistil.errors import ConfigError, ModelError
 from skindistil.evaluation.bootstrap import BootstrapSettings, resampling_units, unit_index
+from skindistil.evaluation.evaluate import split_outputs
 from skindistil.evaluation.operating_points import (
     bootstrap_rates,
     choose_threshold,
@@ -24,7 +25,6 @@ from skindistil.evaluation.operating_points import (
     fit_operating_points,
     view_classes,
 )
-from skindistil.inference.evaluate import split_outputs
 from skindistil.models import load_model, save_artifact
 from skindistil.models.artifact import set_calibration, set_operating_points
 from skindistil.serve import create_app
@@ -259,7 +259,7 @@ def test_evaluate_chooses_on_val_and_applies_unchanged_on_test(evaluated, ham_sm
 
 def test_evaluate_operating_point_refuses_what_it_cannot_choose(ham_small, tmp_path):
     from skindistil.errors import DataError
-    from skindistil.inference.evaluate import evaluate_model, store_operating_points
+    from skindistil.evaluation.evaluate import evaluate_model, store_operating_points
 
     model_dir = _tiny_artifact(tmp_path / "ham", HAM10000.names)
     with pytest.raises(ConfigError, match="--operating-point mel@sens95: not a point of this model"):

@@ -9,7 +9,7 @@ import pytest
 
 from skindistil.cli import main
 from skindistil.config import load_yaml
-from skindistil.pipeline import detect_source
+from skindistil.experiments.pipeline import detect_source
 
 REDUCED = [
     "data.root=240", "data.short_side=40",
@@ -111,7 +111,7 @@ def test_gpu_recipe_on_cpu_warns_with_the_measured_duration(ham_small, tmp_path,
     import dataclasses
 
     from skindistil.config import RunConfig
-    from skindistil.pipeline import Pipeline
+    from skindistil.experiments.pipeline import Pipeline
     from skindistil.training.estimate import estimate_training
 
     cfg = RunConfig.from_dict(load_yaml("configs/ham10000-scratch.yaml"))

@@ -90,7 +90,7 @@ def test_evaluation_of_a_real_split_has_intervals_by_lesion_and_subgroups(ham_sm
     import torch
 
     from skindistil.config import PreprocessConfig
-    from skindistil.inference.evaluate import evaluate_model
+    from skindistil.evaluation.evaluate import evaluate_model
     from skindistil.models import create_teacher, save_artifact
 
     _, info = load_manifest(ham_small)

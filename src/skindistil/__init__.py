@@ -1,7 +1,9 @@
 """skindistil: train a ViT teacher on dermoscopy images, distil it into SkinDistilViT and a family of
 lighter models, measure, explain, export and serve them."""
 
-__version__ = "0.1.0"
+from skindistil.version import __version__
+
+__all__ = ["__version__", "load_model"]
 
 
 def load_model(path, device="cpu"):

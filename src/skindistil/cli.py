@@ -7,8 +7,8 @@ import importlib
 import os
 import sys
 
-from skindistil import __version__
 from skindistil.errors import SkinDistilError
+from skindistil.version import __version__
 
 # name -> (module under skindistil.commands, one-line help). Command modules import only argparse at
 # the top and the heavy libraries inside run(), so building the parser stays fast.

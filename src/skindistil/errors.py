@@ -32,6 +32,10 @@ class ModelError(SkinDistilError):
     """A model, artifact or weight file that cannot be built or loaded."""
 
 
+class BackendUnavailable(ModelError):
+    """An inference backend that cannot run on this machine (missing provider, package or device)."""
+
+
 class ConfigError(SkinDistilError):
     """An invalid configuration value or override."""
 

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     from skindistil.commands.common import resolve_config
     from skindistil.config import DistillConfig
-    from skindistil.training.ablation import run_ablation
+    from skindistil.experiments.ablation import run_ablation
 
     if args.name is None and not args.config:
         args.name = "ablation"

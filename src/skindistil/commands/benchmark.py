@@ -118,6 +118,9 @@ def _print_result(console, result: dict) -> None:
             memory,
         )
     console.print(speed)
+    kinds = sorted({r["memory_kind"] for r in result["results"]} - {"unavailable"})
+    if kinds:
+        console.print("peak MB (10^6 bytes): " + "; ".join(kinds), soft_wrap=True)
     for ratio in result["ratios"]:
         console.print(ratio_sentence(ratio), soft_wrap=True)
     for skipped in result["skipped"]:

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"[bold]model[/bold] {result.model_dir}  best val BMA {bma}")
     if not gate:
         return 0
-    from skindistil.inference.compare import gate_students
+    from skindistil.evaluation.compare import gate_students
 
     models = sorted(cfg.run_dir.glob("cascade/depth-*/model")) if cfg.method == "cascade" else [cfg.run_dir / "model"]
     result = gate_students(cfg.teacher, models, cfg.data.dir, GATE_SPLIT, gate, cfg.run_dir / "eval" / GATE_SPLIT,

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.family is not None:
         if args.data is None:
             raise ConfigError("evaluate: --family needs --data DATA_DIR (a dataset from `skindistil prepare`)")
-        from skindistil.inference.family import family_report
+        from skindistil.evaluation.family import family_report
 
         _print_family(family_report(args.family, args.data, args.split, args.out, **loader))
         return 0
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("evaluate: --model needs --data DATA_DIR (a dataset from `skindistil prepare`)")
         if args.exit_threshold is not None or args.sweep_exits:
             return _early_exit(args, loader)
-        from skindistil.inference.evaluate import evaluate_model
+        from skindistil.evaluation.evaluate import evaluate_model
 
         metrics = evaluate_model(args.model, args.data, args.split, args.out, calibrate=args.calibrate,
                                  operating_point=args.operating_point, bootstrap=bootstrap,
@@ -140,8 +140,8 @@ def _floats(text: str) -> list[float]:
 def _early_exit(args: argparse.Namespace, loader: dict) -> int:
     from rich.console import Console
 
-    from skindistil.inference.early_exit import DEFAULT_THRESHOLDS, evaluate_threshold, sweep_exits
-    from skindistil.inference.evaluate import default_eval_dir
+    from skindistil.evaluation.early_exit import DEFAULT_THRESHOLDS, evaluate_threshold, sweep_exits
+    from skindistil.evaluation.evaluate import default_eval_dir
 
     out = args.out if args.out is not None else default_eval_dir(args.model, args.split)
     if args.sweep_exits:

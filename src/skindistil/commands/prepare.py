@@ -20,10 +20,9 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from skindistil.data.duplicates import DEFAULT_THRESHOLD, MODES, describe_cluster
+from skindistil.data.duplicates import DEFAULT_THRESHOLD, MODES
 from skindistil.data.imageio import DEFAULT_MAX_PIXELS
-from skindistil.data.prepare import prepare_dataset
-from skindistil.data.sources import ON_ERROR_CHOICES, available_sources, build_source, source_options
+from skindistil.data.sources import ON_ERROR_CHOICES, available_sources
 from skindistil.data.splits import DEFAULT_FRACTIONS, SPLIT_NAMES
 from skindistil.errors import ConfigError
 
@@ -123,6 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from skindistil.data.prepare import prepare_dataset
+    from skindistil.data.sources import build_source, source_options
+
     options = {key: getattr(args, key) for key in _SOURCE_FLAGS if getattr(args, key) is not None}
     if "class_names" in options:
         options["class_names"] = [name.strip() for name in options["class_names"].split(",") if name.strip()]
@@ -180,6 +182,8 @@ def _print_summary(result, console: Console) -> None:
 
 
 def _print_duplicates(report: dict, console: Console) -> None:
+    from skindistil.data.duplicates import describe_cluster
+
     clusters = report["clusters"]
     if not clusters:
         console.print("duplicates: none found")

@@ -34,7 +34,7 @@ def recipe_path(config: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from skindistil.config import RunConfig, apply_overrides, load_yaml
-    from skindistil.pipeline import detect_source, run_pipeline
+    from skindistil.experiments.pipeline import detect_source, run_pipeline
 
     data = load_yaml(recipe_path(args.config))
     if args.data:

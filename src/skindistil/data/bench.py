@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from skindistil.data.prepare import default_workers, load_manifest, prepare_data
 from skindistil.data.sources import Source
 from skindistil.data.transforms import BatchAugment, build_train_transform
 from skindistil.data.vocab import ClassVocab
+from skindistil.measure import Rate, device_sync, measure_rate
 
 # The reference training machine: one H100 with 16 CPU cores.
 TARGET_CORES = 16
@@ -61,47 +61,20 @@ class BenchResult:
         return {"settings": self.settings, "rows": [asdict(row) for row in self.rows]}
 
 
-@dataclass
-class Rate:
-    """Images per wall-clock second, and per CPU second of this process (None where the work runs in
-    other processes or on a GPU). On a shared machine the CPU-time rate is the per-core cost."""
-
-    wall: float
-    cpu: float | None = None
-
-
-def _timed(step, seconds: float) -> Rate:
-    """Call `step()` (returns images handled) repeatedly for `seconds`; rates over that span."""
-    count, wall_started, cpu_started = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - wall_started < seconds:
-        count += step()
-    wall, cpu = time.perf_counter() - wall_started, time.process_time() - cpu_started
-    return Rate(count / wall, count / cpu if cpu > 0 else None)
-
-
 def measure_loader(loader: DataLoader, seconds: float, warmup_batches: int) -> Rate:
     """Samples per second delivered by `loader` over `seconds`, after `warmup_batches` (worker start-up)."""
     batches = iter(loader)
     for _ in range(warmup_batches):
         next(batches)
-    rate = _timed(lambda: len(next(batches)[1]), seconds)
+    rate = measure_rate(lambda: len(next(batches)[1]), seconds)
     return rate if loader.num_workers == 0 else Rate(rate.wall)
 
 
 def measure_batch_augment(augment: BatchAugment, images: torch.Tensor, seconds: float) -> Rate:
     """Images per second of `augment` on the uint8 batch `images` (on its device, synchronised)."""
-    if not images.is_cuda:
-        augment(images)
-        return _timed(lambda: len(augment(images)), seconds)
-    torch.cuda.synchronize(images.device)
+    sync = device_sync(images.device) if images.is_cuda else None
     augment(images)
-    torch.cuda.synchronize(images.device)
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        augment(images)
-        count += len(images)
-    torch.cuda.synchronize(images.device)
-    return Rate(count / (time.perf_counter() - started))
+    return measure_rate(lambda: len(augment(images)), seconds, sync)
 
 
 def measure_device_pipeline(loader: DataLoader, augment: BatchAugment, device: torch.device, seconds: float,
@@ -110,14 +83,13 @@ def measure_device_pipeline(loader: DataLoader, augment: BatchAugment, device: t
     batches = iter(loader)
     for _ in range(warmup_batches):
         augment(next(batches)[0].to(device, non_blocking=True))
-    torch.cuda.synchronize(device)
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
+
+    def step() -> int:
         images = next(batches)[0].to(device, non_blocking=True)
         augment(images)
-        count += len(images)
-    torch.cuda.synchronize(device)
-    return count / (time.perf_counter() - started)
+        return len(images)
+
+    return measure_rate(step, seconds, device_sync(device)).wall
 
 
 @contextlib.contextmanager

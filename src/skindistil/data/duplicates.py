@@ -27,12 +27,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from skindistil.errors import DataError
+
+if TYPE_CHECKING:  # pandas is imported where it is used: `skindistil --help` imports this module
+    import pandas as pd
 
 MODES = ("keep", "group", "drop")
 # Identifies the hash (algorithm, size, windows): hashes of different methods are never compared.
@@ -384,6 +387,8 @@ def cross_duplicates(
     Both are prepared manifests (skindistil.data.prepare.load_manifest) with `sha256` and `phash`;
     nothing is decoded; `where` names them in errors. Rows sorted by image_id, then against_image_id.
     """
+    import pandas as pd
+
     links = find_links(
         manifest["sha256"].tolist(),
         manifest["phash"].tolist(),

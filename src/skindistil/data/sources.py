@@ -27,10 +27,9 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from skindistil.data.discovery import (
@@ -43,6 +42,9 @@ from skindistil.data.imageio import DEFAULT_MAX_PIXELS, read_image, to_rgb
 from skindistil.data.records import METADATA_FIELDS, Problem, Record, standard_metadata
 from skindistil.data.vocab import HAM10000, ISIC2019, ClassVocab
 from skindistil.errors import CSVError, DataError, ImageError
+
+if TYPE_CHECKING:  # pandas is imported where it reads a CSV: `skindistil --help` imports this module
+    import pandas as pd
 
 ON_ERROR_CHOICES = ("fail", "skip")
 
@@ -222,6 +224,8 @@ def read_csv_table(path: Path, required: Sequence[str], what: str) -> pd.DataFra
     The index of the returned frame is the row number (header = row 1). Missing file, unreadable
     CSV and missing columns raise at once whatever `on_error` says: nothing in such a file is usable.
     """
+    import pandas as pd
+
     path = Path(path)
     if not path.is_file():
         raise DataError(path, f"{what} not found")
@@ -320,6 +324,8 @@ def read_onehot_ground_truth(
     one with `none_label`), the id is empty or repeats an earlier row; `report(where, reason)` is
     called for it.
     """
+    import pandas as pd
+
     names = list(columns)
     table = read_csv_table(path, [id_column, *names], what)
     with_unknown = unknown_column is not None and unknown_column in table.columns

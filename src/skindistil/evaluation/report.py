@@ -358,7 +358,7 @@ def render_report_md(metrics: dict, title: str) -> str:
 
 
 def render_operating_points_md(result: dict) -> str:
-    """Markdown section of `inference.evaluate.operating_point_results`: one row per stored point."""
+    """Markdown section of `evaluation.evaluate.operating_point_results`: one row per stored point."""
     header = ["point", "positive classes", "threshold", "val sensitivity", "val specificity", "positives",
               "negatives", "sensitivity (95% CI)", "specificity (95% CI)"]
     rows = [
@@ -404,7 +404,7 @@ def evaluate_arrays(
     confusion_matrix.png, roc.png, reliability.png. `notes` (e.g. ignored CSV columns) are added to
     the metrics' own notes; `inputs` (e.g. the files scored) is stored under "inputs", `scoring` (how
     the rows were matched, the UNK rule) under "scoring" when given, `operating_points`
-    (`inference.evaluate.operating_point_results`) under "operating_points" and in report.md. Returns the
+    (`evaluation.evaluate.operating_point_results`) under "operating_points" and in report.md. Returns the
     `classification_metrics` dict plus "title", "inputs", "scoring" (if given) and "files" (name -> path).
 
     Bootstrap intervals (`bootstrap`, default 1,000 seeded resamples; ``resamples=0`` for none) go under

@@ -31,75 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skindistil.errors import ConfigError, ModelError
+from skindistil.errors import BackendUnavailable, ConfigError, ModelError
+from skindistil.inference.onnx import OnnxRunner, export_onnx, ort_providers, quantize_int8
 from skindistil.models.artifact import LoadedModel, load_model
 
 InferenceFn = Callable[[Any], Any]
-
-
-class BackendUnavailable(ModelError):
-    """A backend that cannot run on this machine (missing provider, package or device)."""
-
-
-# ------------------------------------------------------------------------------------------ onnxruntime
-
-
-class OnnxRunner:
-    """An onnxruntime session over an exported classifier: images [B, 3, H, W] -> logits [B, C].
-
-    device: "cpu" or "cuda[:index]" (the latter needs onnxruntime-gpu's CUDAExecutionProvider).
-    threads: intra-op threads; None leaves onnxruntime's default (one per physical core).
-    """
-
-    def __init__(self, onnx_path: str | Path, device: str | torch.device = "cpu", threads: int | None = None):
-        import onnxruntime as ort
-
-        self.path = Path(onnx_path)
-        if not self.path.is_file():
-            raise ModelError(f"{self.path}: ONNX file not found")
-        self.device = torch.device(device)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:
-            options.intra_op_num_threads = int(threads)
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=_ort_providers(self.device))
-        except Exception as exc:  # onnxruntime raises its own pybind exception types
-            raise ModelError(f"{self.path}: onnxruntime cannot load this model ({exc})") from None
-        self.threads = threads
-        self.input_name = self.session.get_inputs()[0].name
-
-    @property
-    def input_shape(self) -> list:
-        """The model input's shape; the batch axis is a name (e.g. 'batch') when it is dynamic."""
-        return list(self.session.get_inputs()[0].shape)
-
-    def __call__(self, images) -> np.ndarray:
-        if isinstance(images, torch.Tensor):
-            images = images.detach().cpu().numpy()
-        batch = np.ascontiguousarray(images, dtype=np.float32)
-        if batch.ndim != 4:
-            raise ModelError(f"{self.path.name}: expected images [B, 3, H, W], got shape {list(batch.shape)}")
-        return self.session.run(None, {self.input_name: batch})[0]
-
-
-def _ort_providers(device: torch.device) -> list:
-    import onnxruntime as ort
-
-    if device.type == "cpu":
-        return ["CPUExecutionProvider"]
-    if device.type == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise BackendUnavailable(
-                "onnxruntime here has no CUDAExecutionProvider (install onnxruntime-gpu to run ONNX on CUDA)"
-            )
-        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
-    raise BackendUnavailable(f"onnxruntime backends support cpu and cuda devices, not {device.type!r}")
 
 
 # ------------------------------------------------------------------------------------------- PyTorch
@@ -287,9 +227,7 @@ def _onnx_runner(module, device, image_size, threads, *, int8: bool) -> OnnxRunn
         import onnxruntime  # noqa: F401
     except ImportError:
         raise BackendUnavailable("the onnx backends need onnx and onnxruntime (pip install 'skindistil[export]')") from None
-    from skindistil.inference.export import export_onnx, quantize_int8
-
-    _ort_providers(device)  # fail before the export when the device has no provider
+    ort_providers(device)  # fail before the export when the device has no provider
     # onnxruntime reads the whole file into the session, so the files need not outlive it
     with tempfile.TemporaryDirectory(prefix="skindistil-onnx-") as tmp:
         path = export_onnx(module.eval(), Path(tmp) / "model.onnx", image_size=image_size)

@@ -11,11 +11,15 @@ Definitions
   norms, activations, softmax and additions are not (a few % of a ViT).
 - latency: seconds per call (one batch), median and 90th percentile over the timed calls.
 - throughput: batch size / median seconds per call (images/s).
-- peak memory: the memory one call needs on top of what is already held (weights, inputs): activations
-  and workspace. CUDA: `torch.cuda.max_memory_allocated` during the call minus `memory_allocated`
-  before it (onnxruntime's own GPU memory is not seen by PyTorch, so it is not reported). CPU (Linux):
-  the process's peak resident set size during the call minus its resident size before (`VmHWM` after
-  a reset through /proc/self/clear_refs, minus `VmRSS`); process-wide, so approximate.
+- peak memory: what running the model at that batch size takes, in MB (10^6 bytes, as file MB):
+  weights + input batch + call, where weights are the bytes the backend holds (PyTorch backends: the
+  parameters and buffers of the module they run, e.g. a bf16 copy for `fast`; onnxruntime: the ONNX
+  file's bytes, the initialisers its session loads), input is the batch's tensor bytes, and call is
+  the most memory one call adds on top of them (activations, workspace, outputs), measured by
+  `skindistil.measure.PeakMemory`: on CUDA with torch's allocator statistics, on the CPU as the growth
+  of the process's peak resident size after freed memory is handed back (malloc_trim). The three parts
+  are reported too (weights_memory_mb, input_memory_mb, call_memory_mb). onnxruntime's own GPU
+  memory is not seen by PyTorch, so peak memory is not reported for it on CUDA.
 - the paper's ratios for a teacher/student pair, per device, backend and batch size:
   X% smaller = 1 - params_student / params_teacher; Y% faster = t_teacher / t_student - 1, with t the
   median seconds per image.
@@ -46,12 +50,10 @@ import math
 import os
 import platform
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -65,11 +67,16 @@ from skindistil.inference.backends import (
     check_backends,
     model_input_size,
 )
+from skindistil.measure import PeakMemory, summarize_times, time_interleaved
 from skindistil.models.artifact import load_model, resolve_model_dir, weight_files
 from skindistil.models.teacher import create_teacher
 
 RESULT_FORMAT = 1
 DEFAULT_NUM_CLASSES = 8
+MEMORY_PARTS = (
+    "peak memory = weights held by the backend (parameters + buffers of the module run, or the ONNX file) "
+    "+ input batch + the most memory one call adds"
+)
 
 # ------------------------------------------------------------------------------------- model specs
 
@@ -202,6 +209,17 @@ def tensor_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
+def weight_bytes(runner) -> int | None:
+    """Bytes of the weights a backend holds: the parameters and buffers of the module a PyTorch backend
+    runs (in its dtype), or an onnxruntime backend's ONNX file size; None for anything else."""
+    module = getattr(runner, "module", None)
+    if isinstance(module, nn.Module):
+        tensors = [*module.parameters(), *module.buffers()]  # each yields a shared tensor once
+        return sum(t.numel() * t.element_size() for t in tensors)
+    file_bytes = getattr(runner, "file_bytes", None)
+    return int(file_bytes) if file_bytes is not None else None
+
+
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
     from torch.utils.flop_counter import sdpa_flop_count
 
@@ -252,120 +270,6 @@ def find_bma(metrics: dict) -> tuple[float | None, str | None]:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     return float(value), split
     return None, None
-
-
-class PeakMemory:
-    """Context manager: `peak_bytes` used inside the block on `device` (see module doc), or None.
-
-    `kind` says what was measured.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak_bytes: int | None = None
-        self._base_kb = 0
-        self._base_bytes = 0
-        if device.type == "cuda":
-            self.kind = "cuda max_memory_allocated increase during one call (weights excluded)"
-        elif Path("/proc/self/clear_refs").exists():
-            self.kind = "cpu peak RSS increase during one call (weights excluded)"
-        else:
-            self.kind = "unavailable"
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base_bytes = torch.cuda.memory_allocated(self.device)
-        elif self.kind != "unavailable":
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM), Linux >= 4.0
-                self._base_kb = _proc_status_kb("VmRSS")
-            except OSError:
-                self.kind = "unavailable"
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device)) - self._base_bytes
-        elif self.kind != "unavailable":
-            self.peak_bytes = max(0, _proc_status_kb("VmHWM") - self._base_kb) * 1024
-
-
-def _proc_status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
-
-
-def time_calls(
-    fn: Callable,
-    inputs,
-    *,
-    warmup: int = 2,
-    repeats: int = 20,
-    min_repeats: int = 3,
-    max_seconds: float = 10.0,
-    sync: Callable[[], None] | None = None,
-) -> list[float]:
-    """Seconds taken by each timed call of fn(inputs), after `warmup` untimed calls.
-
-    Calls are timed until `repeats` are done, or until `max_seconds` have been spent timing and at
-    least `min_repeats` are done. `sync` (e.g. torch.cuda.synchronize) runs after each call, inside
-    the timed span, so asynchronous work is counted.
-    """
-    for _ in range(warmup):
-        fn(inputs)
-        if sync:
-            sync()
-    return time_interleaved([fn], [inputs], repeats=repeats, min_repeats=min_repeats, max_seconds=max_seconds, sync=sync)[0]
-
-
-def time_interleaved(
-    fns: Sequence[Callable],
-    inputs: Sequence,
-    *,
-    repeats: int = 20,
-    min_repeats: int = 3,
-    max_seconds: float = 10.0,
-    sync: Callable[[], None] | None = None,
-) -> list[list[float]]:
-    """Round-robin timing: each round times one call fns[i](inputs[i]) of every callable in turn.
-
-    On a shared machine the load then changes alike for all of them, which keeps their ratios honest.
-    Rounds run until `repeats` are done, or until `max_seconds` per callable have been spent and at
-    least `min_repeats` rounds are done. Returns the seconds per call, one list per callable.
-    """
-    sync = sync or (lambda: None)
-    times: list[list[float]] = [[] for _ in fns]
-    budget = max_seconds * len(fns)
-    start = time.perf_counter()
-    for round_index in range(repeats):
-        for fn, x, spent in zip(fns, inputs, times, strict=True):
-            t0 = time.perf_counter()
-            fn(x)
-            sync()
-            spent.append(time.perf_counter() - t0)
-        if round_index + 1 >= min_repeats and time.perf_counter() - start >= budget:
-            break
-    return times
-
-
-def summarize_times(times: Sequence[float], batch_size: int = 1) -> dict:
-    """Median, p90, mean and min seconds per call; ms per image and images/s from the median."""
-    arr = np.asarray(times, dtype=np.float64)
-    median = float(np.median(arr))
-    return {
-        "median_s": median,
-        "p90_s": float(np.percentile(arr, 90)),
-        "mean_s": float(arr.mean()),
-        "min_s": float(arr.min()),
-        "repeats": len(arr),
-        "ms_per_image": median * 1e3 / batch_size,
-        "images_per_s": batch_size / median,
-    }
 
 
 # ------------------------------------------------------------------------------------------ runner
@@ -569,13 +473,18 @@ def _measure_cells(
         )
     cells = {}
     for (label, mem), spent in zip(memory.items(), times, strict=True):
+        weights = weight_bytes(runners[label])
+        held = inputs[label].numel() * inputs[label].element_size()
         # PyTorch's CUDA allocator does not see onnxruntime's GPU memory
-        seen = mem.peak_bytes is not None and not (device.type == "cuda" and backend.runtime != "torch")
+        seen = mem.peak_bytes is not None and weights is not None and not (device.type == "cuda" and backend.runtime != "torch")
         cells[label] = {
             "batch_size": batch_size,
             **summarize_times(spent, batch_size),
-            "peak_memory_mb": mem.peak_bytes / 2**20 if seen else None,
-            "memory_kind": mem.kind if seen else "unavailable",
+            "peak_memory_mb": (weights + held + mem.peak_bytes) / 1e6 if seen else None,
+            "weights_memory_mb": weights / 1e6 if weights is not None else None,
+            "input_memory_mb": held / 1e6,
+            "call_memory_mb": mem.peak_bytes / 1e6 if seen else None,
+            "memory_kind": f"{MEMORY_PARTS}; call = {mem.kind}" if seen else "unavailable",
         }
     return cells
 
@@ -691,7 +600,7 @@ def markdown_report(result: dict) -> str:
         )
     kinds = sorted({r["memory_kind"] for r in result["results"]})
     if kinds:
-        lines += ["", "Peak memory: " + "; ".join(kinds) + "."]
+        lines += ["", "Peak memory MB (10^6 bytes): " + "; ".join(kinds) + "."]
     lines += ["", "## Teacher vs student", ""]
     lines += [f"- {ratio_sentence(r)}" for r in result["ratios"]] or ["No teacher/student pair."]
     lines.append("")

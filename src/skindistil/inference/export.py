@@ -8,96 +8,26 @@ The batch axis is dynamic: one file serves any batch size.
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from skindistil.data.discovery import IMAGE_SUFFIXES, Discovery, discover_images
 from skindistil.errors import ConfigError, ImageError, ModelError
-from skindistil.files import atomic_path, write_json
-from skindistil.inference.backends import OnnxRunner
-from skindistil.inference.bench import summarize_times, time_calls
+from skindistil.files import write_json
+from skindistil.inference.onnx import (
+    DEFAULT_OPSET,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    OnnxRunner,
+    export_onnx,
+    quantize_int8,
+)
+from skindistil.measure import summarize_times, time_calls
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
-DEFAULT_OPSET = 17
-MIN_OPSET = 14  # scaled_dot_product_attention has an ONNX translation from opset 14
 EXPORT_INFO_FILE = "export.json"
-
-
-def export_onnx(
-    model: nn.Module, path: str | Path, *, image_size: int | tuple[int, int], opset: int = DEFAULT_OPSET
-) -> Path:
-    """Write `model` (eval mode) to `path` as ONNX: input 'images' [batch, 3, H, W] -> output 'logits'."""
-    if not MIN_OPSET <= opset <= 20:
-        raise ConfigError(f"opset {opset}: supported range is {MIN_OPSET}..20")
-    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
-    # a batch of 2 keeps the tracer from folding a batch size of 1 into the graph as a constant
-    example = torch.zeros(2, 3, height, width, device=device)
-    model.eval()
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        # The tracer warns about Python-side shape checks (timm's image-size asserts) and the exporter
-        # about being the legacy one; a shape baked into the graph shows up in the parity check instead,
-        # which runs the file at two batch sizes.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        with atomic_path(path) as tmp:
-            torch.onnx.export(
-                model,
-                (example,),
-                str(tmp),
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                opset_version=opset,
-                dynamo=False,
-            )
-    return path
-
-
-class _DropRecord(logging.Filter):
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
-
-
-def quantize_int8(onnx_path: str | Path, out_path: str | Path) -> Path:
-    """int8 dynamic quantisation of the MatMul and Gemm weights (per output channel) of an ONNX model.
-
-    Activations are quantised on the fly per batch (onnxruntime.quantization.quantize_dynamic), so no
-    calibration data is needed. Returns `out_path`.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    out_path = Path(out_path)
-    # quantize_dynamic logs a generic advice to run shape-inference pre-processing on the root logger;
-    # ViT graphs quantise fine without it, so the advice is dropped rather than shown on every export
-    advice = _DropRecord("Please consider to run pre-processing before quantization")
-    root = logging.getLogger()
-    root.addFilter(advice)
-    try:
-        with atomic_path(out_path) as tmp:
-            quantize_dynamic(
-                str(onnx_path),
-                str(tmp),
-                op_types_to_quantize=["MatMul", "Gemm"],
-                per_channel=True,
-                weight_type=QuantType.QInt8,
-            )
-    finally:
-        root.removeFilter(advice)
-    return out_path
 
 
 def max_abs_diff(a, b) -> float:
@@ -167,8 +97,8 @@ def export_artifact(
     """
     import onnxruntime
 
-    from skindistil import __version__
     from skindistil.models.artifact import load_model
+    from skindistil.version import __version__
 
     loaded = load_model(model_dir)
     model_dir = loaded.path

@@ -310,7 +310,7 @@ def evaluate_localization(
     """Score the explanations of an artifact on the masked images of `split` of a prepared dataset
     (`prepare --masks`); writes localization.{csv,json,md} to `out_dir` (default RUN/eval/SPLIT).
     `limit`: a random subset (seeded by `seed`) of that many masked images, kept in manifest order."""
-    from skindistil.inference.evaluate import default_eval_dir
+    from skindistil.evaluation.evaluate import default_eval_dir
     from skindistil.models.artifact import load_model
 
     loaded = load_model(model_path, device=device)

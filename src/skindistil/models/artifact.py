@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from skindistil import __version__
 from skindistil.config import PreprocessConfig
 from skindistil.errors import ModelError
 from skindistil.files import save_safetensors, write_json, write_text
@@ -44,49 +43,15 @@ from skindistil.models.distilled import is_distilled_name
 from skindistil.models.operating_points import CONFIG_KEY as OPERATING_POINTS_KEY
 from skindistil.models.operating_points import OperatingPoints, parse_operating_points
 from skindistil.models.schema import FORMAT_VERSION, MAX_PARAMETERS, ArtifactConfig, validate_config
-from skindistil.models.student import is_vit
+from skindistil.models.student import is_vit, vit_architecture
 from skindistil.models.weights import read_json_object
+from skindistil.version import __version__
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 EXITS_FILE = "exits.safetensors"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "model_card.md"
-
-
-def vit_architecture(vit: nn.Module) -> dict[str, Any]:
-    """timm constructor arguments that fix the shapes of a VisionTransformer, read from the model.
-
-    Covers the options of the ViTs skindistil builds (patch grid, width, depth, heads, MLP ratio,
-    qkv bias, class/register tokens, layer scale, qk-norm, pre-norm, pooling); `load_model` checks
-    every tensor name and shape, so anything not covered fails loudly rather than silently.
-    """
-    blocks = getattr(vit, "blocks", None)
-    if not is_vit(vit) or not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
-        raise ModelError(f"{type(vit).__name__}: not a timm VisionTransformer; pass arch=... explicitly")
-    first = blocks[0]
-    kwargs: dict[str, Any] = {
-        "img_size": list(vit.patch_embed.img_size),
-        "patch_size": list(vit.patch_embed.patch_size),
-        "in_chans": vit.patch_embed.proj.in_channels,
-        "num_classes": vit.num_classes,
-        "global_pool": vit.global_pool,
-        "embed_dim": vit.embed_dim,
-        "depth": len(blocks),
-        "num_heads": first.attn.num_heads,
-        "mlp_ratio": first.mlp.fc1.out_features / vit.embed_dim,
-        "qkv_bias": first.attn.qkv.bias is not None,
-        "qk_norm": not isinstance(first.attn.q_norm, nn.Identity),
-        "class_token": vit.has_class_token,
-        "reg_tokens": vit.num_reg_tokens,
-        "no_embed_class": vit.no_embed_class,
-        "pre_norm": not isinstance(vit.norm_pre, nn.Identity),
-        "fc_norm": not isinstance(vit.fc_norm, nn.Identity),
-    }
-    if not isinstance(first.ls1, nn.Identity):
-        # any positive value creates the layer-scale parameters; the loaded weights set them
-        kwargs["init_values"] = 1e-5
-    return kwargs
 
 
 def model_kind(model: nn.Module) -> str:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from skindistil.errors import ModelError
-from skindistil.models.student import is_vit
+from skindistil.models.student import is_vit, vit_architecture
 
 # Any of timm's distilled entrypoints builds a VisionTransformerDistilled; the recorded kwargs
 # (depth, width, heads, patch and image size, ...) fix its shape.
@@ -47,8 +47,6 @@ def add_distillation_token(vit: nn.Module, **timm_kwargs) -> nn.Module:
     has a distillation token, or one with register tokens (timm's distilled ViT has none).
     """
     import timm
-
-    from skindistil.models.artifact import vit_architecture
 
     name = type(vit).__name__
     if is_distilled(vit):

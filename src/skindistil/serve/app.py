@@ -57,7 +57,6 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from skindistil import __version__
 from skindistil.data.imageio import image_size, read_image
 from skindistil.errors import ConfigError, ImageError, ModelError
 from skindistil.evaluation.operating_points import decide
@@ -67,6 +66,7 @@ from skindistil.inference.predictor import Predictor, select_operating_points
 from skindistil.models.artifact import CARD_FILE, WEIGHTS_FILE, LoadedModel, jsonable, load_model, model_card
 from skindistil.serve.batching import MicroBatcher, NotRunning, Overloaded
 from skindistil.serve.guard import GuardStats, MemoryBudget, ServerLimits
+from skindistil.version import __version__
 
 log = logging.getLogger(__name__)
 

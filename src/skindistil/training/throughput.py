@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +44,7 @@ from skindistil.devices import parse_device
 from skindistil.distill.losses import DistillationLoss
 from skindistil.errors import ConfigError
 from skindistil.files import write_json, write_text
+from skindistil.measure import device_sync, time_calls
 from skindistil.models import create_teacher, extract_student, save_artifact
 from skindistil.models.depth import vit_logits_and_hidden
 from skindistil.training.distill_run import distill
@@ -71,13 +72,6 @@ def autocast_for(precision: str, device: torch.device):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def device_sync(device: torch.device) -> Callable[[], None]:
-    """A function that waits for the device's queued work (a no-op on the CPU)."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
 
 
 def raw_train_step_throughput(
@@ -142,17 +136,15 @@ def raw_train_step_throughput(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def window(_) -> None:
+        for _ in range(per_window):
+            step()
+
     try:
         for _ in range(warmup):
             step()
         sync()
-        seconds = []
-        for _ in range(windows):
-            start = time.perf_counter()
-            for _ in range(per_window):
-                step()
-            sync()
-            seconds.append(time.perf_counter() - start)
+        seconds = time_calls(window, None, warmup=0, repeats=windows, min_repeats=windows, max_seconds=math.inf, sync=sync)
     finally:
         model.train(was_training)
         if teacher is not None:

@@ -14,9 +14,9 @@ flight, against the full-depth forward on the same batches.
 
 from __future__ import annotations
 
-import time
+import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ from skindistil.evaluation.plots import plot_early_exit_curve
 from skindistil.evaluation.report import evaluate_arrays, write_metrics_json
 from skindistil.evaluation.retention import compare_models
 from skindistil.files import write_text
+from skindistil.measure import device_sync, time_interleaved
 from skindistil.models import DepthViT, LoadedModel, load_model
 
 # 0.3..0.99, then the full-depth reference (every sample at the last exit)
@@ -123,15 +124,17 @@ def measure_throughput(
     threshold)` against the full-depth forward.
 
     One untimed pass runs `early_exit` on all batches (its decisions are returned, and it warms up);
-    the first `max_images` images are kept in memory and timed `repeats` times, alternating the two
-    models batch by batch so a load change on a shared machine hits both alike, data loading outside
-    the timed spans. Throughputs are medians over the repeats; speedup is the median per-repeat ratio.
+    the first `max_images` images are kept in memory and timed `repeats` times by
+    `skindistil.measure.time_interleaved`: each round runs early exit over all kept batches, then the
+    full-depth forward over them, so a load change on a shared machine hits both alike; data loading
+    is outside the timed spans, the device synchronised inside them. Throughputs are medians over the
+    rounds; speedup is the median per-round ratio.
 
     Returns {"early_exit_images_per_s", "full_depth_images_per_s", "speedup", "timed_images",
     "repeats", "logits" [N, C], "depths" [N]}.
     """
     device = torch.device(device)
-    sync: Callable[[], None] = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     model = model.eval().to(device)
     logits, depths, kept, kept_images = [], [], [], 0
     with torch.inference_mode():
@@ -147,26 +150,24 @@ def measure_throughput(
             raise ConfigError("early exit throughput: no images to time")
         model(kept[0])
         sync()
-        rounds = []
-        for _ in range(max(1, repeats)):
-            early = full = 0.0
-            for x in kept:
-                t0 = time.perf_counter()
-                model.early_exit(x, threshold)
-                sync()
-                t1 = time.perf_counter()
-                model(x)
-                sync()
-                early += t1 - t0
-                full += time.perf_counter() - t1
-            rounds.append((early, full))
-    early_s, full_s = (np.array(t) for t in zip(*rounds, strict=True))
+        rounds = max(1, repeats)
+        early_s, full_s = (
+            np.array(t)
+            for t in time_interleaved(
+                [lambda xs: [model.early_exit(x, threshold) for x in xs], lambda xs: [model(x) for x in xs]],
+                [kept, kept],
+                repeats=rounds,
+                min_repeats=rounds,
+                max_seconds=math.inf,
+                sync=sync,
+            )
+        )
     return {
         "early_exit_images_per_s": float(np.median(kept_images / early_s)),
         "full_depth_images_per_s": float(np.median(kept_images / full_s)),
         "speedup": float(np.median(full_s / early_s)),
         "timed_images": kept_images,
-        "repeats": len(rounds),
+        "repeats": rounds,
         "logits": torch.cat(logits).numpy(),
         "depths": torch.cat(depths).numpy(),
     }
@@ -203,7 +204,7 @@ def evaluate_threshold(
     lesions) with an "early_exit" section (mean depth used,
     share per exit, measured throughput with and without early exit, agreement of the simulated
     decisions with the model's own)."""
-    from skindistil.inference.evaluate import split_metadata, split_outputs
+    from skindistil.evaluation.evaluate import split_metadata, split_outputs
 
     loaded = load_depth_model(model_path, device)
     outputs = split_outputs(loaded, data_dir, split, batch_size=batch_size, num_workers=num_workers,
@@ -264,7 +265,7 @@ def sweep_exits(
     and of every exit alone, written to out_dir/early_exit.{json,md,png}. With `teacher_probs` (the
     teacher's scores [N, C] on the split, in manifest order) every point also gets "comparison"
     against the teacher (`retention.compare_models`). Returns the JSON's content with "files" added."""
-    from skindistil.inference.evaluate import split_metadata, split_outputs
+    from skindistil.evaluation.evaluate import split_metadata, split_outputs
 
     loaded = load_depth_model(model_path, device)
     outputs = split_outputs(loaded, data_dir, split, batch_size=batch_size, num_workers=num_workers,

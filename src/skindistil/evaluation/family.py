@@ -113,7 +113,7 @@ def score_family(family: Family, data_dir: str | Path, split: str = "test", *, b
     and the teacher's scores. With a teacher, each row also has "comparison": `retention.compare_models`
     against it (paired bootstrap, per-class retention, agreement), resampling the manifest's patients
     or lesions. `cache` (model dir -> outputs) lets several families share one pass over a teacher."""
-    from skindistil.inference.evaluate import split_metadata, split_outputs
+    from skindistil.evaluation.evaluate import split_metadata, split_outputs
 
     cache = {} if cache is None else cache
 

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import torch
 from rich.console import Console
 
@@ -203,7 +202,7 @@ class Pipeline:
         return entries
 
     def evaluate(self, data_dir: Path, models: list[ModelEntry]) -> None:
-        from skindistil.inference.evaluate import evaluate_model
+        from skindistil.evaluation.evaluate import evaluate_model
 
         split = self.cfg.split
         for entry in models:
@@ -232,9 +231,9 @@ class Pipeline:
     def compare(self, data_dir: Path, models: list[ModelEntry]) -> None:
         """Every distilled model against the teacher on the same images (paired bootstrap, McNemar,
         per-class retention, agreement) and the retention gate; written to RUN/comparison.json."""
+        from skindistil.evaluation.compare import compare_eval_dirs
         from skindistil.evaluation.report import write_metrics_json
         from skindistil.evaluation.retention import check_retention_gate, parse_retention_gate
-        from skindistil.inference.compare import compare_eval_dirs
 
         teacher, split = models[0], self.cfg.split
         gate = parse_retention_gate(self.cfg.distill.min_class_retention, teacher.metrics["classes"])
@@ -254,8 +253,8 @@ class Pipeline:
 
     def evaluate_families(self, data_dir: Path, models: list[ModelEntry]) -> None:
         """Per-depth BMA of every family (cascade members, per-depth exits) and early-exit curves."""
-        from skindistil.inference.early_exit import sweep_exits
-        from skindistil.inference.family import family_report
+        from skindistil.evaluation.early_exit import sweep_exits
+        from skindistil.evaluation.family import family_report
 
         split, workers = self.cfg.split, self.cfg.teacher.data.num_workers
         runs = list(dict.fromkeys(e.run_dir.parent.parent if e.method == "cascade" else e.run_dir
@@ -310,7 +309,7 @@ class Pipeline:
     # ------------------------------------------------------------------ report
 
     def report(self, data_dir: Path, models: list[ModelEntry], bench: dict) -> Path:
-        from skindistil.pipeline_report import build_report
+        from skindistil.experiments.run_report import build_report
 
         assets = self.run_dir / "report_assets"
         assets.mkdir(exist_ok=True)
@@ -325,21 +324,6 @@ def _depth(model_dir: Path) -> int | None:
     config = json.loads((Path(model_dir) / "config.json").read_text())
     depth = architecture_of(config)["kwargs"].get("depth") if config.get("kind") != "timm" else None
     return None if depth is None else int(depth)
-
-
-def epoch_history(run_dir: Path) -> dict[str, list[float]] | None:
-    """Training loss and validation BMA by epoch from a run's logs/metrics.csv."""
-    path = Path(run_dir) / "logs" / "metrics.csv"
-    if not path.is_file():
-        return None
-    frame = pd.read_csv(path)
-    needed = {"epoch", "train/loss_epoch", "val/bma"}
-    if not needed <= set(frame.columns):
-        return None
-    by_epoch = frame.groupby("epoch").max(numeric_only=True)
-    return {"epoch": by_epoch.index.to_numpy(dtype=int).tolist(),
-            "train_loss": by_epoch["train/loss_epoch"].to_numpy(dtype=float).tolist(),
-            "val_bma": by_epoch["val/bma"].to_numpy(dtype=float).tolist()}
 
 
 def run_pipeline(cfg: RunConfig, *, progress: bool = True) -> Pipeline:

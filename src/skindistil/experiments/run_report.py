@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from skindistil.config import RunConfig
@@ -100,8 +101,6 @@ def build_report(cfg: RunConfig, run_dir: Path, data_dir: Path, models, bench: d
     _subgroup_section(doc, cfg, run_dir, models, assets)
 
     # --- curves
-    from skindistil.pipeline import epoch_history
-
     histories = {e.label: h for e in models if e.role in ("teacher", "student") and (h := epoch_history(e.run_dir))}
     if histories:
         plot_training_curves(histories, assets / "training_curves.png")
@@ -398,3 +397,18 @@ def _interval(stats: dict, key: str = "mean") -> str:
     from skindistil.evaluation.localization import format_interval
 
     return format_interval(stats, key)
+
+
+def epoch_history(run_dir: Path) -> dict[str, list[float]] | None:
+    """Training loss and validation BMA by epoch from a run's logs/metrics.csv."""
+    path = Path(run_dir) / "logs" / "metrics.csv"
+    if not path.is_file():
+        return None
+    frame = pd.read_csv(path)
+    needed = {"epoch", "train/loss_epoch", "val/bma"}
+    if not needed <= set(frame.columns):
+        return None
+    by_epoch = frame.groupby("epoch").max(numeric_only=True)
+    return {"epoch": by_epoch.index.to_numpy(dtype=int).tolist(),
+            "train_loss": by_epoch["train/loss_epoch"].to_numpy(dtype=float).tolist(),
+            "val_bma": by_epoch["val/bma"].to_numpy(dtype=float).tolist()}

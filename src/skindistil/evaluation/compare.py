@@ -35,7 +35,7 @@ def compare_eval_dirs(teacher_eval: str | Path, student_eval: str | Path, data_d
     """`retention.compare_models` of two evaluations of the same split (EVAL/metrics.json and
     EVAL/predictions.csv each), with labels, lesions and patients from DATA_DIR's manifest. DataError
     when the two evaluations do not cover the same images and classes."""
-    from skindistil.inference.evaluate import split_metadata
+    from skindistil.evaluation.evaluate import split_metadata
 
     teacher_eval, student_eval = Path(teacher_eval), Path(student_eval)
     classes = json.loads((teacher_eval / "metrics.json").read_text())["classes"]
@@ -59,7 +59,7 @@ def gate_students(teacher: str | Path, students: Sequence[str | Path], data_dir:
     """Score the teacher and each student artifact on `split`, compare them (`compare_models`) and check
     the retention `gate` (class -> minimum ratio). Writes out_dir/retention.json and retention.md.
     Returns {"split", "gate", "students": [{"model", "comparison", "failures"}], "passed": bool}."""
-    from skindistil.inference.evaluate import split_metadata, split_outputs
+    from skindistil.evaluation.evaluate import split_metadata, split_outputs
     from skindistil.models import load_model
 
     loaded = load_model(teacher, device=device)
