@@ -85,13 +85,20 @@ def parse_all(commands: list[str]) -> list[str]:
     return problems
 
 
+FOREGROUND_SERVER = re.compile(r"^skindistil serve\b(?!.*&\s*$)")
+
+
 def run_all(commands: list[str], skip: re.Pattern | None) -> int:
     """Run the commands in one bash process (so `SERVER=$!` reaches `kill $SERVER`), each announced and
-    timed; `set -e` stops at the first failure."""
+    timed; `set -e` stops at the first failure. A server started in the foreground (an example of its
+    options) would never return: it is named and not run (the backgrounded example is)."""
     script = ["set -euo pipefail", "_lap() { echo \"took $(( $(date +%s) - _t )) s\"; }"]
     for line in commands:
         if skip and skip.search(line):
             script.append(f"echo {shlex.quote('skipped: ' + line)}")
+            continue
+        if FOREGROUND_SERVER.search(line):
+            script.append(f"echo {shlex.quote('not run (serves until stopped): ' + line)}")
             continue
         script += [f"echo {shlex.quote('$ ' + line)}", "_t=$(date +%s)", line, "_lap"]
     result = subprocess.run(["bash", "-c", "\n".join(script)], cwd=REPO)

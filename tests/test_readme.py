@@ -39,3 +39,13 @@ def test_the_checker_catches_a_stale_option():
     assert commands == ["skindistil predict --model runs/m x.jpg --no-such-option",
                         "skindistil serve --model runs/m --port 8000"]
     assert checker.parse_all(commands) == commands[:1]  # only the stale option fails
+
+
+def test_the_runner_leaves_a_foreground_server_out_and_runs_the_rest(capfd):
+    """A `skindistil serve` example without `&` would serve until stopped: `--run` names it and goes on."""
+    checker = _checker()
+    assert checker.run_all(["skindistil serve --model no-such-model --port 8765", "echo after-the-server"], None) == 0
+    out = capfd.readouterr().out
+    assert "not run (serves until stopped): skindistil serve --model no-such-model" in out and "after-the-server" in out
+    # a backgrounded server is run (here it fails at once: no such model), and the failure stops the run
+    assert checker.run_all(["skindistil serve --model no-such-model --port 8765 &", "wait $!"], None) != 0
