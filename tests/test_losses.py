@@ -142,7 +142,8 @@ def test_distillation_loss_is_the_weighted_sum_of_its_parts(logits):
 def test_distillation_loss_defaults_weights_and_missing_hidden_states(logits):
     student, teacher, target = logits
     defaults = DistillationLoss()
-    assert (defaults.a_task, defaults.a_kd, defaults.temperature, defaults.a_mse, defaults.a_cos) == (1.0, 0.5, 2.0, 0.25, 0.0)
+    weights = defaults.config
+    assert (weights.a_task, weights.a_kd, weights.temperature, weights.a_mse, weights.a_cos) == (1.0, 0.5, 2.0, 0.25, 0.0)
     total, parts = defaults(student, teacher, target)
     assert set(parts) == {"task", "kd", "mse"}
     weight = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
