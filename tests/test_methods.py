@@ -267,3 +267,74 @@ def test_the_module_chains_the_exits(method):
     images, y = _images()
     _, parts = _module(method).training_loss((images, y))
     assert parts["enabled_depths"] == 2 and parts["chain_kl"] > 0  # step 0, no warm-up: the last two depths
+
+
+def test_a_teacher_method_without_teacher_outputs_is_refused():
+    z, _, sh, _, y = _tensors()
+    student = StudentOutputs(z, z[-1], None, sh)
+    for method in token_methods():
+        with pytest.raises(ValueError, match="distils from a teacher"):
+            get_method(method).loss(student, None, y, LOSS, TaskLoss(), 0)
+
+
+def _distilled(depth=3):
+    student = initial_student("distilvit", _vit(depth), keep=depth, token=True)[0]
+    for head in (student.head, student.head_dist):  # distinct heads: their logits clearly differ
+        torch.nn.init.normal_(head.weight, std=1.0)
+    return student.eval()
+
+
+def test_student_outputs_of_a_distilled_vit_split_or_average_its_heads():
+    from skindistil.models.distilled import head_logits
+
+    vit = _distilled()
+    images, _ = _images()
+    with torch.no_grad():
+        prediction = vit(images)
+        tokens = vit.blocks(vit.norm_pre(vit._pos_embed(vit.patch_embed(images))))
+        cls_logits, dist_logits = head_logits(vit, tokens)
+        plain = student_outputs(vit, images)
+        split = student_outputs(vit, images, token=True, hidden=True)
+    assert plain.dist_logits is None and plain.hidden is None
+    torch.testing.assert_close(plain.logits, prediction)
+    torch.testing.assert_close(plain.all_logits, prediction[None])
+    torch.testing.assert_close(split.logits, cls_logits)
+    torch.testing.assert_close(split.dist_logits, dist_logits)
+    torch.testing.assert_close(split.all_logits, prediction[None])
+    # the distillation token is left out of the hidden states (class + 16 patch tokens remain)
+    torch.testing.assert_close(split.hidden, torch.cat([tokens[:, :1], tokens[:, 2:]], dim=1))
+
+
+@pytest.mark.parametrize("shared_head", [False, True])
+def test_student_outputs_of_a_distilled_multi_exit_vit(shared_head):
+    model = DepthViT(_distilled(), shared_head=shared_head).eval()
+    if not shared_head:
+        for head in [*model.exit_heads, *model.exit_dist_heads]:
+            torch.nn.init.normal_(head.weight, std=1.0)
+    images, _ = _images()
+    with torch.no_grad():
+        everything, tokens = model.forward_all(images, return_hidden=True)
+        cls_logits, dist_logits = model.exit_head_logits(model.num_exits - 1, tokens)
+        plain = student_outputs(model, images)
+        split = student_outputs(model, images, token=True, hidden=True)
+    torch.testing.assert_close(plain.all_logits, everything)
+    torch.testing.assert_close(plain.logits, everything[-1])
+    assert plain.dist_logits is None and plain.hidden is None
+    torch.testing.assert_close(split.logits, cls_logits)
+    torch.testing.assert_close(split.dist_logits, dist_logits)
+    assert not torch.allclose(split.logits, split.dist_logits)
+    torch.testing.assert_close(split.hidden, torch.cat([tokens[:, :1], tokens[:, 2:]], dim=1))
+
+
+def test_initial_student_options_and_defaults():
+    start = _vit(8)
+    default, kept = initial_student("distilvit", start)
+    assert kept == [0, 1, 2, 3, 4, 5] and default.num_prefix_tokens == 1  # the paper's 6 blocks, no token
+    _, uniform = initial_student("distilvit", start, keep=3, strategy="uniform")
+    assert uniform == [0, 4, 7]
+    model, _ = initial_student("full", start)
+    assert model.vit.num_prefix_tokens == 1 and model.exits == list(range(1, 9))
+    assert model.vit.blocks[0] is not start.blocks[0] and model.vit.patch_embed is not start.patch_embed
+    distilled = _distilled()
+    again, _ = initial_student("fcvit", distilled, token=True)  # already has the token: kept, not added twice
+    assert again.vit.num_prefix_tokens == 2
