@@ -1,4 +1,8 @@
-"""Per-depth classifiers on one ViT (FCViT, FCViTProbs) and early exit.
+"""A multi-exit (early-exit) ViT: per-depth classifiers on one timm ViT (FCViT, FCViTProbs) and early exit.
+
+Per-block tokens come from timm's `forward_intermediates` (one pass, stopping after the deepest exit
+asked for); only `early_exit`, which runs each block on the samples still in flight, walks the blocks
+itself from timm's stem (`vit_stem`).
 
 Depths are counted in blocks, 1..N: "depth d" is the class token after block d (0-based index d - 1).
 An exit at depth d maps that token through a norm and a linear head to logits:
