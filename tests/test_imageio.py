@@ -334,3 +334,24 @@ def test_a_mode_i_image_is_16_bit_only_where_its_file_says_so(original, fmt, tag
     else:
         with pytest.raises(ImageError, match=r"^scan\.tif: 32-bit integer image"):
             to_rgb(wide, "scan.tif")
+
+
+def test_read_image_names_the_file_and_the_fault(original, tmp_path):
+    """Each refusal names the image (`name`, else the path, else <upload>) and says what is wrong."""
+    path, rgb = original
+    data = path.read_bytes()
+    cases = [
+        (tmp_path / "absent.jpg", {}, r"absent\.jpg: file not found$"),
+        (tmp_path, {}, r": a folder, not an image file$"),
+        (b"", {}, r"^<upload>: empty file \(0 bytes\)$"),
+        (b"", {"name": "lesion-7"}, r"^lesion-7: empty file"),
+        (b"plain text, not pixels", {}, r"^<upload>: not an image \(format not recognised\)$"),
+        (data[: len(data) // 2], {}, r"^<upload>: corrupt image: truncated image data"),
+        (data, {"max_pixels": 100}, rf"^<upload>: image is {rgb.shape[1]}x{rgb.shape[0]} = "
+                                    rf"{rgb.shape[0] * rgb.shape[1]:,} pixels, over the limit of 100 "
+                                    r"\(possible decompression bomb\)$"),
+    ]
+    for src, kwargs, message in cases:
+        with pytest.raises(ImageError, match=message):
+            read_image(src, **kwargs)
+    assert np.array_equal(np.asarray(read_image(data, max_pixels=rgb.shape[0] * rgb.shape[1])), rgb)
