@@ -185,3 +185,27 @@ def test_distillation_token_loss_defaults_to_hard_and_per_depth_ce_of_no_depth_i
     assert soft_default != distillation_token_loss(student, teacher, "soft", 2.0)
     none = per_depth_ce(student[None][:0], target)
     assert torch.is_tensor(none) and none.item() == 0.0
+
+
+def test_boundaries_defaults_and_refusals(logits):
+    from skindistil.config import LossConfig
+    from skindistil.distill.losses import TaskLoss, distillation_loss
+
+    student, teacher, target = logits
+    assert kd_loss(student, teacher) == kd_loss(student, teacher, 2.0)  # the authors' T
+    assert TaskLoss(label_smoothing=1.0).label_smoothing == 1.0  # the closed end of [0, 1] is allowed
+    assert enabled_depths(0, 1, 0, 1) == [0]  # a single depth is a valid chain of one
+    with pytest.raises(ValueError, match="num_depths >= 1"):
+        enabled_depths(0, 0, 5, 1)
+    with pytest.raises(ValueError, match="at least one"):
+        hidden_cosine_loss([])
+    with pytest.raises(ValueError, match="cos_tokens='mean'"):
+        distillation_loss(student, teacher, target, LossConfig(cos_tokens="mean"), TaskLoss())
+    with pytest.raises(ValueError, match="distillation_token='soft-ish'"):
+        distillation_loss(student, teacher, target, LossConfig(distillation_token="soft-ish"), TaskLoss())
+    with pytest.raises(ValueError, match="needs dist_logits"):
+        distillation_loss(student, teacher, target, LossConfig(distillation_token="hard"), TaskLoss())
+    with pytest.raises(ValueError, match="a_cos > 0 needs hidden_pairs"):
+        distillation_loss(student, teacher, target, LossConfig(a_cos=0.1), TaskLoss())
+    nothing, parts = distillation_loss(student, teacher, target, LossConfig(a_task=0, a_kd=0, a_mse=0), TaskLoss())
+    assert torch.is_tensor(nothing) and nothing.item() == 0.0 and parts == {}
