@@ -244,7 +244,10 @@ def test_border_crop_box_finds_a_black_frame_around_a_real_image(original):
                            threshold=40) == (6, 4, 6 + width, 4 + height)
 
 
-@pytest.mark.parametrize(("colour", "is_border"), [((0, 0, 60), True), ((60, 0, 0), True), ((0, 60, 0), False)])
+@pytest.mark.parametrize(("colour", "is_border"), [
+    ((0, 0, 60), True), ((60, 0, 0), True), ((0, 60, 0), False),  # one channel: 6.8, 17.9, 35.2
+    ((15, 15, 100), False), ((60, 10, 0), False), ((21, 21, 21), False),  # 24.7, 23.8, 21.0: above 20
+])
 def test_border_crop_uses_the_luma_of_each_channel(colour, is_border):
     """Grey = 0.299 R + 0.587 G + 0.114 B: blue 60 (6.8) and red 60 (17.9) are dark, green 60 (35.2) is not."""
     from skindistil.data.imageio import border_crop_box
@@ -266,6 +269,9 @@ def test_border_crop_keeps_the_largest_bright_region_of_at_least_one_percent():
     speck = np.zeros((100, 100, 3), dtype=np.uint8)
     speck[0:9, 0:10] = 255  # 90 pixels: under 1%, too small to be the field: keep the whole image
     assert border_crop_box(speck) == (0, 0, 100, 100)
+    away = np.zeros((100, 100, 3), dtype=np.uint8)
+    away[50:59, 50:60] = 255  # the same 90 pixels away from the corner: still too small
+    assert border_crop_box(away) == (0, 0, 100, 100)
 
 
 def test_resize_shorter_keeps_the_aspect_with_pillows_filters(original):
@@ -280,8 +286,8 @@ def test_resize_shorter_keeps_the_aspect_with_pillows_filters(original):
     assert up.size == (width * 2, height * 2)
     assert np.array_equal(np.asarray(up), np.asarray(image.resize(up.size, Image.Resampling.BICUBIC)))
     assert resize_shorter(image, height) is image
-    tall = Image.new("RGB", (3, 600))
-    assert resize_shorter(tall, 1).size == (1, 200)
+    assert resize_shorter(Image.new("RGB", (3, 600)), 1).size == (1, 200)
+    assert resize_shorter(Image.new("RGB", (600, 3)), 1).size == (200, 1)
 
 
 def test_image_size_reads_the_header_only(original):
@@ -321,6 +327,7 @@ def test_as_image_list_and_as_rgb_array_take_every_input_kind(original):
     ("TIFF", {258: (16,), 339: (2,)}, False),  # signed: no defined white level
     ("TIFF", {258: (32,), 339: (1,)}, False),
     ("TIFF", {}, False),
+    ("TIFF", None, False),  # no tag directory at all
     ("JPEG", {258: (16,)}, False),
     (None, {}, False),
 ])
@@ -328,7 +335,8 @@ def test_a_mode_i_image_is_16_bit_only_where_its_file_says_so(original, fmt, tag
     grey = _grey(original[1])
     wide = Image.fromarray(grey.astype(np.int32) * 257)
     wide.format = fmt
-    wide.tag_v2 = tags
+    if tags is not None:
+        wide.tag_v2 = tags
     if converted:
         assert _mad(to_rgb(wide, "scan.tif"), grey) == 0
     else:
@@ -355,3 +363,15 @@ def test_read_image_names_the_file_and_the_fault(original, tmp_path):
         with pytest.raises(ImageError, match=message):
             read_image(src, **kwargs)
     assert np.array_equal(np.asarray(read_image(data, max_pixels=rgb.shape[0] * rgb.shape[1])), rgb)
+
+
+def test_read_image_applies_the_exif_orientation(original, tmp_path):
+    path, rgb = original
+    image = Image.fromarray(rgb)
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    rotated = tmp_path / "rotated.png"
+    image.save(rotated, exif=exif)
+    assert np.array_equal(np.asarray(read_image(rotated)), np.rot90(rgb, k=-1))
+    with pytest.raises(ImageError, match=r"^upload 6: 32-bit floating-point image"):
+        as_rgb_array(Image.fromarray(_grey(rgb)).convert("F"), "upload 6")
