@@ -375,3 +375,27 @@ def test_read_image_applies_the_exif_orientation(original, tmp_path):
     assert np.array_equal(np.asarray(read_image(rotated)), np.rot90(rgb, k=-1))
     with pytest.raises(ImageError, match=r"^upload 6: 32-bit floating-point image"):
         as_rgb_array(Image.fromarray(_grey(rgb)).convert("F"), "upload 6")
+
+
+def test_every_16_bit_level_maps_to_the_nearest_8_bit_level():
+    levels = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    decoded = np.asarray(to_rgb(Image.fromarray(levels), "ramp"))
+    expected = np.round(levels.astype(np.float64) * 255 / 65535).astype(np.uint8)  # no exact halves occur
+    assert np.array_equal(decoded, np.repeat(expected[..., None], 3, axis=2))
+    for outside in (-1, 65536):
+        wide = Image.fromarray(np.full((4, 4), outside, dtype=np.int32))
+        wide.format = "PNG"
+        with pytest.raises(ImageError, match=r"^scan: 16-bit image \(Pillow mode I\) holds values outside 0\.\.65535$"):
+            to_rgb(wide, "scan")
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P"])
+def test_a_transparent_colour_is_composited_on_black(mode):
+    rgb = np.full((4, 6, 3), 255, dtype=np.uint8)
+    rgb[:, :3] = (200, 200, 200) if mode != "1" else (255, 255, 255)
+    rgb[:, 3:] = 0 if mode == "1" else 255
+    image = Image.fromarray(rgb).convert(mode)
+    key = image.getpixel((5, 0))  # the colour of the right half, in the mode's own terms
+    image.info["transparency"] = key
+    decoded = np.asarray(to_rgb(image))
+    assert (decoded[:, 3:] == 0).all() and (decoded[:, :3] > 0).all()
