@@ -205,7 +205,7 @@ def test_the_teacher_sees_its_own_preprocessing_of_the_students_view(ham_small):
     module = DistillerModule(create_teacher("vit_base_patch16_224", 7, img_size=32, **TINY_VIT), teacher,
                              "distilvit", HAM_CLASSES, OptimConfig(), LossConfig(),
                              teacher_preprocess=teacher_pre, student_preprocess=student_pre)
-    module._kd_step(images, torch.zeros(4, dtype=torch.long), None)
+    module.training_loss((images, torch.zeros(4, dtype=torch.long)))
     unit = images * 0.5 + 0.5
     resized = torch.nn.functional.interpolate(unit, size=(48, 48), mode="bilinear", antialias=True,
                                               align_corners=False)

@@ -98,3 +98,28 @@ def test_early_exit_stops_each_sample_at_its_first_confident_exit(x):
 def test_only_class_token_vits_can_have_exits():
     with pytest.raises(ModelError, match="global_pool='token'"):
         DepthViT(_vit(global_pool="avg"))
+
+
+@pytest.mark.parametrize("kind", ["plain", "registers", "no_embed_class", "distilled"])
+def test_timm_intermediates_give_exactly_the_block_loops_tokens(x, kind):
+    """forward_all / forward_until read the blocks through timm's forward_intermediates: bit for bit
+    the tokens of running the stem and the blocks by hand, with register and distillation tokens."""
+    from skindistil.models.depth import vit_logits_and_hidden, vit_stem
+    from skindistil.models.distilled import add_distillation_token
+
+    overrides = {"registers": {"reg_tokens": 2}, "no_embed_class": {"no_embed_class": True, "reg_tokens": 1}}
+    vit = _vit(**overrides.get(kind, {}))
+    if kind == "distilled":
+        vit = add_distillation_token(vit).eval()
+    model = DepthViT(vit).eval()
+    with torch.no_grad():
+        tokens, by_hand = vit_stem(vit, x), []
+        for index, block in enumerate(vit.blocks):
+            tokens = block(tokens)
+            by_hand.append(model.exit_logits(index, tokens))
+        everything, hidden = model.forward_all(x, return_hidden=True)
+        assert torch.equal(everything, torch.stack(by_hand)) and torch.equal(hidden, tokens)
+        for depth in range(1, DEPTH + 1):
+            assert torch.equal(model.forward_until(x, depth), by_hand[depth - 1])
+        logits, last = vit_logits_and_hidden(vit, x)
+        assert torch.equal(last, tokens) and torch.equal(logits, vit(x))

@@ -103,7 +103,7 @@ def test_token_term_trains_only_the_distillation_head():
     loss = LossConfig(a_task=0.0, a_kd=0.0, a_mse=0.0, distillation_token="hard")
     module = DistillerModule(student, teacher, "distilvit", CLASSES, OptimConfig(), loss)
     images = torch.randn(4, 3, 32, 32)
-    total, parts = module._kd_step(images, torch.tensor([0, 1, 2, 3]), None)
+    total, parts = module.training_loss((images, torch.tensor([0, 1, 2, 3])))
     assert set(parts) == {"dist"}
     total.backward()
     assert student.head.weight.grad is None or student.head.weight.grad.abs().max() == 0

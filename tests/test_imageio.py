@@ -218,3 +218,184 @@ def test_a_16_bit_png_is_the_same_image_as_its_8_bit_twin_everywhere(original, t
         assert served[0]["probabilities"] == served[1]["probabilities"]
         explained = [client.post("/v1/explain", files={"file": (p.name, p.read_bytes(), "image/png")}) for p in twins]
         assert explained[0].status_code == 200 and explained[0].content == explained[1].content
+
+
+# ------------------------------------------------------------ geometry: border crop, resize, inputs
+
+
+def _bright(original) -> np.ndarray:
+    """The real image lifted above the threshold everywhere (no dark pixel of its own)."""
+    return np.maximum(original[1], 40).astype(np.uint8)
+
+
+def test_border_crop_box_finds_a_black_frame_around_a_real_image(original):
+    from skindistil.data.imageio import border_crop_box
+
+    rgb = _bright(original)
+    height, width = rgb.shape[:2]
+    assert border_crop_box(rgb) == (0, 0, width, height)  # no dark border: the whole image
+    framed = np.pad(rgb, ((7, 11), (5, 3), (0, 0)))
+    assert border_crop_box(framed) == (5, 7, 5 + width, 7 + height)
+    assert border_crop_box(np.zeros_like(framed)) == (0, 0, framed.shape[1], framed.shape[0])  # all dark
+    # the frame's level against the threshold: 30 is a border at threshold 40, not at the default 20
+    grey_frame = np.pad(rgb, ((4, 4), (6, 6), (0, 0)), constant_values=30)
+    assert border_crop_box(grey_frame) == (0, 0, width + 12, height + 8)
+    assert border_crop_box(np.pad(np.maximum(rgb, 50), ((4, 4), (6, 6), (0, 0)), constant_values=30),
+                           threshold=40) == (6, 4, 6 + width, 4 + height)
+
+
+@pytest.mark.parametrize(("colour", "is_border"), [
+    ((0, 0, 60), True), ((60, 0, 0), True), ((0, 60, 0), False),  # one channel: 6.8, 17.9, 35.2
+    ((15, 15, 100), False), ((60, 10, 0), False), ((21, 21, 21), False),  # 24.7, 23.8, 21.0: above 20
+])
+def test_border_crop_uses_the_luma_of_each_channel(colour, is_border):
+    """Grey = 0.299 R + 0.587 G + 0.114 B: blue 60 (6.8) and red 60 (17.9) are dark, green 60 (35.2) is not."""
+    from skindistil.data.imageio import border_crop_box
+
+    rgb = np.zeros((50, 60, 3), dtype=np.uint8)
+    rgb[:] = colour
+    rgb[10:40, 20:50] = 200
+    assert border_crop_box(rgb) == ((20, 10, 50, 40) if is_border else (0, 0, 60, 50))
+
+
+def test_border_crop_keeps_the_largest_bright_region_of_at_least_one_percent():
+    from skindistil.data.imageio import border_crop_box
+
+    rgb = np.zeros((100, 100, 3), dtype=np.uint8)
+    rgb[5:15, 70:80] = 255  # 10 x 10 = exactly 1% of the image: a lesion field
+    assert border_crop_box(rgb) == (70, 5, 80, 15)
+    rgb[50:59, 10:30] = 255  # a larger region (9 x 20) elsewhere wins
+    assert border_crop_box(rgb) == (10, 50, 30, 59)
+    speck = np.zeros((100, 100, 3), dtype=np.uint8)
+    speck[0:9, 0:10] = 255  # 90 pixels: under 1%, too small to be the field: keep the whole image
+    assert border_crop_box(speck) == (0, 0, 100, 100)
+    away = np.zeros((100, 100, 3), dtype=np.uint8)
+    away[50:59, 50:60] = 255  # the same 90 pixels away from the corner: still too small
+    assert border_crop_box(away) == (0, 0, 100, 100)
+
+
+def test_resize_shorter_keeps_the_aspect_with_pillows_filters(original):
+    from skindistil.data.imageio import resize_shorter
+
+    image = Image.fromarray(original[1])
+    width, height = image.size
+    down = resize_shorter(image, height // 2)
+    assert down.size == (round(width / 2), height // 2)
+    assert np.array_equal(np.asarray(down), np.asarray(image.resize(down.size, Image.Resampling.LANCZOS)))
+    up = resize_shorter(image, height * 2)
+    assert up.size == (width * 2, height * 2)
+    assert np.array_equal(np.asarray(up), np.asarray(image.resize(up.size, Image.Resampling.BICUBIC)))
+    assert resize_shorter(image, height) is image
+    assert resize_shorter(Image.new("RGB", (3, 600)), 1).size == (1, 200)
+    assert resize_shorter(Image.new("RGB", (600, 3)), 1).size == (200, 1)
+
+
+def test_image_size_reads_the_header_only(original):
+    from skindistil.data.imageio import image_size
+
+    path, rgb = original
+    assert image_size(path.read_bytes()) == (rgb.shape[1], rgb.shape[0])
+    assert image_size(b"not an image") is None
+
+
+def test_as_image_list_and_as_rgb_array_take_every_input_kind(original):
+    from skindistil.data.imageio import as_image_list
+
+    path, rgb = original
+    image = Image.fromarray(rgb)
+    for one in (str(path), path, path.read_bytes(), image, rgb):
+        assert len(as_image_list(one)) == 1 and as_image_list(one)[0] is one
+    batch = np.stack([rgb, rgb[::-1]])
+    assert [a.shape for a in as_image_list(batch)] == [rgb.shape] * 2
+    assert as_image_list(x for x in (path, path)) == [path, path]
+    assert as_rgb_array(rgb) is rgb  # already 8-bit RGB: taken as it is
+    for source in (path, str(path), path.read_bytes(), image):
+        assert np.array_equal(as_rgb_array(source), rgb)
+    assert np.array_equal(as_rgb_array(_grey(rgb)), np.repeat(_grey(rgb)[..., None], 3, axis=2))
+    with pytest.raises(ImageError, match=r"^upload 3: float32 array"):
+        as_rgb_array(rgb.astype(np.float32), "upload 3")
+    with pytest.raises(ImageError, match=r"^upload 4: array of shape \[2, 3, 4, 5\] and dtype uint8 is not an image"):
+        as_rgb_array(np.zeros((2, 3, 4, 5), dtype=np.uint8), "upload 4")
+    with pytest.raises(ImageError, match=r"^upload 5: cannot read int as an image"):
+        as_rgb_array(7, "upload 5")
+
+
+@pytest.mark.parametrize(("fmt", "tags", "converted"), [
+    ("TIFF", {258: (16,), 339: (1,)}, True),  # 16-bit unsigned samples
+    ("TIFF", {258: 16}, True),  # tags as plain numbers, sample format absent (unsigned by default)
+    ("TIFF", {258: (16,), 339: 1}, True),
+    ("TIFF", {258: (16,), 339: (2,)}, False),  # signed: no defined white level
+    ("TIFF", {258: (32,), 339: (1,)}, False),
+    ("TIFF", {}, False),
+    ("TIFF", None, False),  # no tag directory at all
+    ("JPEG", {258: (16,)}, False),
+    (None, {}, False),
+])
+def test_a_mode_i_image_is_16_bit_only_where_its_file_says_so(original, fmt, tags, converted):
+    grey = _grey(original[1])
+    wide = Image.fromarray(grey.astype(np.int32) * 257)
+    wide.format = fmt
+    if tags is not None:
+        wide.tag_v2 = tags
+    if converted:
+        assert _mad(to_rgb(wide, "scan.tif"), grey) == 0
+    else:
+        with pytest.raises(ImageError, match=r"^scan\.tif: 32-bit integer image"):
+            to_rgb(wide, "scan.tif")
+
+
+def test_read_image_names_the_file_and_the_fault(original, tmp_path):
+    """Each refusal names the image (`name`, else the path, else <upload>) and says what is wrong."""
+    path, rgb = original
+    data = path.read_bytes()
+    cases = [
+        (tmp_path / "absent.jpg", {}, r"absent\.jpg: file not found$"),
+        (tmp_path, {}, r": a folder, not an image file$"),
+        (b"", {}, r"^<upload>: empty file \(0 bytes\)$"),
+        (b"", {"name": "lesion-7"}, r"^lesion-7: empty file"),
+        (b"plain text, not pixels", {}, r"^<upload>: not an image \(format not recognised\)$"),
+        (data[: len(data) // 2], {}, r"^<upload>: corrupt image: truncated image data"),
+        (data, {"max_pixels": 100}, rf"^<upload>: image is {rgb.shape[1]}x{rgb.shape[0]} = "
+                                    rf"{rgb.shape[0] * rgb.shape[1]:,} pixels, over the limit of 100 "
+                                    r"\(possible decompression bomb\)$"),
+    ]
+    for src, kwargs, message in cases:
+        with pytest.raises(ImageError, match=message):
+            read_image(src, **kwargs)
+    assert np.array_equal(np.asarray(read_image(data, max_pixels=rgb.shape[0] * rgb.shape[1])), rgb)
+
+
+def test_read_image_applies_the_exif_orientation(original, tmp_path):
+    path, rgb = original
+    image = Image.fromarray(rgb)
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    rotated = tmp_path / "rotated.png"
+    image.save(rotated, exif=exif)
+    assert np.array_equal(np.asarray(read_image(rotated)), np.rot90(rgb, k=-1))
+    with pytest.raises(ImageError, match=r"^upload 6: 32-bit floating-point image"):
+        as_rgb_array(Image.fromarray(_grey(rgb)).convert("F"), "upload 6")
+
+
+def test_every_16_bit_level_maps_to_the_nearest_8_bit_level():
+    levels = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    decoded = np.asarray(to_rgb(Image.fromarray(levels), "ramp"))
+    expected = np.round(levels.astype(np.float64) * 255 / 65535).astype(np.uint8)  # no exact halves occur
+    assert np.array_equal(decoded, np.repeat(expected[..., None], 3, axis=2))
+    for outside in (-1, 65536):
+        wide = Image.fromarray(np.full((4, 4), outside, dtype=np.int32))
+        wide.format = "PNG"
+        with pytest.raises(ImageError, match=r"^scan: 16-bit image \(Pillow mode I\) holds values outside 0\.\.65535$"):
+            to_rgb(wide, "scan")
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P"])
+def test_a_transparent_colour_is_composited_on_black(mode):
+    rgb = np.full((4, 6, 3), 255, dtype=np.uint8)
+    rgb[:, :3] = (200, 200, 200) if mode != "1" else (255, 255, 255)
+    rgb[:, 3:] = 0 if mode == "1" else 255
+    image = Image.fromarray(rgb).convert(mode)
+    key = image.getpixel((5, 0))  # the colour of the right half, in the mode's own terms
+    image.info["transparency"] = key
+    decoded = np.asarray(to_rgb(image))
+    assert (decoded[:, 3:] == 0).all() and (decoded[:, :3] > 0).all()

@@ -10,6 +10,7 @@ import torch
 from skindistil.distill.losses import (
     DistillationLoss,
     chained_depth_kl,
+    distillation_token_loss,
     enabled_depths,
     hidden_cosine_loss,
     kd_loss,
@@ -142,7 +143,8 @@ def test_distillation_loss_is_the_weighted_sum_of_its_parts(logits):
 def test_distillation_loss_defaults_weights_and_missing_hidden_states(logits):
     student, teacher, target = logits
     defaults = DistillationLoss()
-    assert (defaults.a_task, defaults.a_kd, defaults.temperature, defaults.a_mse, defaults.a_cos) == (1.0, 0.5, 2.0, 0.25, 0.0)
+    weights = defaults.config
+    assert (weights.a_task, weights.a_kd, weights.temperature, weights.a_mse, weights.a_cos) == (1.0, 0.5, 2.0, 0.25, 0.0)
     total, parts = defaults(student, teacher, target)
     assert set(parts) == {"task", "kd", "mse"}
     weight = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
@@ -150,3 +152,60 @@ def test_distillation_loss_defaults_weights_and_missing_hidden_states(logits):
     assert weighted["task"] == task_loss(student, target, weight)
     with pytest.raises(ValueError, match="hidden_pairs"):
         DistillationLoss(a_cos=1.0)(student, teacher, target)
+
+
+def test_distillation_loss_module_passes_every_option_through(logits):
+    """Every constructor option reaches its term (the class of bug where an option is accepted and dropped)."""
+    student, teacher, target = logits
+    g = torch.Generator().manual_seed(4)
+    hidden = [(torch.randn(B, 3, 6, generator=g, dtype=torch.float64), torch.randn(B, 3, 6, generator=g, dtype=torch.float64))]
+    dist = torch.randn(B, C, generator=g, dtype=torch.float64)
+    weight = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    criterion = DistillationLoss(a_task=2.0, a_kd=0.3, temperature=3.0, a_mse=0.7, a_cos=0.2, class_weights=weight,
+                                 cos_tokens="cls", label_smoothing=0.1, distillation_token="soft", a_dist=0.4)
+    total, parts = criterion(student, teacher, target, hidden_pairs=hidden, dist_logits=dist)
+    expected = (2.0 * task_loss(student, target, weight, 0.1) + 0.3 * kd_loss(student, teacher, 3.0)
+                + 0.7 * logit_mse(student, teacher) + 0.2 * hidden_cosine_loss(hidden, tokens="cls")
+                + 0.4 * distillation_token_loss(dist, teacher, "soft", 3.0))
+    assert total.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert parts["task"].item() == pytest.approx(task_loss(student, target, weight, 0.1).item(), rel=1e-12)
+    defaults = DistillationLoss().config
+    assert (defaults.distillation_token, defaults.a_dist, defaults.cos_tokens) == ("none", 1.0, "all")
+    with pytest.raises(ValueError, match="cos_tokens"):
+        DistillationLoss(cos_tokens="mean")
+    assert "class_weights" not in criterion.state_dict()  # a run input, not state: never saved
+
+
+def test_distillation_token_loss_defaults_to_hard_and_per_depth_ce_of_no_depth_is_zero(logits):
+    student, teacher, target = logits
+    assert distillation_token_loss(student, teacher) == distillation_token_loss(student, teacher, "hard")
+    assert distillation_token_loss(student, teacher) != distillation_token_loss(student, teacher, "soft")
+    soft_default = distillation_token_loss(student, teacher, "soft")
+    assert soft_default == distillation_token_loss(student, teacher, "soft", 1.0)
+    assert soft_default != distillation_token_loss(student, teacher, "soft", 2.0)
+    none = per_depth_ce(student[None][:0], target)
+    assert torch.is_tensor(none) and none.item() == 0.0
+
+
+def test_boundaries_defaults_and_refusals(logits):
+    from skindistil.config import LossConfig
+    from skindistil.distill.losses import TaskLoss, distillation_loss
+
+    student, teacher, target = logits
+    assert kd_loss(student, teacher) == kd_loss(student, teacher, 2.0)  # the authors' T
+    assert TaskLoss(label_smoothing=1.0).label_smoothing == 1.0  # the closed end of [0, 1] is allowed
+    assert enabled_depths(0, 1, 0, 1) == [0]  # a single depth is a valid chain of one
+    with pytest.raises(ValueError, match="num_depths >= 1"):
+        enabled_depths(0, 0, 5, 1)
+    with pytest.raises(ValueError, match="at least one"):
+        hidden_cosine_loss([])
+    with pytest.raises(ValueError, match="cos_tokens='mean'"):
+        distillation_loss(student, teacher, target, LossConfig(cos_tokens="mean"), TaskLoss())
+    with pytest.raises(ValueError, match="distillation_token='soft-ish'"):
+        distillation_loss(student, teacher, target, LossConfig(distillation_token="soft-ish"), TaskLoss())
+    with pytest.raises(ValueError, match="needs dist_logits"):
+        distillation_loss(student, teacher, target, LossConfig(distillation_token="hard"), TaskLoss())
+    with pytest.raises(ValueError, match="a_cos > 0 needs hidden_pairs"):
+        distillation_loss(student, teacher, target, LossConfig(a_cos=0.1), TaskLoss())
+    nothing, parts = distillation_loss(student, teacher, target, LossConfig(a_task=0, a_kd=0, a_mse=0), TaskLoss())
+    assert torch.is_tensor(nothing) and nothing.item() == 0.0 and parts == {}

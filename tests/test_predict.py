@@ -212,3 +212,28 @@ def test_cli_rejects_bad_options(artifact, images, tmp_path, capsys):
     assert "must end in .csv or .json" in capsys.readouterr().err
     assert _predict("--model", tmp_path / "nowhere", images[0]) == 1
     assert "no such model directory" in capsys.readouterr().err
+
+
+def test_the_stored_temperature_sets_predicts_probabilities(artifact, images, tmp_path):
+    """A calibrated artifact's predictions are softmax(logits / T) through LoadedModel.predict and the
+    Predictor, with and without TTA; T = 2.5 visibly flattens them."""
+    import shutil
+
+    from skindistil.inference.predictor import TTA_FLIPS
+    from skindistil.models.artifact import set_calibration
+
+    calibrated = tmp_path / "model"
+    shutil.copytree(artifact, calibrated)
+    set_calibration(calibrated, 2.5, fitted_on="val")
+    loaded = skindistil.load_model(calibrated)
+    assert loaded.temperature == 2.5
+    batch = loaded.preprocess_images(images)
+    expected = (loaded.logits(batch).float() / 2.5).softmax(dim=-1).numpy()
+    np.testing.assert_allclose(loaded.predict(images), expected, atol=1e-6)
+    np.testing.assert_allclose(Predictor(calibrated).predict(images), expected, atol=1e-6)
+    uncalibrated = skindistil.load_model(artifact).predict(images)
+    assert np.abs(uncalibrated - expected).max() > 0.05
+    assert (expected.max(axis=1) < uncalibrated.max(axis=1)).all()  # T > 1 lowers every top probability
+    views = [batch.flip(dims) if dims else batch for dims in TTA_FLIPS]
+    tta_expected = np.mean([(loaded.logits(v).float() / 2.5).softmax(dim=-1).numpy() for v in views], axis=0)
+    np.testing.assert_allclose(Predictor(calibrated, tta=True).predict(images), tta_expected, atol=1e-6)

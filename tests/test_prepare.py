@@ -274,3 +274,48 @@ def test_cli_end_to_end(ham_root, tmp_path, capsys):
     code = cli.main(["prepare", "--source", "isic2019", "--labels", "dx", "--root", str(ham_root), "--out", str(out)])
     assert code == 1
     assert "--labels do(es) not apply to --source isic2019" in capsys.readouterr().err
+
+
+FRAME = 24  # px of black frame added around each real image
+
+
+def _framed_dataset(ham_root: Path, root: Path, frame: int) -> Path:
+    """root/<dx>/<image>.png: 4 real HAM10000 images per class, decoded and written losslessly inside
+    a black frame of `frame` px (0: as they are)."""
+    table = pd.read_csv(ham_root / "HAM10000_metadata.csv")
+    for dx in ("mel", "nv"):
+        (root / dx).mkdir(parents=True)
+        for image in table.loc[table["dx"] == dx, "image_id"].head(4):
+            pixels = np.asarray(Image.open(ham_root / "images" / f"{image}.jpg").convert("RGB"))
+            framed = np.pad(pixels, ((frame, frame), (frame, frame), (0, 0)))
+            Image.fromarray(framed).save(root / dx / f"{image}.png")
+    return root
+
+
+def _cached_arrays(out: Path) -> dict[str, np.ndarray]:
+    manifest, _ = load_manifest(out)
+    return {Path(row.image_id).name: np.load(out / row.cache_file) for row in manifest.itertuples()}
+
+
+def test_border_crop_removes_a_black_frame_from_the_cached_array(ham_root, tmp_path):
+    """Real images inside a black frame cache, with border crop, exactly the pixels of the unframed
+    images; without it, the frame stays in the cached array."""
+    kwargs = {"short_side": 64, "workers": 0, "progress": False, "duplicates": "keep"}
+    framed_src = _framed_dataset(ham_root, tmp_path / "framed", FRAME)
+    plain_src = _framed_dataset(ham_root, tmp_path / "plain", 0)
+    prepare_dataset(ImageFolderSource(framed_src), tmp_path / "cropped", border_crop=True, **kwargs)
+    prepare_dataset(ImageFolderSource(framed_src), tmp_path / "uncropped", border_crop=False, **kwargs)
+    prepare_dataset(ImageFolderSource(plain_src), tmp_path / "reference", border_crop=True, **kwargs)
+    cropped, uncropped, reference = (_cached_arrays(tmp_path / d) for d in ("cropped", "uncropped", "reference"))
+    assert len(cropped) == 8 and set(cropped) == set(uncropped) == set(reference)
+    manifest = load_manifest(tmp_path / "cropped")[0].set_index("image_id")
+    plain_manifest = load_manifest(tmp_path / "reference")[0].set_index("image_id")
+    for name, array in cropped.items():
+        np.testing.assert_array_equal(array, reference[name])  # the frame is gone, nothing else changed
+        assert uncropped[name].shape != array.shape
+        edge = np.concatenate([uncropped[name][0], uncropped[name][-1], uncropped[name][:, 0], uncropped[name][:, -1]])
+        assert edge.max() <= 20  # without border crop the cached array still starts with the black frame
+    for image_id, row in manifest.iterrows():
+        plain = plain_manifest.loc[image_id]
+        assert [row.crop_x0, row.crop_y0, row.crop_x1, row.crop_y1] == [
+            plain.crop_x0 + FRAME, plain.crop_y0 + FRAME, plain.crop_x1 + FRAME, plain.crop_y1 + FRAME]

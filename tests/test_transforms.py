@@ -184,3 +184,46 @@ def test_colour_step_matches_torchvision_brightness_and_contrast(ham_images):
                                                          torch.ones(2)), max_value=1.0)
     torch.testing.assert_close(shifted[:, 0], (images[:, 0] + 15 / 255).clamp(0, 1))
     torch.testing.assert_close(shifted[:, 2], (images[:, 2] - 15 / 255).clamp(0, 1))
+
+
+# Each augmentation of the paper alone, at the paper's magnitude and probability 1 (SPEC.md).
+ONE_AUGMENTATION = {
+    "shift": {"affine_p": 1.0, "max_scale": 0.0, "max_rotation": 0.0},
+    "scale": {"affine_p": 1.0, "max_shift": 0.0, "max_rotation": 0.0},
+    "rotate": {"affine_p": 1.0, "max_shift": 0.0, "max_scale": 0.0},
+    "rgb_shift": {"rgb_shift_p": 1.0},
+    "brightness": {"brightness_contrast_p": 1.0, "max_contrast": 0.0},
+    "contrast": {"brightness_contrast_p": 1.0, "max_brightness": 0.0},
+}
+
+
+def test_the_augmentation_defaults_are_the_papers():
+    assert AugmentConfig() == AugmentConfig(affine_p=0.75, max_shift=0.05, max_scale=0.05, max_rotation=90.0,
+                                            rgb_shift_p=0.5, max_rgb_shift=15.0, brightness_contrast_p=0.5,
+                                            max_brightness=0.2, max_contrast=0.2)
+
+
+def _per_sample(aug, image, seed):
+    torch.manual_seed(seed)
+    return build_train_transform(CFG_64, aug)(image)
+
+
+def _batched(aug, image, seed):
+    return BatchAugment(CFG_64, aug, generator=torch.Generator().manual_seed(seed)).train()(image[None])[0]
+
+
+@pytest.mark.parametrize("path", [_per_sample, _batched], ids=["per-sample", "batched"])
+@pytest.mark.parametrize("name", list(ONE_AUGMENTATION))
+def test_every_augmentation_of_the_paper_changes_its_input(ham_images, path, name):
+    """The train transform with one augmentation switched on differs from the same draw with it
+    switched off (same seed, so the crop window is the same): each step is in the pipeline and acts."""
+    image = _centre_square(_chw(ham_images[0]))
+    on = AugmentConfig(**{**NO_AUGMENT.__dict__, **ONE_AUGMENTATION[name]})
+    changes = [(path(on, image, seed) - path(NO_AUGMENT, image, seed)).abs().mean().item() for seed in range(4)]
+    assert min(changes) > 0, f"{name} left some input unchanged: {changes}"
+    assert np.mean(changes) > 0.01, f"{name} barely changes its input: {changes}"
+
+
+def test_the_random_crop_moves(ham_images):
+    image = _centre_square(_chw(ham_images[0]))
+    assert (_per_sample(NO_AUGMENT, image, 0) - _per_sample(NO_AUGMENT, image, 1)).abs().mean() > 0.01

@@ -6,12 +6,17 @@ Every "mean over the batch" is a plain mean over its B samples unless a class we
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from skindistil.config import LossConfig
+from skindistil.errors import ConfigError
 
 COSINE_TOKENS = ("all", "cls")
 DISTILLATION_TOKEN_MODES = ("none", "soft", "hard")
@@ -21,6 +26,31 @@ def task_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None, labe
     """Cross-entropy with optional class weights and label smoothing (PyTorch's definition: with
     weights, the mean divides by the summed weights of the targets)."""
     return F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing)
+
+
+@dataclass(frozen=True)
+class TaskLoss:
+    """The cross-entropy against the labels, with the options every method must honour.
+
+    class_weights: [C] float (`data.imbalance` weighted-loss) or None; label_smoothing: in [0, 1]
+    (`optim.label_smoothing`). Every label term of every method (the task term, the per-depth CE of
+    FCViT and `full`, FCViTProbs' last-depth CE) is computed by one `TaskLoss`, so no method can drop an
+    option. Terms against the teacher (KD, logit MSE, DeiT's hard token loss) are not label terms and
+    take neither. Raises ConfigError naming optim.label_smoothing for a value outside [0, 1].
+    """
+
+    class_weights: Tensor | None = None
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        smoothing = self.label_smoothing
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not math.isfinite(smoothing) \
+                or not 0.0 <= smoothing <= 1.0:
+            raise ConfigError(f"optim.label_smoothing: expected a number in [0, 1], got {smoothing!r}")
+
+    def __call__(self, logits: Tensor, target: Tensor) -> Tensor:
+        """logits [B, C] float, target [B] int64 class indices -> scalar loss."""
+        return task_loss(logits, target, self.class_weights, self.label_smoothing)
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 2.0) -> Tensor:
@@ -77,11 +107,13 @@ def hidden_cosine_loss(pairs: Sequence[tuple[Tensor, Tensor]], tokens: str = "al
     return torch.stack(losses).mean()
 
 
-def per_depth_ce(
-    all_logits: Tensor, target: Tensor, weight: Tensor | None = None, label_smoothing: float = 0.0
-) -> Tensor:
-    """FCViT: sum over depths of the cross-entropy of that depth's logits. all_logits: [D, B, C]."""
-    return sum(task_loss(z, target, weight, label_smoothing) for z in all_logits)
+def per_depth_ce(all_logits: Tensor, target: Tensor, task: TaskLoss | None = None) -> Tensor:
+    """FCViT: sum over depths of the cross-entropy `task` (default: plain CE) of that depth's logits.
+
+    all_logits: [D, B, C] with D >= 1; target: [B] int64. Returns a scalar.
+    """
+    task = task or TaskLoss()
+    return sum((task(z, target) for z in all_logits), all_logits.new_zeros(()))
 
 
 def chained_depth_kl(all_logits: Tensor, depths: Sequence[int], weight: float = 1.0) -> Tensor:
@@ -126,19 +158,61 @@ def enabled_depths(step: int, num_depths: int, warmup_steps: int, every_steps: i
     return list(range(num_depths - count, num_depths))
 
 
-class DistillationLoss(nn.Module):
-    """SkinDistilViT loss:
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    loss: LossConfig,
+    task: TaskLoss,
+    hidden_pairs: Sequence[tuple[Tensor, Tensor]] | None = None,
+    dist_logits: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The SkinDistilViT loss (SPEC.md) with the weights of `loss` (a `LossConfig`):
 
-        a_task * CE(student, label) + a_kd * T^2 * KL(p_teacher^T || p_student^T)
+        a_task * task(student, label) + a_kd * T^2 * KL(p_teacher^T || p_student^T)
         + a_mse * sum((student - teacher)^2) / B + a_cos * (1 - cos(student hidden, teacher hidden))
 
-    With the DeiT distillation token (`distillation_token` "soft" or "hard"), `student_logits` are the
-    class-token head's and the token's head adds a_dist * `distillation_token_loss(dist_logits, ...)`
-    (temperature `temperature` for soft); a_kd and a_mse still act on the class-token head (set them to
-    0 for DeiT's own loss, CE on the class token + the token term).
+    student_logits, teacher_logits: [B, C]; target: [B] int64; `task`: the label cross-entropy with
+    its class weights and label smoothing. With the DeiT distillation token (`loss.distillation_token`
+    "soft" or "hard"), `student_logits` are the class-token head's and `dist_logits` [B, C] the token
+    head's, which adds a_dist * `distillation_token_loss(dist_logits, ...)` (temperature
+    `loss.temperature` for soft); a_kd and a_mse still act on the class-token head.
 
-    forward(...) returns (total, parts) where parts holds each term before weighting, detached, for
-    the terms whose weight is non-zero. Defaults are the authors' code.
+    Returns (total, parts): each term before weighting, detached, for the terms whose weight is
+    non-zero (names task, kd, mse, cos, dist). Raises ValueError when a_cos > 0 without
+    `hidden_pairs` or a token mode without `dist_logits`.
+    """
+    if loss.cos_tokens not in COSINE_TOKENS:
+        raise ValueError(f"cos_tokens={loss.cos_tokens!r}: expected one of {COSINE_TOKENS}")
+    if loss.distillation_token not in DISTILLATION_TOKEN_MODES:
+        raise ValueError(f"distillation_token={loss.distillation_token!r}: expected one of {DISTILLATION_TOKEN_MODES}")
+    terms: dict[str, tuple[float, Tensor]] = {}
+    if loss.a_task:
+        terms["task"] = loss.a_task, task(student_logits, target)
+    if loss.a_kd:
+        terms["kd"] = loss.a_kd, kd_loss(student_logits, teacher_logits, loss.temperature)
+    if loss.a_mse:
+        terms["mse"] = loss.a_mse, logit_mse(student_logits, teacher_logits)
+    if loss.a_cos:
+        if not hidden_pairs:
+            raise ValueError("a_cos > 0 needs hidden_pairs=[(student_hidden, teacher_hidden), ...]")
+        terms["cos"] = loss.a_cos, hidden_cosine_loss(hidden_pairs, loss.cos_tokens)
+    if loss.distillation_token != "none" and loss.a_dist:
+        if dist_logits is None:
+            raise ValueError(f"distillation_token={loss.distillation_token!r} needs dist_logits (the "
+                             "distillation token head's logits)")
+        terms["dist"] = loss.a_dist, distillation_token_loss(
+            dist_logits, teacher_logits, loss.distillation_token, loss.temperature)
+    total = sum((w * value for w, value in terms.values()), student_logits.new_zeros(()))
+    return total, {name: value.detach() for name, (_, value) in terms.items()}
+
+
+class DistillationLoss(nn.Module):
+    """`distillation_loss` as a module holding its weights and the class weights (a buffer, so it moves
+    with the module). Defaults are the authors' code.
+
+    forward(student_logits, teacher_logits, target, hidden_pairs=None, dist_logits=None) returns
+    (total, parts) as `distillation_loss`.
     """
 
     def __init__(
@@ -159,11 +233,9 @@ class DistillationLoss(nn.Module):
             raise ValueError(f"cos_tokens={cos_tokens!r}: expected one of {COSINE_TOKENS}")
         if distillation_token not in DISTILLATION_TOKEN_MODES:
             raise ValueError(f"distillation_token={distillation_token!r}: expected one of {DISTILLATION_TOKEN_MODES}")
-        self.a_task, self.a_kd, self.a_mse, self.a_cos = a_task, a_kd, a_mse, a_cos
-        self.distillation_token, self.a_dist = distillation_token, a_dist
-        self.temperature = temperature
-        self.cos_tokens = cos_tokens
-        self.label_smoothing = label_smoothing
+        self.config = LossConfig(a_task=a_task, a_kd=a_kd, temperature=temperature, a_mse=a_mse, a_cos=a_cos,
+                                 cos_tokens=cos_tokens, distillation_token=distillation_token, a_dist=a_dist)
+        self.label_smoothing = TaskLoss(label_smoothing=label_smoothing).label_smoothing
         self.register_buffer("class_weights", class_weights, persistent=False)
 
     def forward(
@@ -174,22 +246,5 @@ class DistillationLoss(nn.Module):
         hidden_pairs: Sequence[tuple[Tensor, Tensor]] | None = None,
         dist_logits: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        terms: dict[str, tuple[float, Tensor]] = {}
-        if self.a_task:
-            terms["task"] = self.a_task, task_loss(student_logits, target, self.class_weights, self.label_smoothing)
-        if self.a_kd:
-            terms["kd"] = self.a_kd, kd_loss(student_logits, teacher_logits, self.temperature)
-        if self.a_mse:
-            terms["mse"] = self.a_mse, logit_mse(student_logits, teacher_logits)
-        if self.a_cos:
-            if not hidden_pairs:
-                raise ValueError("a_cos > 0 needs hidden_pairs=[(student_hidden, teacher_hidden), ...]")
-            terms["cos"] = self.a_cos, hidden_cosine_loss(hidden_pairs, self.cos_tokens)
-        if self.distillation_token != "none" and self.a_dist:
-            if dist_logits is None:
-                raise ValueError(f"distillation_token={self.distillation_token!r} needs dist_logits (the "
-                                 "distillation token head's logits)")
-            terms["dist"] = self.a_dist, distillation_token_loss(
-                dist_logits, teacher_logits, self.distillation_token, self.temperature)
-        total = sum((w * loss for w, loss in terms.values()), student_logits.new_zeros(()))
-        return total, {name: loss.detach() for name, (_, loss) in terms.items()}
+        task = TaskLoss(self.class_weights, self.label_smoothing)
+        return distillation_loss(student_logits, teacher_logits, target, self.config, task, hidden_pairs, dist_logits)

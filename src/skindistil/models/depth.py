@@ -1,4 +1,8 @@
-"""Per-depth classifiers on one ViT (FCViT, FCViTProbs) and early exit.
+"""A multi-exit (early-exit) ViT: per-depth classifiers on one timm ViT (FCViT, FCViTProbs) and early exit.
+
+Per-block tokens come from timm's `forward_intermediates` (one pass, stopping after the deepest exit
+asked for); only `early_exit`, which runs each block on the samples still in flight, walks the blocks
+itself from timm's stem (`vit_stem`).
 
 Depths are counted in blocks, 1..N: "depth d" is the class token after block d (0-based index d - 1).
 An exit at depth d maps that token through a norm and a linear head to logits:
@@ -31,14 +35,33 @@ from skindistil.models.student import extract_student
 
 
 def vit_stem(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Images [B, 3, H, W] -> the token sequence entering a timm ViT's first block."""
+    """Images [B, 3, H, W] -> the token sequence entering a timm ViT's first block.
+
+    timm has no public stem: this mirrors the start of `forward_intermediates` and serves only
+    `DepthViT.early_exit`, which runs each block on the samples still in flight (timm's loops run
+    every block on the whole batch).
+    """
     return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
 
 
+def block_tokens(vit: nn.Module, x: torch.Tensor, depths: Sequence[int]) -> list[torch.Tensor]:
+    """Output tokens [B, N, E] (prefix tokens first, then patches; before the final norm) of the blocks
+    at `depths` (1-based, ascending) of timm ViT `vit`, through timm's `forward_intermediates`, which
+    stops after the deepest one."""
+    out = vit.forward_intermediates(x, indices=[d - 1 for d in depths], return_prefix_tokens=True, norm=False,
+                                    stop_early=True, output_fmt="NLC", intermediates_only=True)
+    if not vit.num_prefix_tokens:  # timm returns the patch tokens alone then
+        return list(out)
+    return [torch.cat([prefix, patches], dim=1) for patches, prefix in out]
+
+
 def vit_logits_and_hidden(vit: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and the last block's output tokens [B, N, D] (before the final norm) of a timm ViT."""
-    hidden = vit.blocks(vit_stem(vit, x))
-    return vit.forward_head(vit.norm(hidden)), hidden
+    """Logits [B, C] and the last block's output tokens [B, N, E] (before the final norm) of a timm
+    ViT, from one `forward_intermediates` pass and `forward_head`."""
+    features, (last,) = vit.forward_intermediates(x, indices=1, return_prefix_tokens=True, norm=False,
+                                                  output_fmt="NLC")
+    hidden = torch.cat(last[::-1], dim=1) if vit.num_prefix_tokens else last
+    return vit.forward_head(features), hidden
 
 
 class DepthViT(nn.Module):
@@ -88,7 +111,7 @@ class DepthViT(nn.Module):
         return head(x[:, 0]), dist_head(x[:, 1])
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] -> the token sequence entering the first block (timm's stem)."""
+        """Images [B, 3, H, W] -> the token sequence entering the first block (see `vit_stem`)."""
         return vit_stem(self.vit, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,20 +121,14 @@ class DepthViT(nn.Module):
     def forward_all(self, x: torch.Tensor, return_hidden: bool = False):
         """Logits at every exit, stacked: [num_exits, B, num_classes]; with `return_hidden`, also the
         last block's output tokens [B, N, D] (for hidden-state distillation)."""
-        tokens = self.embed(x)
-        out = []
-        for depth, block in enumerate(self.vit.blocks, start=1):
-            tokens = block(tokens)
-            if depth in self.exits:
-                out.append(self.exit_logits(self.exits.index(depth), tokens))
-        return (torch.stack(out), tokens) if return_hidden else torch.stack(out)
+        tokens = block_tokens(self.vit, x, self.exits)
+        logits = torch.stack([self.exit_logits(index, t) for index, t in enumerate(tokens)])
+        return (logits, tokens[-1]) if return_hidden else logits
 
     def forward_until(self, x: torch.Tensor, depth: int) -> torch.Tensor:
         """Logits of the exit at `depth`, running only the first `depth` blocks."""
         index = self._exit_index(depth)
-        tokens = self.embed(x)
-        for block in self.vit.blocks[:depth]:
-            tokens = block(tokens)
+        (tokens,) = block_tokens(self.vit, x, [depth])
         return self.exit_logits(index, tokens)
 
     def early_exit(self, x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:

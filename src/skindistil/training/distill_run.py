@@ -29,7 +29,6 @@ online.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass
@@ -39,18 +38,19 @@ from torch import nn
 
 from skindistil.config import DistillConfig, PreprocessConfig
 from skindistil.distill.losses import DISTILLATION_TOKEN_MODES
+from skindistil.distill.methods import REGISTRY, cascade_plan, initial_student, token_methods
 from skindistil.errors import ConfigError
-from skindistil.models import DepthViT, create_teacher, extract_student, load_model
+from skindistil.models import create_teacher, load_model
 from skindistil.models.artifact import LoadedModel, resolve_model_dir
-from skindistil.models.distilled import DISTILLED_ARCH, add_distillation_token, is_distilled
+from skindistil.models.distilled import DISTILLED_ARCH, is_distilled
 from skindistil.models.student import is_vit
 from skindistil.models.teacher import accepts_img_size
-from skindistil.training.distiller import METHODS, TOKEN_METHODS, DistillerModule
+from skindistil.training.distiller import DistillerModule
 from skindistil.training.teacher import TrainResult, finish_run, loss_class_weights, start_run
 from skindistil.training.teacher_store import TeacherStore, needed_hidden, store_identity
 from skindistil.training.trainer import build_trainer, fit, resume_checkpoint
 
-ALL_METHODS = (*METHODS, "cascade")
+ALL_METHODS = (*REGISTRY, "cascade")
 
 
 @dataclass
@@ -122,9 +122,10 @@ def check_token_method(cfg: DistillConfig) -> None:
     mode = cfg.loss.distillation_token
     if mode not in DISTILLATION_TOKEN_MODES:
         raise ConfigError(f"loss.distillation_token: {mode!r} is not one of {', '.join(DISTILLATION_TOKEN_MODES)}")
-    if mode != "none" and cfg.method not in (*TOKEN_METHODS, "cascade"):
+    with_token = (*token_methods(), "cascade")
+    if mode != "none" and cfg.method not in with_token:
         raise ConfigError(f"loss.distillation_token={mode}: method {cfg.method} trains without the teacher, so "
-                          f"nothing would train the token; use it with {', '.join((*TOKEN_METHODS, 'cascade'))}")
+                          f"nothing would train the token; use it with {', '.join(with_token)}")
 
 
 def check_cascade(cfg: DistillConfig, teacher: LoadedModel) -> None:
@@ -240,22 +241,17 @@ def _compared_tokens(vit: nn.Module) -> tuple[int, int]:
     return vit.num_prefix_tokens - int(is_distilled(vit)), vit.patch_embed.num_patches
 
 
-def _with_token(cfg: DistillConfig, vit: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """`vit` with a distillation token when the loss uses one and it has none yet, and its arch name."""
-    if cfg.loss.distillation_token == "none" or is_distilled(vit):
-        return vit, name
-    return add_distillation_token(vit), DISTILLED_ARCH
+def _arch_name(student: nn.Module, start: nn.Module, name: str) -> str:
+    """The timm architecture name of a student built from `start` (named `name`): timm's distilled ViT
+    when the method added a distillation token, else the start's."""
+    return DISTILLED_ARCH if is_distilled(student) and not is_distilled(start) else name
 
 
 def _initial_student(cfg: DistillConfig, start: StudentStart):
     """The student the method starts from (`start.model` stays untouched), its arch name, provenance."""
-    if cfg.method == "distilvit":
-        student, kept = extract_student(start.model, cfg.keep, cfg.strategy)
-        student, name = _with_token(cfg, student, start.name)
-        return student, name, {"kept_blocks": list(kept)}
-    vit, name = _with_token(cfg, copy.deepcopy(start.model), start.name)
-    depth_model = DepthViT(vit, exits="all", shared_head=cfg.method == "fcvit-probs")
-    return depth_model, name, {"kept_blocks": list(range(len(start.model.blocks)))}
+    student, kept = initial_student(cfg.method, start.model, keep=cfg.keep, strategy=cfg.strategy,
+                                    token=cfg.loss.distillation_token != "none")
+    return student, _arch_name(student, start.model, start.name), {"kept_blocks": kept}
 
 
 def _train_one(cfg, student, name, teacher_model, method, datamodule, run_dir: Path, teacher, preprocess,
@@ -282,21 +278,19 @@ def _cascade(cfg: DistillConfig, teacher, start: StudentStart, datamodule, prove
     continues where it stopped. A teacher store serves the first member only (the others' teacher is
     the previous member).
     """
-    depth = len(teacher.model.blocks)
-    if not 1 <= cfg.min_depth < depth:
-        raise ConfigError(f"min_depth: {cfg.min_depth} must be in 1..{depth - 1} for a {depth}-block teacher")
     results = []
     previous, name = teacher.model, start.name
-    for k in range(depth - 1, cfg.min_depth - 1, -1):
-        member_dir = cfg.run_dir / "cascade" / f"depth-{k:02d}"
+    for member in cascade_plan(len(teacher.model.blocks), cfg.min_depth):
+        member_dir = cfg.run_dir / "cascade" / f"depth-{member.depth:02d}"
         if (member_dir / "model" / "config.json").is_file():
-            member = load_model(member_dir)
-            previous, name = member.model, member.architecture["name"]
+            loaded = load_model(member_dir)
+            previous, name = loaded.model, loaded.architecture["name"]
             continue
-        student, kept = extract_student(previous, k, "first")
-        student, name = _with_token(cfg, student, name)
-        extra = {**provenance, "kept_blocks": list(kept), "cascade_depth": k}
-        member_store = store if previous is teacher.model else None
+        student, kept = initial_student("distilvit", previous, keep=member.kept_blocks,
+                                        token=cfg.loss.distillation_token != "none")
+        name = _arch_name(student, previous, name)
+        extra = {**provenance, "kept_blocks": kept, "cascade_depth": member.depth}
+        member_store = store if member.from_teacher else None
         if member_store is not None:
             extra["teacher_store"] = str(store.path)
         datamodule.train_keys = member_store is not None

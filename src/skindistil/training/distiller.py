@@ -1,22 +1,9 @@
-"""LightningModule for distillation: SkinDistilViT, FCViT, FCViTProbs and their combination.
+"""LightningModule for distillation: it runs the student (and the teacher), and calls the method of
+`skindistil.distill.methods.REGISTRY` (distilvit, fcvit, fcvit-probs, full) for the loss.
 
-Training loss per method (z_d: logits of the exit at depth d, N = the deepest; CE uses the class
-weights of `data.imbalance`; the KD loss is `DistillationLoss`: task + KD + logit MSE + hidden cosine):
-
-- distilvit: the KD loss of the student (a timm ViT with fewer blocks) against the teacher.
-- fcvit: sum over depths d of CE(z_d, label); no teacher term.
-- fcvit-probs (one shared head): CE(z_N, label) + a_chain * sum over the enabled depths j of
-  KL(softmax(z_{j+1}) detached || softmax(z_j)); depths are enabled top-down on integer optimiser
-  steps (`enabled_depths`: chain_warmup_steps, then one more every chain_every_steps).
-- full (the paper's open question, combining the three): a teacher-initialised DepthViT with a head
-  per depth, trained with the KD loss against the teacher at the last exit (z_N, last hidden state),
-  + sum over d < N of CE(z_d, label) + a_chain * the chained per-depth KL with the same schedule.
-  (The cascade is a chain of distilvit runs, see `distill_run`.)
-
-With the DeiT distillation token (loss.distillation_token soft | hard; the student is a distilled
-ViT, `models.distilled`), the KD loss reads the class-token head and adds a_dist * the token term on
-the distillation head (in `full`: at the last exit; the other exits are trained on the mean of their
-two heads, the logits they predict with). Without it, a distilled student is trained on its output.
+Every label term of every method uses one `TaskLoss`: the class weights of `data.imbalance` and
+`optim.label_smoothing`, as the teacher's training does. Logged: train/loss_step and train/<part> for
+each part the method returns (task, kd, mse, cos, dist, per_depth_ce, chain_kl, enabled_depths).
 
 The teacher is any timm classifier, frozen, kept in eval mode for the whole run, and left out of
 checkpoints. It sees each training batch through its own preprocessing (`teacher_preprocess`: input
@@ -34,16 +21,14 @@ import torch.nn.functional as F
 
 from skindistil.config import LossConfig, OptimConfig, PreprocessConfig
 from skindistil.data.transforms import reprocess
-from skindistil.distill.losses import DistillationLoss, chained_depth_kl, enabled_depths, per_depth_ce
-from skindistil.models.depth import vit_logits_and_hidden, vit_stem
-from skindistil.models.distilled import head_logits, is_distilled, without_distillation_token
+from skindistil.distill.losses import TaskLoss
+from skindistil.distill.methods import TeacherOutputs, get_method, student_outputs, token_methods
+from skindistil.models.depth import vit_logits_and_hidden
+from skindistil.models.distilled import is_distilled, without_distillation_token
 from skindistil.training.collect import PredictionCollector
 from skindistil.training.optim import configure_optimizers
 from skindistil.training.trainer import CLASSES_KEY
 from skindistil.training.validation import log_validation_metrics
-
-METHODS = ("distilvit", "fcvit", "fcvit-probs", "full")
-TOKEN_METHODS = ("distilvit", "full")  # the methods with a teacher term the distillation token can carry
 
 
 class DistillerModule(L.LightningModule):
@@ -63,12 +48,11 @@ class DistillerModule(L.LightningModule):
         teacher_store=None,
     ):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+        spec = get_method(method)
         if loss.distillation_token != "none":
-            if method not in TOKEN_METHODS:
+            if not spec.teacher:
                 raise ValueError(f"method {method!r} has no teacher term for the distillation token "
-                                 f"(it works with {', '.join(TOKEN_METHODS)})")
+                                 f"(it works with {', '.join(token_methods())})")
             if not is_distilled(student):
                 raise ValueError("loss.distillation_token needs a student with a distillation token "
                                  "(models.distilled.add_distillation_token)")
@@ -85,11 +69,7 @@ class DistillerModule(L.LightningModule):
         self.optim_cfg = optim
         self.loss_cfg = loss
         self.register_buffer("class_weights", class_weights, persistent=False)
-        self.kd_loss = DistillationLoss(
-            a_task=loss.a_task, a_kd=loss.a_kd, temperature=loss.temperature, a_mse=loss.a_mse,
-            a_cos=loss.a_cos, cos_tokens=loss.cos_tokens, class_weights=class_weights,
-            distillation_token=loss.distillation_token, a_dist=loss.a_dist,
-        )
+        TaskLoss(label_smoothing=optim.label_smoothing)  # refuses a bad value before training starts
         self.teacher_preprocess, self.student_preprocess = teacher_preprocess, student_preprocess
         self.val_predictions = PredictionCollector()
 
@@ -104,20 +84,20 @@ class DistillerModule(L.LightningModule):
         return self.student(images)
 
     @torch.no_grad()
-    def _teacher(self, images, hidden: bool, keys):
+    def _teacher(self, images, hidden: bool, keys) -> TeacherOutputs:
         """Teacher logits, and (with `hidden`) its last hidden states without a distillation token: from
         the teacher store by sample `keys` when there is one, else from the teacher."""
         if self.teacher_store is not None:
             if keys is None:
                 raise ValueError("a teacher store needs training batches with sample keys (SkinDataModule(train_keys=True))")
             logits, tokens = self.teacher_store.outputs(keys, device=images.device)
-            return logits, (tokens if hidden else None)
+            return TeacherOutputs(logits, tokens if hidden else None)
         if self.teacher_preprocess is not None and self.student_preprocess is not None:
             images = reprocess(images, self.student_preprocess, self.teacher_preprocess)
         if not hidden:
-            return self.teacher(images), None
+            return TeacherOutputs(self.teacher(images))
         logits, tokens = vit_logits_and_hidden(self.teacher, images)
-        return logits, without_distillation_token(self.teacher, tokens)
+        return TeacherOutputs(logits, without_distillation_token(self.teacher, tokens))
 
     def training_step(self, batch, batch_idx):
         loss, parts = self.training_loss(batch)
@@ -131,48 +111,12 @@ class DistillerModule(L.LightningModule):
         """(loss, detached parts) of the method on a training batch (images, labels[, sample keys])."""
         images, targets = batch[0], batch[1]
         keys = batch[2] if len(batch) > 2 else None
-        if self.method == "distilvit":
-            loss, parts = self._kd_step(images, targets, keys)
-        elif self.method == "fcvit":
-            all_logits = self.student.forward_all(images)
-            loss = per_depth_ce(all_logits, targets, weight=self.class_weights)
-            parts = {"per_depth_ce": loss.detach()}
-        else:  # fcvit-probs and full: chained KL over the enabled depths
-            all_logits, hidden = self.student.forward_all(images, return_hidden=True)
-            depths = enabled_depths(
-                int(self.global_step), all_logits.shape[0], self.loss_cfg.chain_warmup_steps,
-                self.loss_cfg.chain_every_steps,
-            )
-            chain = chained_depth_kl(all_logits, depths)
-            if self.method == "fcvit-probs":
-                task = F.cross_entropy(all_logits[-1], targets, weight=self.class_weights)
-                parts = {"task": task.detach()}
-            else:
-                logits, dist_logits = all_logits[-1], None
-                if self.loss_cfg.distillation_token != "none":
-                    logits, dist_logits = self.student.exit_head_logits(all_logits.shape[0] - 1, hidden)
-                task, parts = self._kd_parts(logits, dist_logits, hidden, images, targets, keys)
-                task = task + per_depth_ce(all_logits[:-1], targets, weight=self.class_weights)
-            loss = task + self.loss_cfg.a_chain * chain
-            parts = {**parts, "chain_kl": chain.detach(), "enabled_depths": float(len(depths))}
-        return loss, parts
-
-    def _kd_step(self, images, targets, keys):
-        hidden = self.student.blocks(vit_stem(self.student, images))
-        logits, dist_logits = head_logits(self.student, hidden)
-        if dist_logits is not None and self.loss_cfg.distillation_token == "none":
-            logits, dist_logits = (logits + dist_logits) / 2, None  # trained on its output, as it predicts
-        return self._kd_parts(logits, dist_logits, hidden, images, targets, keys)
-
-    def _kd_parts(self, student_logits, dist_logits, student_hidden, images, targets, keys):
-        need_hidden = bool(self.loss_cfg.a_cos)
-        teacher_logits, teacher_hidden = self._teacher(images, need_hidden, keys)
-        hidden_pairs = None
-        if need_hidden:
-            vit = getattr(self.student, "vit", self.student)
-            hidden_pairs = [(without_distillation_token(vit, student_hidden), teacher_hidden)]
-        return self.kd_loss(student_logits, teacher_logits, targets, hidden_pairs=hidden_pairs,
-                            dist_logits=dist_logits)
+        spec, cfg = get_method(self.method), self.loss_cfg
+        hidden = spec.teacher and bool(cfg.a_cos)
+        student = student_outputs(self.student, images, token=cfg.distillation_token != "none", hidden=hidden)
+        teacher = self._teacher(images, hidden, keys) if spec.teacher else None
+        task = TaskLoss(self.class_weights, self.optim_cfg.label_smoothing)
+        return spec.loss(student, teacher, targets, cfg, task, int(self.global_step))
 
     def validation_step(self, batch, batch_idx):
         images, targets, indices = batch
