@@ -254,3 +254,18 @@ def test_checkpoint_on_a_full_tmpfs_leaves_last_intact(small_disk):
         io.save_checkpoint(_checkpoint(2.0, size=400_000), last)  # 1.6 MB on a 1 MiB disk
     assert torch.load(last, weights_only=True)["global_step"] == 1
     assert _leftovers(small_disk) == []
+
+
+def test_file_sha256_is_the_digest_of_every_block(ham_root, tmp_path):
+    """Across 1 MiB block boundaries: a 2.5 MiB file of real JPEG bytes, and an empty file."""
+    import hashlib
+
+    from skindistil.files import file_sha256
+
+    data = b"".join(p.read_bytes() for p in sorted((ham_root / "images").glob("*.jpg"))[:1000])[: 5 << 19]
+    assert len(data) == 5 << 19
+    big, empty = tmp_path / "big.bin", tmp_path / "empty.bin"
+    big.write_bytes(data)
+    empty.write_bytes(b"")
+    assert file_sha256(big) == hashlib.sha256(data).hexdigest()
+    assert file_sha256(empty) == hashlib.sha256(b"").hexdigest()

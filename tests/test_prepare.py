@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import struct
@@ -98,7 +99,7 @@ def test_prepare_real_ham_writes_cache_and_manifest(ham_prepared):
         assert min(cached.shape[:2]) == 256
         assert (row.orig_width, row.orig_height) == (200, 150)
         assert row.cache_file == cache_file_for(row.image_id)
-        assert row.sha256 == prepare_module._file_sha256(row.source)
+        assert row.sha256 == hashlib.sha256(Path(row.source).read_bytes()).hexdigest()
     report = json.loads((out / "prepare_report.json").read_text())
     assert report["num_skipped"] == 0 and report["problems"] == []
     assert result.images_per_second > 0 and set(result.timings) >= {"parse", "decode", "split", "write", "total"}

@@ -317,6 +317,7 @@ def test_store_teacher_and_distill_cli(teacher, ham_small, tmp_path, capsys):
     assert main(["store-teacher", *common, "--epochs", "1", "--out", str(tmp_path / "store"), "--hidden", "cls",
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out
+    printed = " ".join(printed.split())  # rich wraps lines at the console width, wherever the path ends
     assert "1 epoch(s)" in printed and "hidden cls" in printed and "per 1,000 images per epoch" in printed
     assert read_header(tmp_path / "store")["hidden"] == "cls"
     assert main(["distill", *common, "--teacher-store", str(tmp_path / "store"), "--keep", "2", "--epochs", "1",

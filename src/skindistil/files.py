@@ -26,6 +26,17 @@ from skindistil.errors import WriteError
 TMP_SUFFIX = ".tmp"
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex digest) of a file's bytes, read in 1 MiB blocks. OSError when it cannot be read."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def describe_os_error(exc: OSError) -> str:
     """'No space left on device (ENOSPC)': the strerror and the symbolic errno name."""
     code = errno.errorcode.get(exc.errno) if exc.errno is not None else None

@@ -68,7 +68,7 @@ from skindistil.data.splits import (
 )
 from skindistil.data.vocab import ClassVocab
 from skindistil.errors import ConfigError, DataError, ImageError, WriteError
-from skindistil.files import describe_os_error, save_npy, write_csv, write_json, write_text
+from skindistil.files import describe_os_error, file_sha256, save_npy, write_csv, write_json, write_text
 
 FORMAT = 1
 DATASET_JSON = "dataset.json"
@@ -670,9 +670,9 @@ def _process_record(source: Source, settings: _Settings, record: Record, cache_f
 
 
 def _cache_image(source: Source, settings: _Settings, record: Record, cache_file: str, known: dict | None) -> dict:
-    file_hash = _file_sha256(record.source) if os.path.isfile(record.source) else None
+    file_hash = file_sha256(record.source) if os.path.isfile(record.source) else None
     mask_path = _find_mask(settings.masks, record)
-    mask_hash = _file_sha256(str(mask_path)) if mask_path is not None else None
+    mask_hash = file_sha256(str(mask_path)) if mask_path is not None else None
     if (known is not None and file_hash == known["sha256"] and known.get("mask_sha256") == mask_hash
             and _cache_intact(settings.data_dir, known)):
         return {**known, "reused": True}
@@ -721,14 +721,6 @@ def _find_mask(masks: MaskLocator | None, record: Record) -> Path | None:
     if masks is None:
         return None
     return masks.find(Path(record.image_id).name) or masks.find(record.source)
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _pixels_sha256(pixels: np.ndarray) -> str:

@@ -37,7 +37,7 @@ from torch import nn
 
 from skindistil.config import PreprocessConfig
 from skindistil.errors import ModelError
-from skindistil.files import save_safetensors, write_json, write_text
+from skindistil.files import file_sha256, save_safetensors, write_json, write_text
 from skindistil.models.depth import DepthViT
 from skindistil.models.distilled import is_distilled_name
 from skindistil.models.operating_points import CONFIG_KEY as OPERATING_POINTS_KEY
@@ -252,14 +252,7 @@ def set_operating_points(model_dir: str | Path, points: dict, *, fitted_on: str,
 
 def weights_sha256(model_dir: str | Path) -> str:
     """sha256 (hex) of an artifact's model.safetensors: the identity of its weights."""
-    import hashlib
-
-    path = resolve_model_dir(model_dir) / WEIGHTS_FILE
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(resolve_model_dir(model_dir) / WEIGHTS_FILE)
 
 
 def weight_files(model_dir: str | Path) -> list[Path]:

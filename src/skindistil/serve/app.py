@@ -34,7 +34,6 @@ at any load. /v1/stats counts every refusal and cut-off.
 import asyncio
 import copy
 import dataclasses
-import hashlib
 import logging
 import os
 import time
@@ -60,6 +59,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from skindistil.data.imageio import image_size, read_image
 from skindistil.errors import ConfigError, ImageError, ModelError
 from skindistil.evaluation.operating_points import decide
+from skindistil.files import file_sha256
 from skindistil.inference.backends import warmup_batch_sizes
 from skindistil.inference.explain import METHODS, check_method, explain_png, explainable, methods_for
 from skindistil.inference.predictor import Predictor, select_operating_points
@@ -441,11 +441,7 @@ def weights_version(model_dir: Path | None) -> str:
     path = model_dir / WEIGHTS_FILE if model_dir is not None else None
     if path is None or not path.is_file():
         return "unversioned"
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
+    return file_sha256(path)[:12]
 
 
 def model_ref(loaded: LoadedModel) -> dict:
