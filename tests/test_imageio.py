@@ -399,3 +399,14 @@ def test_a_transparent_colour_is_composited_on_black(mode):
     image.info["transparency"] = key
     decoded = np.asarray(to_rgb(image))
     assert (decoded[:, 3:] == 0).all() and (decoded[:, :3] > 0).all()
+
+
+def test_an_rgb_png_with_a_transparent_colour_is_composited_on_black(original):
+    """A real image saved as an RGB PNG whose tRNS chunk names one colour: the pixels of that colour
+    (and only those) decode as the black background, as for RGBA, LA and palette images."""
+    rgb = original[1].copy()
+    key = tuple(int(v) for v in rgb[10, 10])
+    keyed = (rgb == key).all(axis=-1)
+    decoded = np.asarray(read_image(_file(Image.fromarray(rgb), "PNG", transparency=key)))
+    assert keyed.any() and (decoded[keyed] == 0).all()
+    np.testing.assert_array_equal(decoded[~keyed], rgb[~keyed])

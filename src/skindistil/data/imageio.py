@@ -118,7 +118,7 @@ def to_rgb(img: Image.Image, where: str = "image") -> Image.Image:
     - any other mode: refused.
     """
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode in _ALPHA_MODES or (mode in ("1", "L", "P", "RGB") and "transparency" in img.info):
         rgba = img.convert("LA").convert("RGBA") if mode == "La" else img.convert("RGBA")
