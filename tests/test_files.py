@@ -269,3 +269,11 @@ def test_file_sha256_is_the_digest_of_every_block(ham_root, tmp_path):
     empty.write_bytes(b"")
     assert file_sha256(big) == hashlib.sha256(data).hexdigest()
     assert file_sha256(empty) == hashlib.sha256(b"").hexdigest()
+
+
+def test_jsonable_gives_strict_json_of_numpy_torch_and_paths():
+    value = {1: (np.float32(0.5), np.int64(3)), "t": torch.tensor([1.5, float("nan")]), "p": Path("a/b"),
+             "a": np.array([[np.inf, 2.0]]), "s": "text", "n": None, "b": True}
+    ready = files.jsonable(value)
+    assert ready == {"1": [0.5, 3], "t": [1.5, None], "p": "a/b", "a": [[None, 2.0]], "s": "text", "n": None, "b": True}
+    assert json.loads(json.dumps(ready, allow_nan=False)) == ready

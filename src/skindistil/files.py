@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -24,6 +25,22 @@ from typing import IO, Any
 from skindistil.errors import WriteError
 
 TMP_SUFFIX = ".tmp"
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON types, for strict JSON that browsers read: tuples -> lists, numpy and torch scalars and
+    arrays -> numbers and lists, Paths -> strings, dict keys -> strings, NaN and infinities -> null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if callable(getattr(value, "tolist", None)) and not isinstance(value, (str, bytes)):  # numpy, torch
+        return jsonable(value.tolist())
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def file_sha256(path: str | Path) -> str:

@@ -18,7 +18,7 @@ from skindistil.evaluation import plots
 from skindistil.evaluation.bootstrap import BootstrapSettings, metric_intervals
 from skindistil.evaluation.metrics import UNKNOWN_CLASS, classification_metrics
 from skindistil.evaluation.subgroups import DEFAULT_MIN_SIZE, subgroup_metrics
-from skindistil.files import write_csv, write_json, write_text
+from skindistil.files import jsonable, write_csv, write_json, write_text
 
 IMAGE_COLUMN = "image"
 # Per-row weights of the official scorer's truth files; not classes.
@@ -189,7 +189,7 @@ def write_predictions_csv(
 
 def write_metrics_json(path: str | Path, metrics: dict) -> Path:
     """Write `metrics` as strict JSON (NaN and infinities become null)."""
-    return write_json(path, _json_ready(metrics))
+    return write_json(path, jsonable(metrics))
 
 
 PER_CLASS_COLUMNS = (
@@ -545,17 +545,3 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
-
-
-def _json_ready(value):
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_ready(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -40,8 +40,9 @@ from skindistil.evaluation.localization import (
     render_localization_md,
     summarize_localization,
 )
+from skindistil.files import jsonable
 from skindistil.inference.explain import check_method, explanation_map, methods_for
-from skindistil.models.artifact import LoadedModel, jsonable
+from skindistil.models.artifact import LoadedModel
 from skindistil.models.depth import DepthViT
 
 BASELINES = ("random", "centre-prior")

@@ -37,7 +37,7 @@ from torch import nn
 
 from skindistil.config import PreprocessConfig
 from skindistil.errors import ModelError
-from skindistil.files import file_sha256, save_safetensors, write_json, write_text
+from skindistil.files import file_sha256, jsonable, save_safetensors, write_json, write_text
 from skindistil.models.depth import DepthViT
 from skindistil.models.distilled import is_distilled_name
 from skindistil.models.operating_points import CONFIG_KEY as OPERATING_POINTS_KEY
@@ -284,22 +284,6 @@ def _write_safetensors(state: dict, path: Path) -> None:
 def _write_json(path: Path, data: dict) -> None:
     # default=str: an exotic provenance value must not lose a finished training run's artifact
     write_json(path, data, allow_nan=False, default=str)
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON types: tuples -> lists, numpy/torch scalars -> numbers, Paths -> strings, and
-    NaN/inf -> null (strict JSON, readable by browsers)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
-        return jsonable(value.tolist())
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 # --------------------------------------------------------------------------------------------- card

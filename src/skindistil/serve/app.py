@@ -59,11 +59,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from skindistil.data.imageio import image_size, read_image
 from skindistil.errors import ConfigError, ImageError, ModelError
 from skindistil.evaluation.operating_points import decide
-from skindistil.files import file_sha256
+from skindistil.files import file_sha256, jsonable
 from skindistil.inference.backends import warmup_batch_sizes
 from skindistil.inference.explain import METHODS, check_method, explain_png, explainable, methods_for
 from skindistil.inference.predictor import Predictor, select_operating_points
-from skindistil.models.artifact import CARD_FILE, WEIGHTS_FILE, LoadedModel, jsonable, load_model, model_card
+from skindistil.models.artifact import CARD_FILE, WEIGHTS_FILE, LoadedModel, load_model, model_card
 from skindistil.serve.batching import MicroBatcher, NotRunning, Overloaded
 from skindistil.serve.guard import GuardStats, MemoryBudget, ServerLimits
 from skindistil.version import __version__
