@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 from skindistil.cli import TRAINING_COMMANDS, openmp_wait_policy
 
@@ -46,3 +48,14 @@ def test_the_users_choice_and_other_commands_are_left_alone():
         environ = {}
         openmp_wait_policy(command, environ)
         assert environ == {}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_worker_defaults_follow_the_cpu_affinity():
+    """A process pinned to one core (taskset, a container's cpuset) defaults to one worker everywhere."""
+    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+            "from skindistil.devices import usable_cores; from skindistil.data.prepare import default_workers; "
+            "from skindistil.data.datamodule import default_num_workers; "
+            "print(usable_cores(), default_workers(), default_num_workers())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["1", "1", "1"], out.stderr

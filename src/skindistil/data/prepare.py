@@ -67,6 +67,7 @@ from skindistil.data.splits import (
     stratified_subset,
 )
 from skindistil.data.vocab import ClassVocab
+from skindistil.devices import usable_cores
 from skindistil.errors import ConfigError, DataError, ImageError, WriteError
 from skindistil.files import describe_os_error, file_sha256, save_npy, write_csv, write_json, write_text
 
@@ -132,10 +133,8 @@ def mask_file_for(cache_file: str) -> str:
 
 
 def default_workers() -> int:
-    """All cores this process may use."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """All cores this process may use (`devices.usable_cores`)."""
+    return usable_cores()
 
 
 def prepare_dataset(

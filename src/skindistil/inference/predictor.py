@@ -16,7 +16,6 @@ of the model, which runs batched under `torch.inference_mode` (or onnxruntime).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch
 
 from skindistil.data.imageio import as_image_list
 from skindistil.data.records import Problem
+from skindistil.devices import usable_cores
 from skindistil.errors import ConfigError, ImageError, SkinDistilError
 from skindistil.files import write_csv, write_json
 from skindistil.models.artifact import LoadedModel, load_model
@@ -232,7 +232,7 @@ class Predictor:
         (self.backend,) = check_backends([BACKEND_ALIASES.get(backend, backend)])
         self.batch_size = int(batch_size)
         self.tta = bool(tta)
-        self.workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
+        self.workers = max(1, workers if workers is not None else min(8, usable_cores()))
         self._logits = build_backend(self.backend, self.loaded, self.device, threads=threads)
         # PyTorch backends take the batch on the model's device; onnxruntime takes host memory.
         self._batch_device = self.device if BACKENDS[self.backend].runtime == "torch" else torch.device("cpu")

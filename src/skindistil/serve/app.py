@@ -35,7 +35,6 @@ import asyncio
 import copy
 import dataclasses
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -57,6 +56,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from skindistil.data.imageio import image_size, read_image
+from skindistil.devices import usable_cores
 from skindistil.errors import ConfigError, ImageError, ModelError
 from skindistil.evaluation.operating_points import decide
 from skindistil.files import file_sha256, jsonable
@@ -488,7 +488,7 @@ class ModelService:
             log.warning(warning)
         self.predictor = Predictor(loaded, device=device, backend=backend, batch_size=max_batch, tta=tta)
         self.batcher = MicroBatcher(self._run_batch, max_batch, max_wait_ms, max_queue)
-        self.workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
+        self.workers = max(1, workers if workers is not None else min(8, usable_cores()))
         self.decode_memory = int(decode_memory_mb * 2**20)
         self.guard_stats = GuardStats()
         self.ref = model_ref(loaded)
