@@ -37,7 +37,7 @@ from skindistil.evaluation.report import write_metrics_json
 from skindistil.evaluation.retention import compare_models
 from skindistil.files import write_text
 from skindistil.models import DepthViT, LoadedModel, load_model
-from skindistil.models.artifact import CONFIG_FILE, resolve_model_dir
+from skindistil.models.artifact import CONFIG_FILE, count_parameters, resolve_model_dir
 from skindistil.models.student import vit_depth
 
 
@@ -144,7 +144,7 @@ def score_family(family: Family, data_dir: str | Path, split: str = "test", *, b
         else:
             index = loaded.model.exits.index(member.exit_depth)
             depth, logits = member.exit_depth, outputs.logits[index]
-            params = sum(p.numel() for p in loaded.model.truncate(member.exit_depth).parameters())
+            params = count_parameters(loaded.model.truncate(member.exit_depth))
         probs = loaded.probabilities(torch.from_numpy(logits)).numpy()
         row = {"depth": depth, "role": member.role, **scores(probs, outputs.labels, len(loaded.classes)),
                "params": int(params), "model": str(member.model_dir)}

@@ -68,7 +68,7 @@ from skindistil.inference.backends import (
     model_input_size,
 )
 from skindistil.measure import PeakMemory, summarize_times, time_interleaved
-from skindistil.models.artifact import load_model, resolve_model_dir, weight_files
+from skindistil.models.artifact import count_parameters, load_model, resolve_model_dir, weight_files
 from skindistil.models.teacher import create_teacher
 
 RESULT_FORMAT = 1
@@ -198,10 +198,6 @@ def load_bench_model(ref: ModelRef) -> BenchModel:
 
 
 # ------------------------------------------------------------------------------------ measurements
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def tensor_bytes(model: nn.Module) -> int:

@@ -146,7 +146,7 @@ def hub_config(model: nn.Module, *, arch: dict | None, classes: Sequence[str], p
         "kind": model_kind(model),
         "classes": classes,
         "preprocess": preprocess.to_dict(),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_parameters": count_parameters(model),
         "provenance": jsonable(extra or {}),
     }
     if isinstance(getattr(net, "global_pool", None), str) and net.global_pool:
@@ -248,6 +248,12 @@ def set_operating_points(model_dir: str | Path, points: dict, *, fitted_on: str,
     stored = parse_operating_points(config, str(model_dir / CONFIG_FILE))
     _write_json(model_dir / CONFIG_FILE, config)
     return stored
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (elements of every parameter tensor) of `model`, shared tensors once:
+    what config.json records as num_parameters and what benchmarks and reports print."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def weights_sha256(model_dir: str | Path) -> str:
@@ -397,7 +403,7 @@ def build_model(config: dict | ArtifactConfig, where: str = CONFIG_FILE) -> nn.M
     """
     checked = config if isinstance(config, ArtifactConfig) else validate_config(config, where)
     with torch.device("meta"):
-        count = sum(p.numel() for p in _instantiate(checked, where).parameters())
+        count = count_parameters(_instantiate(checked, where))
     if count > MAX_PARAMETERS:
         raise ModelError(f"{where}: architecture has {count:,} parameters, over the limit of {MAX_PARAMETERS:,}")
     if count != checked.num_parameters:
