@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=128,
         help="default model: input size (default 128: with 6 blocks of width 384, the student that "
-        "configs/ham10000-scratch.yaml distils)",
+        "configs/ham10000-scratch.yaml distills)",
     )
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help=f"folder of JPEGs (default {DEFAULT_IMAGES})")
     parser.add_argument("--num-images", type=int, default=64, help="distinct images cycled through (default 64)")

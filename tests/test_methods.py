@@ -273,7 +273,7 @@ def test_a_teacher_method_without_teacher_outputs_is_refused():
     z, _, sh, _, y = _tensors()
     student = StudentOutputs(z, z[-1], None, sh)
     for method in token_methods():
-        with pytest.raises(ValueError, match="distils from a teacher"):
+        with pytest.raises(ValueError, match="distills from a teacher"):
             get_method(method).loss(student, None, y, LOSS, TaskLoss(), 0)
 
 

@@ -1,4 +1,4 @@
-"""skindistil: train a ViT teacher on dermoscopy images, distil it into SkinDistilViT and a family of
+"""skindistil: train a ViT teacher on dermoscopy images, distill it into SkinDistilViT and a family of
 lighter models, measure, explain, export and serve them."""
 
 from skindistil.version import __version__

@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "duplicates": ("duplicates", "list the images of one prepared dataset that duplicate images of another"),
     "bench-data": ("bench_data", "measure prepare and training-loader throughput"),
     "train": ("train", "train a ViT teacher (or any timm classifier) with Lightning"),
-    "distill": ("distill", "distil a teacher: distilvit, fcvit, fcvit-probs, cascade or full"),
+    "distill": ("distill", "distill a teacher: distilvit, fcvit, fcvit-probs, cascade or full"),
     "store-teacher": ("store_teacher", "run a teacher once over the planned epochs and store its outputs for distill"),
     "ablate": ("ablate", "train the student with each loss term removed in turn; BMA and retention per variant"),
     "run": ("run", "the main job: prepare, teacher, students, evaluation, benchmark, report"),
@@ -50,7 +50,7 @@ def openmp_wait_policy(command: str, environ: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skindistil",
-        description="Train, distil, measure, explain, export and serve ViT skin-lesion classifiers.",
+        description="Train, distill, measure, explain, export and serve ViT skin-lesion classifiers.",
     )
     parser.add_argument("--version", action="version", version=f"skindistil {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -1,4 +1,4 @@
-"""`skindistil distill`: distil a teacher artifact into SkinDistilViT or a family of lighter models."""
+"""`skindistil distill`: distill a teacher artifact into SkinDistilViT or a family of lighter models."""
 
 from __future__ import annotations
 

@@ -127,7 +127,7 @@ def token_methods() -> tuple[str, ...]:
 def _kd(student: StudentOutputs, teacher: TeacherOutputs | None, target: Tensor, loss: LossConfig,
         task: TaskLoss) -> tuple[Tensor, dict[str, Tensor]]:
     if teacher is None:
-        raise ValueError("this method distils from a teacher: give its outputs")
+        raise ValueError("this method distills from a teacher: give its outputs")
     pairs = [(student.hidden, teacher.hidden)] if loss.a_cos else None
     return distillation_loss(student.logits, teacher.logits, target, loss, task, hidden_pairs=pairs,
                              dist_logits=student.dist_logits)

@@ -1,4 +1,4 @@
-"""The main job: prepare -> train teacher -> distil -> evaluate -> benchmark -> report.
+"""The main job: prepare -> train teacher -> distill -> evaluate -> benchmark -> report.
 
 Everything lands in RUN = out_dir/name:
 
@@ -89,7 +89,7 @@ class Pipeline:
         data_dir = self._stage("prepare", self.prepare)
         self._check_gate(data_dir)
         teacher = self._stage("teacher", lambda: self.train_teacher(data_dir))
-        students = self._stage("distil", lambda: self.distil(data_dir, teacher))
+        students = self._stage("distill", lambda: self.distill_students(data_dir, teacher))
         models = [teacher, *students]
         self._stage("evaluate", lambda: self.evaluate(data_dir, models))
         bench = self._stage("benchmark", lambda: self.benchmark(teacher, students))
@@ -167,7 +167,7 @@ class Pipeline:
                 "CPU use configs/quickstart.yaml, or lower teacher.trainer.max_epochs and the model size."
             )
 
-    def distil(self, data_dir: Path, teacher: ModelEntry) -> list[ModelEntry]:
+    def distill_students(self, data_dir: Path, teacher: ModelEntry) -> list[ModelEntry]:
         from skindistil.training.distill_run import ALL_METHODS, distill
 
         methods = list(dict.fromkeys(["distilvit", *self.cfg.methods]))

@@ -23,7 +23,7 @@ measured no effect in the loss ablation (see `LossConfig`).
 With `cfg.teacher_store` (`skindistil store-teacher`) the teacher's outputs come from the store instead
 of a teacher forward pass; the store must match the run (seed, teacher, preprocessing, augmentation,
 training split, epochs) or it is refused by name. In a cascade only the first member (depth N-1)
-distils from the teacher and reads the store; every later member distils from the previous member,
+distills from the teacher and reads the store; every later member distills from the previous member,
 online.
 """
 
@@ -129,7 +129,7 @@ def check_token_method(cfg: DistillConfig) -> None:
 
 
 def check_cascade(cfg: DistillConfig, teacher: LoadedModel) -> None:
-    """A cascade distils each member from the one a block deeper, starting with the teacher's own blocks:
+    """A cascade distills each member from the one a block deeper, starting with the teacher's own blocks:
     ConfigError for a teacher that is not a ViT and for a student_init or student_preprocess."""
     if not is_vit(teacher.model):
         raise ConfigError(f"method cascade: each member is the teacher cut one block shorter, and the teacher "

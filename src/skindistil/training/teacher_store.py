@@ -6,7 +6,7 @@ teacher's output for it is too. `write_teacher_store` runs the teacher over ever
 planned epoch, augmented exactly as training will augment it, and keeps the outputs; a distillation run
 given the store (`DistillConfig.teacher_store`) reads them by sample key (epoch * rows + row) instead
 of running the teacher. Students of any depth, every variant of a loss ablation and the first member of
-a cascade (later members distil from the previous member, not the teacher) reuse one store.
+a cascade (later members distill from the previous member, not the teacher) reuse one store.
 
 Layout of STORE/:
 
