@@ -105,6 +105,14 @@ def test_roc_auc_equals_mann_whitney_on_random_scores():
     assert m.roc_auc(y, s) == pytest.approx(mann_whitney, abs=1e-12)
 
 
+def test_roc_curve_by_hand_one_point_per_distinct_score():
+    """Starts at (0, 0) with threshold +inf; tied scores (0.5 twice, one of each class) move in one step."""
+    fpr, tpr, thresholds = m.roc_curve([1, 0, 1, 0, 1], [0.9, 0.5, 0.5, 0.2, 0.1])
+    np.testing.assert_array_equal(thresholds, [np.inf, 0.9, 0.5, 0.2, 0.1])
+    np.testing.assert_allclose(tpr, [0, 1 / 3, 2 / 3, 2 / 3, 1])
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 1, 1])
+
+
 def test_auc_above_sensitivity_by_hand():
     # ranking P P P P N P N N N N: the curve reaches TPR 0.8 at FPR 0, then (0.2, 0.8), (0.2, 1), (1, 1)
     y = np.array([1, 1, 1, 1, 0, 1, 0, 0, 0, 0])

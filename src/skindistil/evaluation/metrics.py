@@ -12,7 +12,9 @@ Conventions shared by every function here:
 
 The ISIC 2019 challenge scorer (PyPI ``isic-challenge-scoring``) is the reference for the balanced
 accuracy, the tie rule, ROC AUC, the AUC above 80% sensitivity and average precision; the tests check
-parity with it.
+parity with it. The confusion matrix, precision/recall/F1, ROC curve, ROC AUC and average precision
+are scikit-learn's; what is ISIC's own (the tie rule, the AUC above a sensitivity, the cancer view,
+ISIC 2024's partial AUC) is written here on top of them.
 """
 
 from __future__ import annotations
@@ -56,11 +58,14 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
     Undecided samples appear in no column: row i sums to the support of class i minus its
     undecided samples.
     """
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
     labels, preds = _as_labels(labels, num_classes), _as_preds(preds, num_classes)
     _same_length(labels, preds)
     decided = preds != UNDECIDED
-    flat = labels[decided] * num_classes + preds[decided]
-    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    if not decided.any():  # scikit-learn refuses an empty input
+        return np.zeros((num_classes, num_classes), dtype=np.int64)
+    return sk_confusion_matrix(labels[decided], preds[decided], labels=np.arange(num_classes)).astype(np.int64)
 
 
 def accuracy(labels: np.ndarray, preds: np.ndarray) -> float:
@@ -115,15 +120,17 @@ def precision_recall_f1(labels: np.ndarray, preds: np.ndarray, num_classes: int)
     macro_* = unweighted mean over classes present in the truth; weighted_* = mean weighted by support
     (so weighted recall equals accuracy).
     """
+    from sklearn.metrics import precision_recall_fscore_support
+
     support = class_support(labels, num_classes)
-    cm = confusion_matrix(labels, preds, num_classes)
     present = _present_or_raise(support)
-    tp = np.diag(cm).astype(float)
-    predicted = cm.sum(axis=0)
-    precision = np.divide(tp, predicted, out=np.zeros(num_classes), where=predicted > 0)
-    recall = _ratio(tp, support)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(num_classes), where=denom > 0)
+    preds = _as_preds(preds, num_classes)
+    _same_length(np.asarray(labels), preds)
+    # undecided (-1) is no class of `labels`: a false negative of its true class, nobody's false positive
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        np.asarray(labels), preds, labels=np.arange(num_classes), average=None, zero_division=0)
+    precision, recall, f1 = precision.astype(float), recall.astype(float), f1.astype(float)
+    recall[~present] = np.nan
     f1[~present] = np.nan
     out: dict[str, object] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
     weights = support[present] / support[present].sum()
@@ -163,22 +170,25 @@ def roc_curve(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
     threshold +inf. Tied scores move in one step, so the trapezoid area under this curve counts a
     tied positive/negative pair as half right (the Mann-Whitney AUC). Needs both classes present.
     """
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
     y, s = _binary_inputs(y_true, scores)
-    tps, fps, thresholds = _cumulative_counts(y, s)
-    if tps[-1] == 0 or fps[-1] == 0:
+    if not _has_both_classes(y):
         raise ValueError("a ROC curve needs at least one positive and one negative sample")
-    fpr = np.r_[0.0, fps / fps[-1]]
-    tpr = np.r_[0.0, tps / tps[-1]]
-    return fpr, tpr, np.r_[np.inf, thresholds]
+    fpr, tpr, thresholds = sk_roc_curve(y, s, drop_intermediate=False)
+    thresholds[0] = np.inf  # scikit-learn's start point, whatever its version writes there
+    return fpr, tpr, thresholds
 
 
 def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (trapezoid over `roc_curve`, so ties count half). NaN when the
-    truth has only one class."""
-    if not _has_both_classes(y_true):
+    """Area under the ROC curve (scikit-learn's `roc_auc_score`: the trapezoid over `roc_curve`, so
+    ties count half). NaN when the truth has only one class."""
+    from sklearn.metrics import roc_auc_score
+
+    y, s = _binary_inputs(y_true, scores)
+    if not _has_both_classes(y):
         return float("nan")
-    fpr, tpr, _ = roc_curve(y_true, scores)
-    return _trapezoid(fpr, tpr)
+    return float(roc_auc_score(y, s))
 
 
 def auc_above_sensitivity(y_true: np.ndarray, scores: np.ndarray, min_sensitivity: float = 0.8) -> float:
@@ -232,13 +242,12 @@ def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
     decreasing order (R_0 = 0), with P_k and R_k the precision and recall of ``score >= t_k``. This
     is the step-wise (non-interpolated) area under the precision-recall curve, as scikit-learn and
     the ISIC scorer define it. NaN when there is no positive sample."""
+    from sklearn.metrics import average_precision_score
+
     y, s = _binary_inputs(y_true, scores)
-    tps, fps, _ = _cumulative_counts(y, s)
-    if tps[-1] == 0:
+    if not y.any():
         return float("nan")
-    precision = tps / (tps + fps)
-    recall = tps / tps[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return float(average_precision_score(y, s))
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict[str, np.ndarray]:
@@ -492,13 +501,3 @@ def _binary_inputs(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, 
 def _has_both_classes(y_true: np.ndarray) -> bool:
     y = np.asarray(y_true).astype(bool)
     return bool(y.any() and not y.all())
-
-
-def _cumulative_counts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """True and false positives of ``score >= t`` for each distinct score t, in decreasing t."""
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last_of_run = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]
-    tps = np.cumsum(y)[last_of_run].astype(float)
-    fps = (last_of_run + 1) - tps
-    return tps, fps, s[last_of_run]
