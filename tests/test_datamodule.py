@@ -204,3 +204,19 @@ def test_loaders_leave_the_global_rng_alone_and_resume_at_the_saved_position(dat
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="built before the checkpoint was restored"):
         resumed.load_state_dict({"train_position": {"epoch": 0, "batches": 0}})
+
+
+def test_cached_masks_are_refused_by_name_when_missing_corrupt_or_of_another_size(tmp_path):
+    from skindistil.data.datamodule import load_cached_mask
+
+    good, wrong, corrupt = tmp_path / "good.mask.npy", tmp_path / "wrong.mask.npy", tmp_path / "corrupt.mask.npy"
+    np.save(good, np.full((4, 6), 255, dtype=np.uint8))
+    np.save(wrong, np.zeros((6, 4), dtype=np.uint8))
+    corrupt.write_bytes(b"not numpy")
+    assert load_cached_mask(good, (4, 6)).shape == (4, 6)
+    with pytest.raises(DataError, match=r"wrong\.mask\.npy.*expected uint8 \[4, 6\]"):
+        load_cached_mask(wrong, (4, 6))
+    with pytest.raises(DataError, match=r"corrupt\.mask\.npy.*corrupt cached mask"):
+        load_cached_mask(corrupt, (4, 6))
+    with pytest.raises(DataError, match=r"absent\.mask\.npy.*cached mask missing"):
+        load_cached_mask(tmp_path / "absent.mask.npy", (4, 6))

@@ -45,21 +45,35 @@ def default_num_workers() -> int:
     return max(1, default_workers() - 1)
 
 
+def _load_cached_npy(path: Path, what: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(path, f"{what} missing; prepare the dataset again") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(path, f"corrupt {what} ({exc}); prepare the dataset again") from None
+
+
 def load_cached_image(path: Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
     """Read one cache file: uint8 [H, W, 3]. DataError naming the file when it is missing, unreadable,
     of the wrong type or shape, or (with `expected_hw`) not the size the manifest records."""
-    try:
-        array = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise DataError(path, "cache file missing; prepare the dataset again") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(path, f"corrupt cache file ({exc}); prepare the dataset again") from None
+    array = _load_cached_npy(path, "cache file")
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise DataError(path, f"cache file holds {array.dtype} {array.shape}, expected uint8 [H, W, 3]")
     if expected_hw is not None and array.shape[:2] != tuple(expected_hw):
         raise DataError(path, f"cache file is {array.shape[0]}x{array.shape[1]} (HxW), the manifest says "
                               f"{expected_hw[0]}x{expected_hw[1]}; prepare the dataset again")
     return array
+
+
+def load_cached_mask(path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
+    """Read one cached lesion mask (`prepare --masks`): uint8 [H, W], the size of its image. DataError
+    naming the file when it is missing, unreadable or of another type or size."""
+    mask = _load_cached_npy(path, "cached mask")
+    if mask.dtype != np.uint8 or mask.shape != tuple(expected_hw):
+        raise DataError(path, f"cached mask holds {mask.dtype} {list(mask.shape)}, expected uint8 {list(expected_hw)} "
+                              "(its image's size); prepare the dataset again")
+    return mask
 
 
 def collate_images(batch: list[tuple]) -> list:

@@ -96,7 +96,7 @@ def masked_split(loaded: LoadedModel, data_dir: str | Path, split: str) -> tuple
     """The images of `split` of a prepared dataset that have a mask (prepared with `--masks`), through
     the model's eval geometry, with their labels; and how many images of the split have none.
     DataError when the split has no masks at all or its classes differ from the model's."""
-    from skindistil.data.datamodule import load_cached_image
+    from skindistil.data.datamodule import load_cached_image, load_cached_mask
     from skindistil.data.prepare import MASK_COLUMN, load_manifest
     from skindistil.data.transforms import eval_resize_crop
 
@@ -114,24 +114,11 @@ def masked_split(loaded: LoadedModel, data_dir: str | Path, split: str) -> tuple
     for row in with_mask.itertuples(index=False):
         hw = (int(row.height), int(row.width))
         image = load_cached_image(data_dir / row.cache_file, hw)
-        mask = _load_cached_mask(data_dir / getattr(row, MASK_COLUMN), hw)
+        mask = load_cached_mask(data_dir / getattr(row, MASK_COLUMN), hw)
         pixels = eval_resize_crop(torch.from_numpy(image).permute(2, 0, 1), loaded.preprocess)
         lesion = eval_resize_crop(torch.from_numpy(mask)[None], loaded.preprocess)[0] >= MASK_THRESHOLD
         items.append(MaskedImage(str(row.image_id), pixels, lesion.numpy(), int(row.label)))
     return items, len(rows) - len(with_mask)
-
-
-def _load_cached_mask(path: Path, hw: tuple[int, int]) -> np.ndarray:
-    try:
-        mask = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise DataError(path, "cached mask missing; prepare the dataset again") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(path, f"corrupt cached mask ({exc}); prepare the dataset again") from None
-    if mask.dtype != np.uint8 or mask.shape != hw:
-        raise DataError(path, f"cached mask holds {mask.dtype} {list(mask.shape)}, expected uint8 {list(hw)} "
-                              "(its image's size); prepare the dataset again")
-    return mask
 
 
 # ----------------------------------------------------------------------------------------- scoring
