@@ -243,7 +243,7 @@ class ArtifactConfig(BaseModel):
             raise ValueError(
                 f"architecture.kwargs.num_classes is {kwargs.num_classes} but {len(self.classes)} class names are listed"
             )
-        if _pair(kwargs.img_size) != (self.preprocess.image_size,) * 2:
+        if kwargs.img_size is not None and _pair(kwargs.img_size) != (self.preprocess.image_size,) * 2:
             raise ValueError(
                 f"architecture.kwargs.img_size {kwargs.img_size} differs from preprocess.image_size "
                 f"{self.preprocess.image_size} (the model's input)"
@@ -254,26 +254,11 @@ class ArtifactConfig(BaseModel):
 
 
 class TimmArtifactConfig(ArtifactConfig):
-    """config.json of a non-ViT timm classifier (kind "timm"): its architecture is any timm model."""
+    """config.json of a non-ViT timm classifier (kind "timm"): its architecture is any timm model; the
+    consistency checks are `ArtifactConfig`'s (a convnet's img_size, when it takes one, is optional)."""
 
     kind: Literal["timm"]
     architecture: TimmArchitecture
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TimmArtifactConfig:
-        kwargs = self.architecture.kwargs
-        if kwargs.num_classes != len(self.classes):
-            raise ValueError(
-                f"architecture.kwargs.num_classes is {kwargs.num_classes} but {len(self.classes)} class names are listed"
-            )
-        if kwargs.img_size is not None and _pair(kwargs.img_size) != (self.preprocess.image_size,) * 2:
-            raise ValueError(
-                f"architecture.kwargs.img_size {kwargs.img_size} differs from preprocess.image_size "
-                f"{self.preprocess.image_size} (the model's input)"
-            )
-        if self.exits is not None or self.shared_head is not None:
-            raise ValueError("exits and shared_head belong to kind 'depth_vit' only")
-        return self
 
 
 def validate_config(data: dict, where: str) -> ArtifactConfig:
