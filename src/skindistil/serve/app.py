@@ -483,6 +483,9 @@ class ModelService:
     ):
         self.loaded = loaded
         self.limits = limits
+        # what /v1/explain can do with this model, decided once: why it cannot (501), else its methods
+        self.explain_refusal = explainable(loaded.model)
+        self.explain_methods = () if self.explain_refusal else methods_for(loaded.model)
         self.points, warning = select_operating_points(loaded, operating_point, tta=tta)
         if warning:
             log.warning(warning)
@@ -647,14 +650,14 @@ class ModelService:
         return explain_png(self._explain_model, image, method=method, class_name=class_name)
 
     async def explain(self, file: UploadFile, method: str | None, class_name: str | None) -> tuple[bytes, str, float]:
-        reason = explainable(self.loaded.model)
-        if reason is not None:
-            raise ApiError(501, "not_supported", reason)
-        method = method or methods_for(self.loaded.model)[0]
-        try:
-            check_method(self.loaded.model, method)
-        except ConfigError as exc:
-            raise ApiError(422, "unsupported_method", str(exc)) from None
+        if self.explain_refusal is not None:
+            raise ApiError(501, "not_supported", self.explain_refusal)
+        method = method or self.explain_methods[0]
+        if method not in self.explain_methods:
+            try:
+                check_method(self.loaded.model, method)  # raises, naming the methods that apply
+            except ConfigError as exc:
+                raise ApiError(422, "unsupported_method", str(exc)) from None
         if self._pending_explains >= MAX_PENDING_EXPLAINS:
             raise ApiError(
                 503, "overloaded", f"{self._pending_explains} explanations are already running or waiting",
