@@ -119,6 +119,26 @@ def test_isic2019_input_folder_and_downsampled_names(ham_root, tmp_path):
     assert Path(records[2].source).suffix == ".png"
 
 
+def test_isic2019_images_in_any_decodable_format(ham_root, tmp_path):
+    """ISIC images converted to WebP or TIFF are found like the .jpg originals (one suffix list for every
+    reader), and one folder holding the same id twice (x.jpg and x.png) is refused naming both files."""
+    images = _real_images(ham_root, 2)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.open(images[0]).save(folder / f"{images[0].stem}.webp", lossless=True)
+    Image.open(images[1]).save(folder / f"{images[1].stem}.TIFF")
+    (tmp_path / "ISIC_2019_Training_GroundTruth.csv").write_text(
+        ISIC_HEADER + "".join(_onehot_row(p.stem, cls) for p, cls in zip(images, ["NV", "MEL"], strict=True))
+    )
+    records = ISIC2019Source(tmp_path).records()
+    assert [Path(r.source).name for r in records] == [f"{images[0].stem}.webp", f"{images[1].stem}.TIFF"]
+    assert [ISIC2019.names[r.label] for r in records] == ["NV", "MEL"]
+
+    shutil.copy(images[0], folder / images[0].name)  # the same id as .jpg beside the .webp
+    with pytest.raises(DataError, match=rf"two images named '{images[0].stem}'.*{images[0].stem}\.jpg and {images[0].stem}\.webp"):
+        ISIC2019Source(tmp_path).records()
+
+
 def test_csv_source(ham_root, tmp_path):
     images = _real_images(ham_root, 4)
     (tmp_path / "img" / "a").mkdir(parents=True)

@@ -189,10 +189,6 @@ class Source(abc.ABC):
 
 # --------------------------------------------------------------------------- shared helpers
 
-# Extensions ISIC and HAM10000 images come in (an ImageFolder tree may hold any of discovery.IMAGE_SUFFIXES).
-ISIC_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
-
-
 def row_where(path: Path, row: int) -> str:
     """How errors name a CSV row. Rows count the header as row 1, as spreadsheets and editors do."""
     return f"{path} row {row}"
@@ -252,16 +248,27 @@ def read_csv_table(path: Path, required: Sequence[str], what: str) -> pd.DataFra
     return table[(table != "").any(axis=1)]
 
 
-def index_images(folders: Iterable[Path], suffixes: frozenset[str]) -> dict[str, Path]:
-    """Map file stem -> path for the image files directly inside `folders` (earlier folders win)."""
+def index_images(folders: Iterable[Path], suffixes: frozenset[str] = IMAGE_SUFFIXES) -> dict[str, Path]:
+    """Map file stem -> path for the image files directly inside `folders` (earlier folders win).
+
+    Raises DataError naming both files when one folder holds two images of one stem (`x.jpg` and `x.png`):
+    which of them a CSV row's id means cannot be told, and taking either would be a guess.
+    """
     index: dict[str, Path] = {}
     for folder in folders:
         with os.scandir(folder) as entries:
             files = sorted((e.name, e.path) for e in entries if e.is_file() and not e.name.startswith("."))
+        here: dict[str, Path] = {}
         for name, path in files:
             stem, suffix = os.path.splitext(name)
-            if suffix.lower() in suffixes and stem not in index:
-                index[stem] = Path(path)
+            if suffix.lower() not in suffixes:
+                continue
+            if stem in here:
+                raise DataError(Path(path), f"two images named {stem!r} in {folder}: {here[stem].name} and {name}; "
+                                            "an image id must name one file (remove or rename one)")
+            here[stem] = Path(path)
+        for stem, path in here.items():
+            index.setdefault(stem, path)
     return index
 
 
@@ -280,10 +287,10 @@ def image_folders(root: Path, candidates: Iterable[str], extra: Sequence[Path] |
 def _image_index(root: Path, candidates: Iterable[str], extra: Sequence[Path] | None) -> dict[str, Path]:
     candidates = list(candidates)
     folders = image_folders(root, candidates, extra)
-    index = index_images(folders, ISIC_IMAGE_SUFFIXES)
+    index = index_images(folders)
     if not index:
         looked = [str(f) for f in (extra or [])] + [str(root / c) for c in candidates]
-        raise DataError(root, f"no .jpg/.jpeg/.png images found; looked in {', '.join(looked)}")
+        raise DataError(root, f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found; looked in {', '.join(looked)}")
     return index
 
 
@@ -378,8 +385,8 @@ class ISIC2019Source(Source):
     """ISIC 2019 training data: ground-truth CSV (one-hot MEL..SCC, UNK) and the image folder.
 
     Images are found in `image_dirs` (if given), then root/, root/images/,
-    root/ISIC_2019_Training_Input/ (and the doubly nested copy some downloads unpack to), as
-    .jpg/.jpeg/.png, accepting ISIC's `<id>_downsampled` names. The optional metadata CSV
+    root/ISIC_2019_Training_Input/ (and the doubly nested copy some downloads unpack to), in any
+    format the decoder reads (data.discovery.IMAGE_SUFFIXES), accepting ISIC's `<id>_downsampled` names. The optional metadata CSV
     (default root/ISIC_2019_Training_Metadata.csv if present) gives lesion_id -> group.
     """
 
