@@ -328,3 +328,40 @@ def test_store_teacher_and_distill_cli(teacher, ham_small, tmp_path, capsys):
     assert main(["distill", *common, "--teacher-store", str(tmp_path / "store"), "--keep", "2", "--epochs", "2",
                  "--out-dir", str(tmp_path), "--name", "too-long", "--no-progress"]) == 1
     assert "holds 1 complete epoch(s), the run trains 2" in capsys.readouterr().err
+
+
+def test_a_resumed_run_replays_the_store_where_it_stopped(teacher, ham_small, stores, tmp_path, monkeypatch):
+    """Stopped in the middle of epoch 2 and resumed from its mid-epoch checkpoint, a run from the store reads
+    the stored outputs of the batches it had not trained on: it ends with the weights of the run that was
+    never stopped (a resume that replayed other stored outputs, or misaligned them with the views, would
+    train the student on other targets)."""
+    import lightning as L
+
+    import skindistil.training.distill_run as distill_run
+
+    store = str(stores("none"))
+
+    def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+        return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+    whole = store_config(teacher, ham_small, tmp_path, name="whole", teacher_store=store)
+    distill(whole)
+
+    class StopAtStep4(L.Callback):  # an interruption after the first of epoch 2's three batches
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = trainer.global_step == 4
+
+    build = distill_run.build_trainer
+    monkeypatch.setattr(distill_run, "build_trainer", lambda *a, **k: build(*a, **k, extra_callbacks=[StopAtStep4()]))
+    cut = store_config(teacher, ham_small, tmp_path, name="resumed", teacher_store=store,
+                       trainer={"checkpoint_every_n_steps": 1})
+    distill(cut)
+    stopped = last_weights(cut.run_dir)
+    monkeypatch.setattr(distill_run, "build_trainer", build)
+    distill(cut, resume=True)
+    log = pd.read_csv(cut.run_dir / "logs" / "metrics.csv")
+    assert log["train/kd"].notna().sum() == 6  # 4 steps, then the 2 left: none trained twice
+    resumed, reference = last_weights(cut.run_dir), last_weights(whole.run_dir)
+    assert any(not torch.equal(resumed[k], stopped[k]) for k in resumed)  # the resumed run trained
+    for key, value in resumed.items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=1e-6, msg=key)
