@@ -28,8 +28,8 @@ from skindistil.config import PreprocessConfig
 from skindistil.data.vocab import ISIC2019
 from skindistil.models import load_model
 from skindistil.serve import MicroBatcher, create_app
-from skindistil.serve.app import weights_version
 from skindistil.serve.batching import NotRunning, Overloaded
+from skindistil.serve.service import weights_version
 
 CLASSES = list(ISIC2019.names)
 
@@ -338,7 +338,7 @@ def test_serve_cli_offers_every_backend():
 
 
 def test_decoding_threads_leave_the_cores_to_the_model(artifact, images):
-    from skindistil.serve.app import MODEL_THREADS
+    from skindistil.serve.service import MODEL_THREADS
 
     app = create_app(artifact)
     with TestClient(app) as client:

@@ -26,7 +26,7 @@ from skindistil.config import PreprocessConfig
 from skindistil.data.vocab import ISIC2019
 from skindistil.models import create_teacher, save_artifact
 from skindistil.serve import create_app, serve_in_background
-from skindistil.serve.app import MAX_ASPECT, MIN_SIDE
+from skindistil.serve.uploads import MAX_ASPECT, MIN_SIDE
 
 # (method, path, has inputs): operations without parameters or body have no invalid requests to make.
 OPERATIONS = [

@@ -164,7 +164,7 @@ def test_oversized_headers_are_refused_431(artifact):
 def test_uploads_are_decoded_only_within_the_memory_budget(artifact, image_bytes):
     """Each HAM10000 upload (200 x 150 px) reserves its size + 40 bytes per pixel (about 1.2 MB): a
     budget of 2.5 MiB lets two decode at once, never three, however many arrive together."""
-    from skindistil.serve.app import DECODE_BYTES_PER_PIXEL
+    from skindistil.serve.uploads import DECODE_BYTES_PER_PIXEL
 
     app = create_app(artifact, max_pixels=40_000, max_upload_mb=0.1, decode_memory_mb=2.5, workers=4, max_batch=8)
     service = app.state.service

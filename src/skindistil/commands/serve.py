@@ -107,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from skindistil.errors import ModelError
-    from skindistil.serve.app import SERVE_MAX_PIXELS, create_app
+    from skindistil.serve.app import create_app
     from skindistil.serve.server import raise_fd_limit, server_config
+    from skindistil.serve.uploads import SERVE_MAX_PIXELS
 
     raise_fd_limit(args.max_connections)
     app = create_app(

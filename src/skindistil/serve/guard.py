@@ -13,8 +13,8 @@ else h11) with three rules, each counted in `GuardStats` (reported by GET /v1/st
   of its first byte, on a kept-alive connection), else the connection is closed;
 - they may take at most `MAX_HEADER_BYTES`, else 431 and the connection is closed.
 
-The body's own deadline is enforced while the app reads it (`skindistil.serve.app.BodyLimit`), where
-it can be answered with a 408. `MemoryBudget` bounds the memory of the uploads being decoded.
+The body's own deadline is enforced while the app reads it (`skindistil.serve.uploads.BodyLimit`),
+where it can be answered with a 408. `MemoryBudget` bounds the memory of the uploads being decoded.
 """
 
 from __future__ import annotations
