@@ -275,6 +275,67 @@ def test_parity_with_official_isic_scorer(ham_root, kind):
         )
 
 
+def test_every_key_of_the_report_matches_its_definition(ham_root):
+    """`classification_metrics` on real ISIC labels with tied rows: each headline and per-class value equals
+    the official scorer's (AUC, AUC above 80% sensitivity, AP, BMA), scikit-learn's (P/R/F1) or its
+    definition computed here (accuracy, support, one-vs-rest rates, ECE over the default 15 bins)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = _real_isic_labels(ham_root, 1500, seed=7)
+    probs = _predictions("coarse_ties", labels, np.random.default_rng(11))
+    truth_df, pred_df = pd.DataFrame(np.eye(K)[labels], columns=CLASSES), pd.DataFrame(probs, columns=CLASSES)
+    weights = pd.Series(np.ones(len(labels)))
+    preds = m.decide(probs)
+    assert (preds == m.UNDECIDED).sum() > 20  # the tie rule is exercised
+
+    out = m.classification_metrics(probs, labels, CLASSES)
+    head, per_class = out["headline"], out["per_class"]
+    assert head["balanced_accuracy"] == pytest.approx(isic.balanced_multiclass_accuracy(truth_df, pred_df, weights))
+    assert head["accuracy"] == pytest.approx(np.mean(preds == labels))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=list(range(K)), zero_division=0)
+    for avg, w in (("macro", np.ones(K) / K), ("weighted", support / support.sum())):
+        for key, values in (("precision", precision), ("recall", recall), ("f1", f1)):
+            assert head[f"{avg}_{key}"] == pytest.approx(float(w @ values)), f"{avg}_{key}"
+    official = {"auc": isic.auc, "auc_sens_80": lambda t, p, w: isic.auc_above_sensitivity(t, p, w, 0.8),
+                "average_precision": isic.average_precision}
+    for key, fn in official.items():
+        values = [fn(truth_df[name], pred_df[name], weights) for name in CLASSES]
+        assert [per_class[name][key] for name in CLASSES] == pytest.approx(values, abs=1e-6), key
+        headline_key = {"auc": "macro_auc", "auc_sens_80": "macro_auc_sens_80",
+                        "average_precision": "macro_average_precision"}[key]
+        assert head[headline_key] == pytest.approx(np.mean(values), abs=1e-6), headline_key
+    for c, name in enumerate(CLASSES):
+        tp = np.sum((preds == c) & (labels == c))
+        fn, fp = np.sum((preds != c) & (labels == c)), np.sum((preds == c) & (labels != c))
+        tn = len(labels) - tp - fn - fp
+        expected = {"support": int(np.sum(labels == c)), "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp),
+                    "ppv": tp / (tp + fp), "npv": tn / (tn + fn), "f1": f1[c]}
+        assert {k: per_class[name][k] for k in expected} == pytest.approx(expected), name
+    confidence, correct = probs.max(axis=1), (preds == labels)
+    bin_of = np.clip(np.ceil(confidence * 15).astype(int) - 1, 0, 14)  # (b/15, (b+1)/15]
+    ece = sum(np.sum(bin_of == b) / len(labels) * abs(correct[bin_of == b].mean() - confidence[bin_of == b].mean())
+              for b in range(15) if np.any(bin_of == b))
+    assert head["ece"] == pytest.approx(ece)
+    assert out["confusion_matrix"]["undecided"] == np.bincount(labels[preds == m.UNDECIDED], minlength=K).tolist()
+    five = m.classification_metrics(probs, labels, CLASSES, n_bins=5)  # n_bins reaches ECE and the table
+    assert five["headline"]["ece"] == pytest.approx(m.expected_calibration_error(probs, labels, 5)) != head["ece"]
+    assert len(five["reliability"]["count"]) == 5
+
+
+def test_macro_means_are_nan_when_no_class_defines_them():
+    labels = np.zeros(20, dtype=int)  # one class only: no class has both positives and negatives
+    probs = np.random.default_rng(3).dirichlet(np.ones(3), size=20)
+    with pytest.warns(m.AbsentClassWarning):
+        out = m.classification_metrics(probs, labels, ["a", "b", "c"])
+    head = out["headline"]
+    for key in ("macro_auc", "macro_auc_sens_80"):
+        assert isinstance(head[key], float) and np.isnan(head[key]), key
+    # AP is defined for "a" alone (every sample positive: 1), undefined for the absent classes
+    assert [out["per_class"][c]["average_precision"] for c in "a"] == pytest.approx([1.0])
+    assert head["macro_average_precision"] == pytest.approx(1.0) and not out["complete"]
+    assert head["balanced_accuracy"] == pytest.approx(np.mean(m.decide(probs) == 0))
+
+
 def test_parity_dominant_class_is_not_trivial(ham_root):
     # Guard against a parity test that passes vacuously: the adversarial cases really contain ties
     # and a single winning class.
