@@ -317,9 +317,12 @@ def test_every_key_of_the_report_matches_its_definition(ham_root):
               for b in range(15) if np.any(bin_of == b))
     assert head["ece"] == pytest.approx(ece)
     assert out["confusion_matrix"]["undecided"] == np.bincount(labels[preds == m.UNDECIDED], minlength=K).tolist()
-    five = m.classification_metrics(probs, labels, CLASSES, n_bins=5)  # n_bins reaches ECE and the table
-    assert five["headline"]["ece"] == pytest.approx(m.expected_calibration_error(probs, labels, 5)) != head["ece"]
-    assert len(five["reliability"]["count"]) == 5
+    # n_bins reaches ECE and the reliability table (scores of a decent model: ECE depends on the bins)
+    probs = _predictions("informative", labels, np.random.default_rng(12))
+    fifteen, two = (m.classification_metrics(probs, labels, CLASSES, **kw) for kw in ({}, {"n_bins": 2}))
+    assert two["headline"]["ece"] == pytest.approx(m.expected_calibration_error(probs, labels, 2))
+    assert fifteen["headline"]["ece"] == pytest.approx(m.expected_calibration_error(probs, labels, 15))
+    assert abs(two["headline"]["ece"] - fifteen["headline"]["ece"]) > 1e-3 and len(two["reliability"]["count"]) == 2
 
 
 def test_macro_means_are_nan_when_no_class_defines_them():
