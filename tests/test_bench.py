@@ -10,6 +10,17 @@ import pytest
 import torch
 from torch import nn
 
+from skindistil.bench.models import (
+    BenchSettings,
+    choose_pairs,
+    count_flops,
+    find_bma,
+    load_bench_model,
+    paper_ratios,
+    parse_arch_spec,
+    parse_model_ref,
+    run_benchmark,
+)
 from skindistil.cli import main
 from skindistil.config import PreprocessConfig
 from skindistil.errors import BackendUnavailable, ConfigError, ModelError
@@ -20,17 +31,6 @@ from skindistil.inference.backends import (
     build_backend,
     linear_patch_embed,
     warmup_batch_sizes,
-)
-from skindistil.inference.bench import (
-    BenchSettings,
-    choose_pairs,
-    count_flops,
-    find_bma,
-    load_bench_model,
-    paper_ratios,
-    parse_arch_spec,
-    parse_model_ref,
-    run_benchmark,
 )
 from skindistil.measure import PeakMemory, measure_rate, summarize_times, time_calls, time_interleaved
 from skindistil.models import create_teacher, save_artifact
