@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from rich.console import Console
 
-    from skindistil.bench.models import parse_arch_spec
+    from skindistil.bench.specs import parse_arch_spec
     from skindistil.bench.training import (
         ComparisonSettings,
         markdown_table,

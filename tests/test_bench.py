@@ -10,17 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from skindistil.bench.models import (
-    BenchSettings,
-    choose_pairs,
-    count_flops,
-    find_bma,
-    load_bench_model,
-    paper_ratios,
-    parse_arch_spec,
-    parse_model_ref,
-    run_benchmark,
-)
+from skindistil.bench.models import BenchSettings, run_benchmark
+from skindistil.bench.report import choose_pairs, paper_ratios
+from skindistil.bench.specs import load_bench_model, parse_arch_spec, parse_model_ref
+from skindistil.bench.summary import count_flops, find_bma
 from skindistil.cli import main
 from skindistil.config import PreprocessConfig
 from skindistil.errors import BackendUnavailable, ConfigError, ModelError

@@ -1,14 +1,6 @@
-"""Size, FLOPs, memory, latency and throughput of models and inference backends; teacher/student ratios.
+"""The model benchmark: latency, throughput and peak memory of models and inference backends.
 
-Definitions
-- parameters: elements of `model.parameters()`.
-- file size: bytes of an artifact's model.safetensors; for an architecture spec, the bytes its tensors
-  would take on disk (sum of numel * element size over the state dict; safetensors adds only a small
-  JSON header).
-- GFLOPs per image: FLOPs of one forward pass at batch 1 / 1e9, counted by
-  `torch.utils.flop_counter.FlopCounterMode`: a multiply-add is 2 FLOPs; matmuls, convolutions and
-  attention are counted (also the CPU attention kernel, which FlopCounterMode does not list itself);
-  norms, activations, softmax and additions are not (a few % of a ViT).
+Definitions (sizes and FLOPs: `skindistil.bench.summary`; teacher/student ratios: `skindistil.bench.report`)
 - latency: seconds per call (one batch), median and 90th percentile over the timed calls.
 - throughput: batch size / median seconds per call (images/s).
 - peak memory: what running the model at that batch size takes, in MB (10^6 bytes, as file MB):
@@ -20,9 +12,6 @@ Definitions
   of the process's peak resident size after freed memory is handed back (malloc_trim). The three parts
   are reported too (weights_memory_mb, input_memory_mb, call_memory_mb). onnxruntime's own GPU
   memory is not seen by PyTorch, so peak memory is not reported for it on CUDA.
-- the paper's ratios for a teacher/student pair, per device, backend and batch size:
-  X% smaller = 1 - params_student / params_teacher; Y% faster = t_teacher / t_student - 1, with t the
-  median seconds per image.
 
 Timing protocol per cell (model x backend x batch size): `warmup` untimed calls (the last one measures
 peak memory), then timed calls until `repeats` are done, or until `seconds` have been spent timing and at
@@ -31,14 +20,7 @@ so a teacher and its student share the same machine load. Every call runs under
 torch.inference_mode; on CUDA each timed call ends with torch.cuda.synchronize. The thread count
 (torch.get_num_threads, also given to onnxruntime) is recorded.
 
-Models are artifact directories or timm architecture specs (random weights, 8 classes):
-
-    ARCH[@DEPTH][:KEY=VALUE[,KEY=VALUE...]]
-
-ARCH is a timm model name; @DEPTH sets the number of blocks (timm's `depth`); KEY=VALUE pairs are more
-`timm.create_model` arguments, values being integers, floats, true/false or words. Examples:
-`vit_base_patch16_224` (the teacher), `vit_base_patch16_224@6` (the 6-block student at full size),
-`vit_base_patch16_224@2:embed_dim=32,num_heads=2,img_size=32,patch_size=8` (a tiny ViT for tests).
+Models are artifact directories or timm architecture specs (`skindistil.bench.specs`).
 """
 
 from __future__ import annotations
@@ -46,229 +28,25 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
-import math
-import os
-import platform
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from torch import nn
 
+from skindistil.bench.report import choose_pairs, paper_ratios
+from skindistil.bench.specs import BenchModel, ModelRef, load_bench_model, parse_model_ref
+from skindistil.bench.summary import count_flops, find_bma, machine_info, vit_shape, weight_bytes
 from skindistil.devices import parse_device
 from skindistil.errors import ConfigError
-from skindistil.files import save_figure, write_json, write_text
-from skindistil.inference.backends import (
-    BACKENDS,
-    BackendUnavailable,
-    build_backend,
-    check_backends,
-    model_input_size,
-)
+from skindistil.inference.backends import BACKENDS, BackendUnavailable, build_backend, check_backends
 from skindistil.measure import PeakMemory, summarize_times, time_interleaved
-from skindistil.models.artifact import count_parameters, load_model, resolve_model_dir, weight_files
-from skindistil.models.teacher import create_teacher
+from skindistil.models.artifact import count_parameters
 
 RESULT_FORMAT = 1
-DEFAULT_NUM_CLASSES = 8
 MEMORY_PARTS = (
     "peak memory = weights held by the backend (parameters + buffers of the module run, or the ONNX file) "
     "+ input batch + the most memory one call adds"
 )
-
-# ------------------------------------------------------------------------------------- model specs
-
-_SPEC = re.compile(r"^(?P<name>[A-Za-z0-9_]+)(?:@(?P<depth>\d+))?(?::(?P<kwargs>.*))?$")
-_KWARG = re.compile(r"^(?P<key>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>[^=]+)$")
-SPEC_SYNTAX = "ARCH[@DEPTH][:KEY=VALUE,...] (e.g. vit_base_patch16_224@6 or vit_base_patch16_224@2:embed_dim=32,num_heads=2,img_size=32,patch_size=8)"
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """A timm architecture with an optional depth and extra constructor arguments (see module doc)."""
-
-    name: str
-    depth: int | None = None
-    kwargs: dict = dataclasses.field(default_factory=dict)
-
-    def timm_kwargs(self) -> dict:
-        kwargs = {"num_classes": DEFAULT_NUM_CLASSES, **self.kwargs}
-        if self.depth is not None:
-            kwargs["depth"] = self.depth
-        return kwargs
-
-
-def parse_arch_spec(text: str) -> ArchSpec:
-    """Parse `ARCH[@DEPTH][:KEY=VALUE,...]`; ConfigError naming the fault for anything else."""
-    match = _SPEC.match(text.strip())
-    if not match:
-        raise ConfigError(f"model {text!r}: not an architecture spec; expected {SPEC_SYNTAX}")
-    depth = match["depth"]
-    if depth is not None and int(depth) < 1:
-        raise ConfigError(f"model {text!r}: depth must be at least 1")
-    kwargs = {}
-    if match["kwargs"] is not None:
-        for item in match["kwargs"].split(","):
-            pair = _KWARG.match(item.strip())
-            if not pair:
-                raise ConfigError(f"model {text!r}: {item!r} is not KEY=VALUE; expected {SPEC_SYNTAX}")
-            if pair["key"] == "depth":
-                raise ConfigError(f"model {text!r}: give the depth as @DEPTH, not depth=")
-            kwargs[pair["key"]] = _parse_value(pair["value"].strip())
-    return ArchSpec(match["name"], int(depth) if depth is not None else None, kwargs)
-
-
-def _parse_value(text: str):
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model named on the command line: an artifact directory or an architecture spec."""
-
-    ref: str
-    label: str
-    path: Path | None = None
-    spec: ArchSpec | None = None
-
-
-def parse_model_ref(ref: str) -> ModelRef:
-    """Check a model reference without building it: an existing path (or anything that looks like a
-    path) is an artifact; anything else must be a spec naming a timm architecture."""
-    import timm
-
-    ref = str(ref)
-    if Path(ref).expanduser().exists() or any(c in ref for c in "/\\") or ref.startswith((".", "~")):
-        model_dir = resolve_model_dir(Path(ref).expanduser())
-        label = model_dir.parent.name if model_dir.name == "model" else model_dir.name
-        return ModelRef(ref, label, path=model_dir)
-    spec = parse_arch_spec(ref)
-    if not timm.is_model(spec.name):
-        raise ConfigError(
-            f"model {ref!r}: no such directory and {spec.name!r} is not a timm architecture "
-            "(give an artifact directory or a spec " + SPEC_SYNTAX + ")"
-        )
-    label = spec.name if spec.depth is None else f"{spec.name}@{spec.depth}"
-    return ModelRef(ref, label, spec=spec)
-
-
-@dataclass
-class BenchModel:
-    """A model ready to measure, with what is known about it before any timing."""
-
-    ref: ModelRef
-    model: nn.Module
-    architecture: str
-    image_size: tuple[int, int]
-    file_bytes: int
-    file_bytes_kind: str
-    metrics: dict
-
-
-def load_bench_model(ref: ModelRef) -> BenchModel:
-    """Load the artifact, or build the spec with random weights, in eval mode on the CPU."""
-    if ref.path is not None:
-        loaded = load_model(ref.path)
-        size = loaded.preprocess.image_size
-        return BenchModel(
-            ref,
-            loaded.model,
-            loaded.architecture["name"],
-            (size, size),
-            sum(path.stat().st_size for path in weight_files(ref.path)),
-            " + ".join(path.name for path in weight_files(ref.path)),
-            loaded.metrics,
-        )
-    kwargs = ref.spec.timm_kwargs()
-    try:
-        model = create_teacher(ref.spec.name, kwargs.pop("num_classes"), pretrained=None, **kwargs)
-    except (AssertionError, ValueError, RuntimeError) as exc:  # timm's checks on inconsistent arguments
-        raise ConfigError(f"model {ref.ref!r}: timm cannot build it ({type(exc).__name__}: {exc})") from None
-    model.eval()
-    return BenchModel(ref, model, ref.spec.name, model_input_size(model), tensor_bytes(model), "tensor bytes", {})
-
-
-# ------------------------------------------------------------------------------------ measurements
-
-
-def tensor_bytes(model: nn.Module) -> int:
-    """Bytes of the state dict's tensors (what a safetensors file of the model holds, minus its header)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
-def weight_bytes(runner) -> int | None:
-    """Bytes of the weights a backend holds: the parameters and buffers of the module a PyTorch backend
-    runs (in its dtype), or an onnxruntime backend's ONNX file size; None for anything else."""
-    module = getattr(runner, "module", None)
-    if isinstance(module, nn.Module):
-        tensors = [*module.parameters(), *module.buffers()]  # each yields a shared tensor once
-        return sum(t.numel() * t.element_size() for t in tensors)
-    file_bytes = getattr(runner, "file_bytes", None)
-    return int(file_bytes) if file_bytes is not None else None
-
-
-def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _extra_flop_formulas() -> dict:
-    # FlopCounterMode has formulas for the CUDA attention kernels but not for the CPU flash kernel that
-    # scaled_dot_product_attention dispatches to on the CPU; without this, attention counts as zero there
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return {op: _sdpa_flops} if op is not None else {}
-
-
-def count_flops(model: nn.Module, image_size: tuple[int, int]) -> int:
-    """FLOPs of one forward pass on one image (multiply-add = 2), on the model's device."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    device = next(model.parameters()).device
-    counter = FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
-    with counter, torch.inference_mode():
-        model(torch.zeros(1, 3, *image_size, device=device))
-    return int(counter.get_total_flops())
-
-
-def vit_shape(model: nn.Module) -> tuple[int | None, int | None]:
-    """(depth, width) of a timm ViT or DepthViT; (None, None) for other models."""
-    vit = getattr(model, "vit", model)
-    blocks, width = getattr(vit, "blocks", None), getattr(vit, "embed_dim", None)
-    if isinstance(blocks, nn.Sequential) and isinstance(width, int):
-        return len(blocks), width
-    return None, None
-
-
-def find_bma(metrics: dict) -> tuple[float | None, str | None]:
-    """(BMA, split) from an artifact's metrics.json: the test split preferred, else val.
-
-    Accepted layouts per split: {"bma": x}, {"balanced_accuracy": x} or {"headline": {...}}.
-    """
-    for split in ("test", "val"):
-        section = metrics.get(split)
-        if not isinstance(section, dict):
-            continue
-        for source in (section, section.get("headline")):
-            if not isinstance(source, dict):
-                continue
-            for key in ("bma", "balanced_accuracy"):
-                value = source.get(key)
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    return float(value), split
-    return None, None
-
-
-# ------------------------------------------------------------------------------------------ runner
 
 
 @dataclass(frozen=True)
@@ -293,37 +71,6 @@ class BenchSettings:
             raise ConfigError("timing: need warmup >= 1, 1 <= min_repeats <= repeats and seconds > 0")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads {self.threads}: must be at least 1")
-
-
-def machine_info(device: torch.device, threads: int) -> dict:
-    import timm
-
-    info = {
-        "device": str(device),
-        "device_name": _cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-    }
-    try:
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        info["onnxruntime"] = None
-    return info
-
-
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def run_benchmark(
@@ -491,166 +238,3 @@ def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-# ------------------------------------------------------------------------------------------ ratios
-
-
-def choose_pairs(summaries: Sequence[dict]) -> list[tuple[str, str]]:
-    """(teacher, student) labels: for each width, the deepest ViT against every shallower one of that
-    width; if that gives none, the first model against the second."""
-    pairs = []
-    widths = {s["width"] for s in summaries if s["width"] is not None}
-    for width in sorted(widths):
-        group = [s for s in summaries if s["width"] == width]
-        teacher = max(group, key=lambda s: s["depth"])  # the first of equally deep ones
-        pairs += [(teacher["label"], s["label"]) for s in group if s["depth"] < teacher["depth"]]
-    if not pairs and len(summaries) >= 2:
-        pairs = [(summaries[0]["label"], summaries[1]["label"])]
-    return pairs
-
-
-def paper_ratios(summaries: Sequence[dict], results: Sequence[dict], pairs) -> list[dict]:
-    """The paper's ratios for each pair at every (device, backend, batch size) both were timed at.
-
-    smaller = 1 - params_s / params_t; faster = t_t / t_s - 1 (t: median seconds per image);
-    speedup = t_t / t_s.
-    """
-    params = {s["label"]: s["params"] for s in summaries}
-    cells = {(r["model"], r["device"], r["backend"], r["batch_size"]): r for r in results}
-    ratios = []
-    for teacher, student in pairs:
-        for (model, device, backend, batch_size), cell in cells.items():
-            other = cells.get((student, device, backend, batch_size))
-            if model != teacher or other is None:
-                continue
-            speedup = cell["ms_per_image"] / other["ms_per_image"]
-            ratios.append(
-                {
-                    "teacher": teacher,
-                    "student": student,
-                    "device": device,
-                    "backend": backend,
-                    "batch_size": batch_size,
-                    "smaller": 1 - params[student] / params[teacher],
-                    "faster": speedup - 1,
-                    "speedup": speedup,
-                }
-            )
-    return ratios
-
-
-def ratio_sentence(ratio: dict) -> str:
-    """'S vs T (backend, device, batch B): X% smaller, Y% faster (speed-up Zx)'."""
-    smaller, faster = ratio["smaller"], ratio["faster"]
-    return (
-        f"{ratio['student']} vs {ratio['teacher']} ({ratio['backend']}, {ratio['device']}, batch {ratio['batch_size']}): "
-        f"{abs(smaller):.2%} {'smaller' if smaller >= 0 else 'larger'}, "
-        f"{abs(faster):.2%} {'faster' if faster >= 0 else 'slower'} (speed-up {ratio['speedup']:.2f}x)"
-    )
-
-
-# ----------------------------------------------------------------------------------------- reports
-
-
-def markdown_report(result: dict) -> str:
-    """bench.md: machine and protocol, a model table, a speed table, the ratios and skipped backends."""
-    machine, settings = result["machine"], result["settings"]
-    lines = [
-        "# skindistil benchmark",
-        "",
-        f"Device {machine['device']} ({machine['device_name']}; {machine['cpu_count']} CPU cores), "
-        f"{_threads(machine['threads'])} (torch.get_num_threads, also given to onnxruntime); torch {machine['torch']}, "
-        f"timm {machine['timm']}, onnxruntime {machine['onnxruntime']}; {result['created']}.",
-        f"Per cell: {settings['warmup']} warm-up calls, then up to {settings['repeats']} timed calls "
-        f"(at least {settings['min_repeats']}, stopping after {settings['seconds']:g} s); random normal inputs; "
-        "torch.inference_mode; CUDA synchronised after each call.",
-        "",
-        "## Models",
-        "",
-        "| model | given as | depth | width | input | parameters | file MB | GFLOPs/image | BMA |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for s in result["models"]:
-        bma = f"{s['bma']:.4f} ({s['bma_split']})" if s["bma"] is not None else "-"
-        lines.append(
-            f"| {s['label']} | {s['source']} `{s['ref']}` | {s['depth'] or '-'} | {s['width'] or '-'} | "
-            f"{'x'.join(map(str, s['image_size']))} | {s['params']:,} | {s['file_bytes'] / 1e6:.2f} | "
-            f"{s['gflops']:.4f} | {bma} |"
-        )
-    lines += [
-        "",
-        "File MB: model.safetensors for artifacts, tensor bytes for architecture specs (1 MB = 10^6 bytes). "
-        "GFLOPs: FlopCounterMode, multiply-add = 2 FLOPs.",
-        "",
-        "## Speed",
-        "",
-        "| model | backend | batch | median ms/call | p90 ms/call | ms/image | images/s | calls | peak memory MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in result["results"]:
-        memory = f"{r['peak_memory_mb']:.1f}" if r["peak_memory_mb"] is not None else "-"
-        lines.append(
-            f"| {r['model']} | {r['backend']} | {r['batch_size']} | {r['median_s'] * 1e3:.2f} | {r['p90_s'] * 1e3:.2f} | "
-            f"{r['ms_per_image']:.3f} | {r['images_per_s']:.1f} | {r['repeats']} | {memory} |"
-        )
-    kinds = sorted({r["memory_kind"] for r in result["results"]})
-    if kinds:
-        lines += ["", "Peak memory MB (10^6 bytes): " + "; ".join(kinds) + "."]
-    lines += ["", "## Teacher vs student", ""]
-    lines += [f"- {ratio_sentence(r)}" for r in result["ratios"]] or ["No teacher/student pair."]
-    lines.append("")
-    lines.append("X% smaller = 1 - params_student / params_teacher; Y% faster = t_teacher / t_student - 1 (t per image).")
-    if result["skipped"]:
-        lines += ["", "## Skipped", ""]
-        lines += [f"- {s['model']} / {s['backend']}: {s['reason']}" for s in result["skipped"]]
-    return "\n".join(lines) + "\n"
-
-
-def plot_throughput(result: dict, path: str | Path) -> Path:
-    """Throughput at the largest batch size against BMA (when every model has one) or parameters,
-    one series per backend."""
-    from matplotlib.figure import Figure
-
-    summaries = {s["label"]: s for s in result["models"]}
-    use_bma = bool(summaries) and all(s["bma"] is not None for s in summaries.values())
-    batch = max((r["batch_size"] for r in result["results"]), default=None)
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.subplots()
-    for backend in dict.fromkeys(r["backend"] for r in result["results"]):
-        rows = [r for r in result["results"] if r["backend"] == backend and r["batch_size"] == batch]
-        xs = [summaries[r["model"]]["bma"] if use_bma else summaries[r["model"]]["params"] / 1e6 for r in rows]
-        ys = [r["images_per_s"] for r in rows]
-        ax.plot(xs, ys, "o", label=backend)
-        for x, y, r in zip(xs, ys, rows, strict=True):
-            ax.annotate(_short(r["model"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    split = "/".join(sorted({s["bma_split"] for s in summaries.values() if s["bma_split"]}))
-    ax.set(
-        xlabel=f"BMA ({split})" if use_bma else "parameters (millions)",
-        ylabel=f"images/s at batch {batch}",
-        title=f"Throughput on {result['machine']['device']} ({_threads(result['machine']['threads'])})",
-    )
-    ax.margins(x=0.15, y=0.1)  # room for the point labels
-    ax.grid(alpha=0.3)
-    if result["results"]:
-        ax.legend(title="backend")
-    return save_figure(fig, path, dpi=120)
-
-
-def _threads(count: int) -> str:
-    return f"{count} thread" if count == 1 else f"{count} threads"
-
-
-def _short(label: str, width: int = 32) -> str:
-    return label if len(label) <= width else label[: width - 3] + "..."
-
-
-def write_report(result: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write bench.json, bench.md and bench.png into `out_dir`; returns their paths by kind."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md", "plot": out_dir / "bench.png"}
-    write_json(files["json"], result)
-    write_text(files["markdown"], markdown_report(result))
-    plot_throughput(result, files["plot"])
-    return files
