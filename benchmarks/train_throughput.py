@@ -8,7 +8,7 @@ For each mode (teacher: `skindistil train`'s loop; distill: SkinDistilViT's) it 
 step on synthetic tensors already on the device, runs the real training on a prepared dataset
 (default: the synthetic source, prepared once under OUT/data) and reads the training img/s the run
 wrote (RUN/logs/throughput.json: data loading included, validation excluded). Prints the table and
-writes OUT/train_throughput.{json,md}. Definitions: skindistil.training.throughput.
+writes OUT/train_throughput.{json,md}. Definitions: skindistil.bench.training.
 
 Defaults by device: cuda: vit_base_patch16_224, batch 256, 4000 images (2,800 for training: 11
 batches an epoch), 5 epochs, all cores as loader workers; cpu: a 4-block 64 px ViT (width 64),
@@ -51,15 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from rich.console import Console
 
-    from skindistil.errors import SkinDistilError
-    from skindistil.inference.bench import parse_arch_spec
-    from skindistil.training.throughput import (
+    from skindistil.bench.specs import parse_arch_spec
+    from skindistil.bench.training import (
         ComparisonSettings,
         markdown_table,
         rich_table,
         run_comparison,
         write_results,
     )
+    from skindistil.errors import SkinDistilError
 
     console = Console()
     on_gpu = args.device.startswith("cuda")

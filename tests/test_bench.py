@@ -10,6 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from skindistil.bench.models import BenchSettings, run_benchmark
+from skindistil.bench.report import choose_pairs, paper_ratios
+from skindistil.bench.specs import load_bench_model, parse_arch_spec, parse_model_ref
+from skindistil.bench.summary import count_flops, find_bma
 from skindistil.cli import main
 from skindistil.config import PreprocessConfig
 from skindistil.errors import BackendUnavailable, ConfigError, ModelError
@@ -20,17 +24,6 @@ from skindistil.inference.backends import (
     build_backend,
     linear_patch_embed,
     warmup_batch_sizes,
-)
-from skindistil.inference.bench import (
-    BenchSettings,
-    choose_pairs,
-    count_flops,
-    find_bma,
-    load_bench_model,
-    paper_ratios,
-    parse_arch_spec,
-    parse_model_ref,
-    run_benchmark,
 )
 from skindistil.measure import PeakMemory, measure_rate, summarize_times, time_calls, time_interleaved
 from skindistil.models import create_teacher, save_artifact

@@ -8,17 +8,17 @@ import math
 import pytest
 import torch
 
-from skindistil.data.prepare import prepare_dataset
-from skindistil.data.sources import build_source
-from skindistil.errors import ConfigError
-from skindistil.models import create_teacher, extract_student
-from skindistil.training.throughput import (
+from skindistil.bench.training import (
     ComparisonSettings,
     markdown_table,
     raw_train_step_throughput,
     run_comparison,
     write_results,
 )
+from skindistil.data.prepare import prepare_dataset
+from skindistil.data.sources import build_source
+from skindistil.errors import ConfigError
+from skindistil.models import create_teacher, extract_student
 
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "img_size": 32, "patch_size": 8}
 

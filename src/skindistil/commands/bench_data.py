@@ -19,7 +19,7 @@ from skindistil.errors import ConfigError
 from skindistil.files import write_json
 
 if TYPE_CHECKING:
-    from skindistil.data.bench import BenchResult
+    from skindistil.bench.data import BenchResult
 # the loader benchmark itself (torch, Lightning) is imported in run(): `skindistil --help` stays fast
 
 
@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from skindistil.bench.data import TARGET_CORES, TARGET_IMAGES_PER_SECOND, bench_data
     from skindistil.config import PreprocessConfig
-    from skindistil.data.bench import TARGET_CORES, TARGET_IMAGES_PER_SECOND, bench_data
 
     args.target_cores = args.target_cores or TARGET_CORES
 

@@ -6,7 +6,7 @@ paper's teacher/student ratios ("X% smaller, Y% faster").
     skindistil benchmark --models vit_base_patch16_224 vit_base_patch16_224@6 --batch-sizes 1,32
 
 A model is an artifact directory (model/ or run directory) or a timm architecture spec
-ARCH[@DEPTH][:KEY=VALUE,...] built with random weights (see skindistil.inference.bench).
+ARCH[@DEPTH][:KEY=VALUE,...] built with random weights (see skindistil.bench.specs).
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from skindistil.inference.bench import BenchSettings, run_benchmark, write_report
+    from skindistil.bench.models import BenchSettings, run_benchmark
+    from skindistil.bench.report import write_report
 
     console = Console()
     if not console.is_terminal:
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 def _print_result(console, result: dict) -> None:
     from rich.table import Table
 
-    from skindistil.inference.bench import ratio_sentence
+    from skindistil.bench.report import ratio_sentence
 
     machine = result["machine"]
     models = Table(title="Models")

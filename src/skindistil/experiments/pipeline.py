@@ -283,7 +283,8 @@ class Pipeline:
         return read_predictions_csv(predictions, teacher.metrics["classes"], ids)[1]
 
     def benchmark(self, teacher: ModelEntry, students: list[ModelEntry]) -> dict:
-        from skindistil.inference.bench import BenchSettings, run_benchmark, write_report
+        from skindistil.bench.models import BenchSettings, run_benchmark
+        from skindistil.bench.report import write_report
 
         out = self.run_dir / "benchmark"
         if (out / "bench.json").is_file():
