@@ -69,7 +69,9 @@ class ExtractedStudent(NamedTuple):
     kept_blocks: list[int]
 
 
-def select_blocks(num_blocks: int, keep_blocks: int | Sequence[int], block_selection: str = "first") -> list[int]:
+def select_blocks(
+    num_blocks: int, keep_blocks: int | Sequence[int], block_selection: str = "first"
+) -> list[int]:
     """Indices of the teacher blocks to keep.
 
     An int k with block_selection "first" keeps blocks 0..k-1; with "uniform" it keeps
