@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--arch", default="vit_base_patch16_224", help="timm teacher architecture")
     parser.add_argument("--teacher", help="a teacher artifact instead of a random one (its input size is used)")
-    parser.add_argument("--keep", type=int, default=6, help="student blocks (first K)")
+    parser.add_argument("--keep-blocks", "--keep", type=int, default=6, help="student blocks (first K)")
     parser.add_argument("--data", help="a prepared DATA_DIR (default: HAM10000 images prepared under OUT/data)")
     parser.add_argument("--ham", default=str(REPO.parent / "shared" / "data" / "ham10000"), help="HAM10000 root")
     parser.add_argument("--images", type=int, help="HAM10000 images to prepare (default 600 cpu, 4000 cuda)")
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     def config(name: str, store: str | None) -> DistillConfig:
         return DistillConfig.from_dict({
             "name": name, "out_dir": str(out / "runs"), "teacher": str(teacher_dir), "teacher_store": store,
-            "keep": args.keep, "loss": {"a_cos": args.a_cos, "cos_tokens": "cls"},
+            "keep_blocks": args.keep_blocks, "loss": {"a_cos": args.a_cos, "cos_tokens": "cls"},
             "data": {"dir": str(data_dir), "batch_size": args.batch_size or setup["batch_size"],
                      "num_workers": args.workers, "augment_on": "cpu"},
             "trainer": {"max_epochs": epochs, "precision": setup["precision"], "accelerator": accelerator, "devices": 1,
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = results["stored"]["images_per_second"] / results["online"]["images_per_second"]
     report = {
         "device": args.device, "teacher": args.arch if not args.teacher else str(teacher_dir),
-        "teacher_blocks": len(load_model(teacher_dir).model.blocks), "student_blocks": args.keep,
+        "teacher_blocks": len(load_model(teacher_dir).model.blocks), "student_blocks": args.keep_blocks,
         "image_size": image_size, "epochs": epochs, "train_images": header["dataset"]["rows"],
         "batch_size": args.batch_size or setup["batch_size"], "precision": setup["precision"],
         "hidden": header["hidden"], "online": results["online"], "stored": results["stored"],

@@ -8,9 +8,9 @@ On real HAM10000 images (../shared/data/ham10000, lesion-grouped splits, prepare
 every model trained for the same number of epochs with the same seed:
 
 - ViT teacher (timm ViT, `--vit-kwargs`) and convnet teacher (timm `--cnn`, ResNet-18 by default);
-- paper: SkinDistilViT, the ViT teacher's first `--keep` blocks distilled from it (distilvit, default loss);
+- paper: SkinDistilViT, the ViT teacher's first `--keep-blocks` blocks distilled from it (distilvit, default loss);
 - paper baseline: the same initial student trained with cross-entropy only (a_kd = a_mse = 0);
-- DeiT: a random ViT of `--keep` blocks (same width) with a distillation token, hard distillation from the
+- DeiT: a random ViT of `--keep-blocks` blocks (same width) with a distillation token, hard distillation from the
   convnet teacher through the token (a_kd = a_mse = 0, DeiT's loss);
 - DeiT baseline: the same random ViT, no token, cross-entropy only;
 - paper from stored outputs: the paper's student again, its teacher outputs written once by
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ham", default=str(REPO.parent / "shared" / "data" / "ham10000"), help="HAM10000 root")
     parser.add_argument("--images", type=int, help="HAM10000 images to prepare (default 2,500 cpu, all cuda)")
     parser.add_argument("--epochs", type=int, help="epochs of every model (default 6 cpu, 30 cuda)")
-    parser.add_argument("--keep", type=int, help="student blocks (default: half the ViT teacher's)")
+    parser.add_argument("--keep-blocks", "--keep", type=int, help="student blocks (default: half the ViT teacher's)")
     parser.add_argument("--cnn", default="resnet18", help="timm convnet teacher (default resnet18)")
     parser.add_argument("--workers", type=int, help="loader workers (default: the commands' default)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of every interval")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     epochs = args.epochs or setup["epochs"]
     size = setup["image_size"]
-    keep = args.keep or setup["vit"]["depth"] // 2
+    keep = args.keep_blocks or setup["vit"]["depth"] // 2
     data = out / "data"
     if not (data / "dataset.json").is_file():
         prepare_dataset(build_source("ham10000", args.ham), data, limit=args.images or setup["images"],
@@ -80,15 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         "ViT teacher": ["train", "--name", "vit-teacher", "--model", ARCH, f"model.kwargs={json.dumps(setup['vit'])}",
                         pre, "--lr", str(setup["lr"])],
         "CNN teacher": ["train", "--name", "cnn-teacher", "--model", args.cnn, pre, "--lr", str(setup["lr"])],
-        "paper: ViT -> ViT": ["distill", "--name", "paper", "--teacher", str(out / "vit-teacher"), "--keep", str(keep)],
+        "paper: ViT -> ViT": ["distill", "--name", "paper", "--teacher", str(out / "vit-teacher"), "--keep-blocks", str(keep)],
         "paper baseline (no teacher)": ["distill", "--name", "paper-baseline", "--teacher", str(out / "vit-teacher"),
-                                        "--keep", str(keep), "--a-kd", "0", "--a-mse", "0"],
+                                        "--keep-blocks", str(keep), "--a-kd", "0", "--a-mse", "0"],
         "DeiT: CNN -> ViT, token": ["distill", "--name", "deit", "--teacher", str(out / "cnn-teacher"),
                                     "--student-init", ARCH, f"student_kwargs={json.dumps(student_kwargs)}",
-                                    "--keep", str(keep), "--dist-token", "hard", "--a-kd", "0", "--a-mse", "0"],
+                                    "--keep-blocks", str(keep), "--dist-token", "hard", "--a-kd", "0", "--a-mse", "0"],
         "DeiT baseline (no teacher)": ["distill", "--name", "deit-baseline", "--teacher", str(out / "cnn-teacher"),
                                        "--student-init", ARCH, f"student_kwargs={json.dumps(student_kwargs)}",
-                                       "--keep", str(keep), "--a-kd", "0", "--a-mse", "0"],
+                                       "--keep-blocks", str(keep), "--a-kd", "0", "--a-mse", "0"],
     }
     results: dict[str, dict] = {}
     for label, command in runs.items():
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                                               str(setup["batch_size"]), "--precision", setup["precision"],
                                               "--no-progress"], "store-teacher"))
     stored_dir = out / "paper-stored"
-    command = ["distill", "--name", "paper-stored", "--teacher", str(out / "vit-teacher"), "--keep", str(keep),
+    command = ["distill", "--name", "paper-stored", "--teacher", str(out / "vit-teacher"), "--keep-blocks", str(keep),
                "--teacher-store", str(store)]
     seconds = _timed(stored_dir / "model" / "config.json", out / "seconds" / "paper-stored.json",
                      lambda: _cli(cli, [*command, *common], "paper from the store"))

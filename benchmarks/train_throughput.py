@@ -14,7 +14,7 @@ Defaults by device: cuda: vit_base_patch16_224, batch 256, 4000 images (2,800 fo
 batches an epoch), 5 epochs, all cores as loader workers; cpu: a 4-block 64 px ViT (width 64),
 batch 64, 600 images, 3 epochs. Augmentation runs on the device (BatchAugment) unless --augment-on
 cpu. Models are ARCH[@DEPTH][:KEY=VALUE,...] specs (random weights); distill keeps the first half of
-the blocks unless --keep K.
+the blocks unless --keep-blocks K.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--model", help=f"architecture spec (default {GPU_MODEL} on cuda, {CPU_MODEL} on cpu)")
     parser.add_argument("--modes", default="teacher,distill", help="comma-separated: teacher, distill")
-    parser.add_argument("--keep", type=int, help="student blocks for distill (first K; default half the model's)")
+    parser.add_argument("--keep-blocks", "--keep", type=int,
+                        help="student blocks for distill (first K; default half the model's)")
     parser.add_argument("--batch-size", type=int, help="default 256 on cuda, 64 on cpu")
     parser.add_argument("--epochs", type=int, help="epochs of each real run (default 5 on cuda, 3 on cpu)")
     parser.add_argument("--data", help="a prepared DATA_DIR (default: synthetic images prepared under OUT/data)")
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             short_side=args.short_side,
             augment_on=args.augment_on,
             workers=args.workers,
-            keep=args.keep,
+            keep_blocks=args.keep_blocks,
             modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
             raw_steps=args.raw_steps,
             raw_warmup=args.raw_warmup,

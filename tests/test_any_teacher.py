@@ -140,7 +140,7 @@ def test_convnet_teacher_predicts_exports_benchmarks_and_serves(cnn_teacher, ham
 def distill_cfg(teacher: Path, data: Path, out: Path, name: str, **fields) -> DistillConfig:
     loss = fields.pop("loss", {})
     return DistillConfig.from_dict({
-        "name": name, "out_dir": str(out), "teacher": str(teacher), "method": "distilvit", "keep": 2,
+        "name": name, "out_dir": str(out), "teacher": str(teacher), "method": "distilvit", "keep_blocks": 2,
         "student_init": "vit_base_patch16_224", "student_kwargs": TINY_VIT,
         "student_preprocess": {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
         "loss": {"a_kd": 0.0, "a_mse": 0.0, "distillation_token": "hard", **loss},
@@ -176,7 +176,7 @@ def test_student_from_a_vit_artifact_keeps_chosen_blocks(cnn_teacher, ham_small,
     start = save_artifact(vit, tmp_path / "vit" / "model", classes=HAM_CLASSES, preprocess=PreprocessConfig(image_size=32))
     trainer = {**TRAINER, "limit_train_batches": 1}
     cfg = distill_cfg(cnn_teacher, ham_small, tmp_path, "from-artifact", student_init=str(start.parent),
-                      student_kwargs={}, student_preprocess={}, keep=[0, 2], trainer=trainer,
+                      student_kwargs={}, student_preprocess={}, keep_blocks=[0, 2], trainer=trainer,
                       loss={"distillation_token": "none", "a_kd": 0.5})
     [result] = distill(cfg)
     loaded = load_model(result.model_dir)

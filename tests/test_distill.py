@@ -18,7 +18,7 @@ from conftest import tiny_train_config
 from skindistil.cli import build_parser, main
 from skindistil.commands.common import resolve_config
 from skindistil.commands.distill import FLAG_KEYS
-from skindistil.config import DistillConfig, LossConfig
+from skindistil.config import DeprecatedKeyWarning, DistillConfig, LossConfig, load_yaml
 from skindistil.data.datamodule import SkinDataModule
 from skindistil.errors import ModelError
 from skindistil.evaluation.early_exit import (
@@ -48,7 +48,7 @@ def teacher(ham_small, tmp_path_factory) -> Path:
 
 def distill_config(teacher: Path, data_dir: Path, out_dir: Path, method: str, **fields) -> DistillConfig:
     return DistillConfig.from_dict({
-        "name": method, "out_dir": str(out_dir), "teacher": str(teacher), "method": method, "keep": 2,
+        "name": method, "out_dir": str(out_dir), "teacher": str(teacher), "method": method, "keep_blocks": 2,
         "min_depth": 2,
         "loss": {"chain_warmup_steps": 1, "chain_every_steps": 1},
         "data": {"dir": str(data_dir), "batch_size": 32, "num_workers": 0, "imbalance": "weighted-loss"},
@@ -184,39 +184,67 @@ def test_cascade_writes_one_member_per_depth_and_resumes(distilled):
 def test_cli_flags_map_to_the_config(tmp_path):
     parser = build_parser()
     args = parser.parse_args([
-        "distill", "--teacher", "runs/t", "--data", "data/2019", "--method", "cascade", "--keep", "0,2",
-        "--strategy", "uniform", "--min-depth", "3", "--a-cos", "0.1", "--a-kd", "0.7", "--temperature", "4",
+        "distill", "--teacher", "runs/t", "--data", "data/2019", "--method", "cascade", "--keep-blocks", "0,2",
+        "--block-selection", "uniform", "--min-depth", "3", "--a-cos", "0.1", "--a-kd", "0.7", "--temperature", "4",
         "--a-mse", "0", "--a-chain", "10", "--epochs", "3", "--lr", "1e-3", "--batch-size", "16",
         "--name", "007", "--out-dir", str(tmp_path), "--imbalance", "weighted-loss", "--precision", "bf16-mixed",
-        "--ddp-strategy", "ddp", "--devices", "2", "loss.cos_tokens=cls",
+        "--strategy", "ddp", "--devices", "2", "loss.cos_tokens=cls",
     ])
     cfg = resolve_config(args, DistillConfig, FLAG_KEYS)
-    assert cfg.keep == [0, 2] and cfg.strategy == "uniform" and cfg.method == "cascade" and cfg.min_depth == 3
+    assert cfg.keep_blocks == [0, 2] and cfg.block_selection == "uniform"
+    assert cfg.method == "cascade" and cfg.min_depth == 3
     assert cfg.teacher == "runs/t" and cfg.data.dir == "data/2019" and cfg.name == "007"
     assert (cfg.loss.a_cos, cfg.loss.a_kd, cfg.loss.temperature, cfg.loss.a_mse, cfg.loss.a_chain) == (0.1, 0.7, 4, 0, 10)
     assert cfg.loss.cos_tokens == "cls" and cfg.loss.a_task == LossConfig().a_task
     assert (cfg.trainer.max_epochs, cfg.optim.lr, cfg.data.batch_size) == (3, 1e-3, 16)
     assert (cfg.trainer.precision, cfg.trainer.strategy, cfg.trainer.devices) == ("bf16-mixed", "ddp", 2)
     assert cfg.data.imbalance == "weighted-loss"
-    single = resolve_config(parser.parse_args(["distill", "--keep", "4"]), DistillConfig, FLAG_KEYS)
-    assert single.keep == 4 and single.loss == LossConfig()
+    # the old spellings: --keep for --keep-blocks, --ddp-strategy for --strategy (Lightning's)
+    single = resolve_config(parser.parse_args(["distill", "--keep", "4", "--ddp-strategy", "ddp_spawn"]),
+                            DistillConfig, FLAG_KEYS)
+    assert single.keep_blocks == 4 and single.block_selection == "first" and single.loss == LossConfig()
+    assert single.trainer.strategy == "ddp_spawn"
 
 
-def test_distill_cli_end_to_end(teacher, ham_small, tmp_path):
-    code = main(["distill", "--teacher", str(teacher.parent), "--data", str(ham_small), "--method", "distilvit",
-                 "--keep", "0,3", "--epochs", "1", "--batch-size", "32", "--workers", "0", "--accelerator", "cpu",
-                 "--precision", "32-true", "--a-cos", "0.1", "--out-dir", str(tmp_path), "--name", "cli",
-                 "--no-progress", "trainer.limit_train_batches=2", "trainer.log_every_n_steps=1"])
+@pytest.mark.parametrize("selection", ["first", "uniform"])
+def test_distill_strategy_with_a_block_selection_is_refused_naming_block_selection(selection, tmp_path, capsys):
+    """`distill --strategy first|uniform` chose blocks before --strategy meant Lightning's strategy: it is
+    refused before anything loads, naming --block-selection; a recipe's trainer.strategy too."""
+    assert main(["distill", "--teacher", str(tmp_path / "no-teacher"), "--strategy", selection]) == 1
+    err = capsys.readouterr().err
+    assert f"trainer.strategy: {selection!r} is not a Lightning strategy" in err
+    assert f"--block-selection {selection}" in err
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"trainer: {{strategy: {selection}}}\n")
+    assert main(["distill", "--config", str(recipe), "--teacher", str(tmp_path / "no-teacher")]) == 1
+    assert f"--block-selection {selection}" in capsys.readouterr().err
+
+
+def test_keep_blocks_with_uniform_selection_from_an_old_recipe(teacher, ham_small, tmp_path):
+    """`--keep-blocks 3 --block-selection uniform` keeps blocks 0, 2, 3 of the 4-block teacher (the first
+    three would be 0, 1, 2), over an old recipe's deprecated keep/strategy keys; the run's config.yaml
+    writes the current names."""
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("keep: 2\nstrategy: first\n")
+    with pytest.warns(DeprecatedKeyWarning) as caught:
+        code = main(["distill", "--config", str(recipe), "--teacher", str(teacher.parent), "--data", str(ham_small),
+                     "--keep-blocks", "3", "--block-selection", "uniform", "--epochs", "1", "--batch-size", "32",
+                     "--workers", "0", "--accelerator", "cpu", "--precision", "32-true", "--out-dir", str(tmp_path),
+                     "--name", "uniform", "--no-progress", "trainer.limit_train_batches=1"])
     assert code == 0
-    loaded = load_model(tmp_path / "cli")
-    assert loaded.config["provenance"]["kept_blocks"] == [0, 3] and len(loaded.model.blocks) == 2
-    assert loaded.config["provenance"]["loss"]["a_cos"] == 0.1
-    log = pd.read_csv(tmp_path / "cli" / "logs" / "metrics.csv")
-    assert log["train/cos"].notna().any()  # the cosine term was on
+    messages = [str(w.message) for w in caught if w.category is DeprecatedKeyWarning]
+    assert messages == [f"{recipe}: keep is deprecated: read as keep_blocks=2; rename the key to keep_blocks",
+                        f"{recipe}: strategy is deprecated: read as block_selection='first'; rename the key to "
+                        "block_selection"]
+    loaded = load_model(tmp_path / "uniform")
+    assert loaded.config["provenance"]["kept_blocks"] == [0, 2, 3] and len(loaded.model.blocks) == 3
+    saved = load_yaml(tmp_path / "uniform" / "config.yaml")
+    assert (saved["keep_blocks"], saved["block_selection"]) == (3, "uniform")
+    assert "keep" not in saved and "strategy" not in saved and saved["trainer"]["strategy"] == "auto"
 
 
 def _gate_args(teacher, ham_small, tmp_path, gate):
-    return ["distill", "--teacher", str(teacher.parent), "--data", str(ham_small), "--keep", "2", "--epochs", "1",
+    return ["distill", "--teacher", str(teacher.parent), "--data", str(ham_small), "--keep-blocks", "2", "--epochs", "1",
             "--batch-size", "32", "--workers", "0", "--accelerator", "cpu", "--precision", "32-true",
             "--out-dir", str(tmp_path), "--name", "gated", "--no-progress", "--min-class-retention", gate,
             "trainer.limit_train_batches=2"]
@@ -397,7 +425,7 @@ def test_ablation_variants():
 
 def test_ablate_cli_reports_every_variant(teacher, ham_small, tmp_path):
     args = ["ablate", "--teacher", str(teacher), "--data", str(ham_small), "--out-dir", str(tmp_path),
-            "--epochs", "1", "--keep", "2", "--batch-size", "32", "--workers", "0", "--accelerator", "cpu",
+            "--epochs", "1", "--keep-blocks", "2", "--batch-size", "32", "--workers", "0", "--accelerator", "cpu",
             "--precision", "32-true", "--no-progress", "trainer.limit_train_batches=2",
             "trainer.log_every_n_steps=1"]
     assert main(args) == 0

@@ -206,20 +206,20 @@ def _vit(depth=3, seed=0):
 
 def test_initial_students_per_method():
     start = _vit(4)
-    student, kept = initial_student("distilvit", start, keep=[0, 3])
+    student, kept = initial_student("distilvit", start, keep_blocks=[0, 3])
     assert kept == [0, 3] and len(student.blocks) == 2
     torch.testing.assert_close(student.blocks[1].mlp.fc1.weight, start.blocks[3].mlp.fc1.weight, rtol=0, atol=0)
     for method, shared in (("fcvit", False), ("fcvit-probs", True), ("full", False)):
-        model, kept = initial_student(method, start, keep=2)
+        model, kept = initial_student(method, start, keep_blocks=2)
         assert isinstance(model, DepthViT) and model.shared_head == shared and kept == [0, 1, 2, 3]
         assert model.exits == [1, 2, 3, 4] and model.vit is not start
-    token_student, _ = initial_student("distilvit", start, keep=2, token=True)
+    token_student, _ = initial_student("distilvit", start, keep_blocks=2, token=True)
     assert token_student.num_prefix_tokens == 2 and start.num_prefix_tokens == 1
 
 
 def _module(method, label_smoothing=0.0, teacher_seed=1, loss=None, weights=None):
     start = _vit(3)
-    student, _ = initial_student(method, start, keep=2)
+    student, _ = initial_student(method, start, keep_blocks=2)
     loss = loss or LossConfig(a_cos=0.1, chain_warmup_steps=0, chain_every_steps=1)
     return DistillerModule(student, _vit(3, seed=teacher_seed).eval(), method, CLASSES,
                            OptimConfig(label_smoothing=label_smoothing), loss, class_weights=weights)
@@ -278,7 +278,7 @@ def test_a_teacher_method_without_teacher_outputs_is_refused():
 
 
 def _distilled(depth=3):
-    student = initial_student("distilvit", _vit(depth), keep=depth, token=True)[0]
+    student = initial_student("distilvit", _vit(depth), keep_blocks=depth, token=True)[0]
     for head in (student.head, student.head_dist):  # distinct heads: their logits clearly differ
         torch.nn.init.normal_(head.weight, std=1.0)
     return student.eval()
@@ -330,7 +330,7 @@ def test_initial_student_options_and_defaults():
     start = _vit(8)
     default, kept = initial_student("distilvit", start)
     assert kept == [0, 1, 2, 3, 4, 5] and default.num_prefix_tokens == 1  # the paper's 6 blocks, no token
-    _, uniform = initial_student("distilvit", start, keep=3, strategy="uniform")
+    _, uniform = initial_student("distilvit", start, keep_blocks=3, block_selection="uniform")
     assert uniform == [0, 4, 7]
     model, _ = initial_student("full", start)
     assert model.vit.num_prefix_tokens == 1 and model.exits == list(range(1, 9))

@@ -77,7 +77,7 @@ def test_run_on_an_image_folder_with_sub_folders_writes_its_report(ham_root, tmp
         "methods=[distilvit]", "data.short_side=40",
         "teacher.model.kwargs={embed_dim: 32, depth: 2, num_heads: 2, mlp_ratio: 2.0, patch_size: 8}",
         "teacher.preprocess.image_size=32", "teacher.trainer.max_epochs=1", "teacher.data.num_workers=0",
-        "distill.keep=1", "distill.min_depth=1", "distill.trainer.max_epochs=1", "distill.data.num_workers=0",
+        "distill.keep_blocks=1", "distill.min_depth=1", "distill.trainer.max_epochs=1", "distill.data.num_workers=0",
         "benchmark.batch_sizes=[1]", "benchmark.seconds=0.2", "explain_images=2",
     ]
     assert main(["run", "--config", "configs/quickstart.yaml", "--data", str(tree), "--out-dir", str(tmp_path / "runs"),

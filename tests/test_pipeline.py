@@ -15,7 +15,7 @@ REDUCED = [
     "data.root=240", "data.short_side=40",
     "teacher.model.kwargs={embed_dim: 32, depth: 3, num_heads: 2, mlp_ratio: 2.0, patch_size: 8}",
     "teacher.preprocess.image_size=32", "teacher.trainer.max_epochs=2", "teacher.data.num_workers=0",
-    "distill.keep=2", "distill.trainer.max_epochs=1", "distill.data.num_workers=0", "distill.min_depth=2",
+    "distill.keep_blocks=2", "distill.trainer.max_epochs=1", "distill.data.num_workers=0", "distill.min_depth=2",
     "cascade_epochs=1", "benchmark.batch_sizes=[1,4]", "benchmark.seconds=0.3", "explain_images=1", "bootstrap=200",
 ]
 

@@ -28,7 +28,7 @@ def test_first_and_explicit_selection():
 
 
 @pytest.mark.parametrize(
-    "keep, strategy, message",
+    "keep_blocks, block_selection, message",
     [
         ([2, 1], "first", "ascending and unique"),
         ([1, 1], "first", "ascending and unique"),
@@ -37,13 +37,13 @@ def test_first_and_explicit_selection():
         ([], "first", "non-empty"),
         (0, "first", "between 1 and"),
         (13, "first", "between 1 and"),
-        (6, "random", "unknown block strategy"),
+        (6, "random", r"block_selection=.random.: choose from first, uniform"),
         (True, "first", "int or a list"),
     ],
 )
-def test_invalid_selections_raise_model_error(keep, strategy, message):
+def test_invalid_selections_raise_model_error(keep_blocks, block_selection, message):
     with pytest.raises(ModelError, match=message):
-        select_blocks(12, keep, strategy)
+        select_blocks(12, keep_blocks, block_selection)
 
 
 def test_keeping_every_block_reproduces_the_teacher_exactly(teacher):

@@ -55,7 +55,7 @@ def store_config(teacher: Path, data_dir: Path, out_dir: Path, name="student", m
     data = {"dir": str(data_dir), "batch_size": 16, "num_workers": 0, **fields.pop("data", {})}
     trainer = {**TRAINER, **fields.pop("trainer", {})}
     return DistillConfig.from_dict({
-        "name": name, "out_dir": str(out_dir), "teacher": str(teacher), "method": method, "keep": 2,
+        "name": name, "out_dir": str(out_dir), "teacher": str(teacher), "method": method, "keep_blocks": 2,
         "min_depth": 2, "data": data, "optim": {"lr": 1e-3}, "trainer": trainer, **fields,
     })
 
@@ -128,7 +128,7 @@ def test_stored_loss_equals_the_online_loss_on_replayed_batches(teacher, ham_sma
 def test_a_student_of_another_input_size_distils_from_the_store_as_online(teacher, ham_small, tmp_path):
     """A 32 px student of the 64 px teacher: the store holds the teacher's view of the student's
     augmented 32 px images (reprocessed as online), and a store for a 64 px student is refused."""
-    from skindistil.training.distill_run import student_start
+    from skindistil.distill.start import student_start
 
     cfg = store_config(teacher, ham_small, tmp_path, student_init="vit_base_patch16_224",
                        student_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8},
@@ -320,12 +320,12 @@ def test_store_teacher_and_distill_cli(teacher, ham_small, tmp_path, capsys):
     printed = " ".join(printed.split())  # rich wraps lines at the console width, wherever the path ends
     assert "1 epoch(s)" in printed and "hidden cls" in printed and "per 1,000 images per epoch" in printed
     assert read_header(tmp_path / "store")["hidden"] == "cls"
-    assert main(["distill", *common, "--teacher-store", str(tmp_path / "store"), "--keep", "2", "--epochs", "1",
+    assert main(["distill", *common, "--teacher-store", str(tmp_path / "store"), "--keep-blocks", "2", "--epochs", "1",
                  "--batch-size", "16", "--a-cos", "0.1", "--out-dir", str(tmp_path), "--name", "cli", "--no-progress",
                  "loss.cos_tokens=cls", "trainer.limit_train_batches=2", "trainer.log_every_n_steps=1"]) == 0
     log = pd.read_csv(tmp_path / "cli" / "logs" / "metrics.csv")
     assert log["train/cos"].notna().sum() == 2 and log["train/kd"].notna().sum() == 2
-    assert main(["distill", *common, "--teacher-store", str(tmp_path / "store"), "--keep", "2", "--epochs", "2",
+    assert main(["distill", *common, "--teacher-store", str(tmp_path / "store"), "--keep-blocks", "2", "--epochs", "2",
                  "--out-dir", str(tmp_path), "--name", "too-long", "--no-progress"]) == 1
     assert "holds 1 complete epoch(s), the run trains 2" in capsys.readouterr().err
 

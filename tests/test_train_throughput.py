@@ -66,7 +66,7 @@ def test_comparison_runner_reports_both_figures_for_train_and_distill(tmp_path):
                     progress=False)
     settings = ComparisonSettings(
         model_kwargs={**TINY, "depth": 4}, device="cpu", batch_size=16, epochs=2, data_dir=str(data_dir),
-        workers=0, keep=2, raw_steps=4, raw_warmup=1, out_dir=str(tmp_path / "out"),
+        workers=0, keep_blocks=2, raw_steps=4, raw_warmup=1, out_dir=str(tmp_path / "out"),
     )
     rows = run_comparison(settings)
     assert [row.mode for row in rows] == ["teacher", "distill"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -22,6 +23,13 @@ MAX_IMAGE_SIZE = 1024
 MAX_RESIZE_SIZE = 4096
 # Modes every resize and warp path supports (torchvision's tensor resize and F.grid_sample).
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+# Which of the teacher's blocks a number of blocks to keep selects (models.student.select_blocks).
+BLOCK_SELECTIONS = ("first", "uniform")
+
+
+class DeprecatedKeyWarning(FutureWarning):
+    """A configuration key given by its old name and read under its current one (FutureWarning: shown
+    to the user by default, unlike DeprecationWarning)."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,12 @@ def _is_number(value) -> bool:
 
 
 def from_dict(cls, data: dict[str, Any]):
-    """Build dataclass `cls` from a dict, rejecting unknown keys by name; nested dataclasses recurse."""
+    """Build dataclass `cls` from a dict, rejecting unknown keys by name; nested dataclasses recurse.
+    Deprecated key names are read under their current ones first (`upgrade_keys`)."""
+    return _build(cls, upgrade_keys(cls, data))
+
+
+def _build(cls, data: dict[str, Any] | None):
     if data is None:
         return cls()
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -100,7 +113,7 @@ def from_dict(cls, data: dict[str, Any]):
         ftype = known[name].type
         target = _resolve_dataclass(cls, ftype)
         if target is not None and isinstance(value, dict):
-            value = from_dict(target, value)
+            value = _build(target, value)
         elif isinstance(value, list) and str(ftype).startswith("tuple"):
             value = tuple(value)
         elif isinstance(value, str) and str(ftype).split(" ")[0] == "float":
@@ -111,6 +124,53 @@ def from_dict(cls, data: dict[str, Any]):
                 raise ConfigError(f"{cls.__name__}.{name}: expected a number, got {value!r}") from None
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def upgrade_keys(cls, data: dict[str, Any] | None, origin: str | None = None, where: str = ""):
+    """`data`, a mapping for dataclass `cls`, with every deprecated key (a class's `RENAMED_KEYS`, old
+    name -> current name), in it and in its nested sections, renamed to the current one.
+
+    Each rename warns (DeprecatedKeyWarning naming the old and the current key, and `origin`, the file
+    the mapping came from, when given). A section that gives both names raises ConfigError naming both.
+    Unknown keys are left for `from_dict` to refuse. Returns a new dict; `data` is not modified.
+    """
+    if not isinstance(data, dict):
+        return data
+    prefix = f"{origin}: " if origin else ""
+    out = dict(data)
+    for old, new in getattr(cls, "RENAMED_KEYS", {}).items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"{prefix}{where}{old} and {where}{new} are both given: {old} is the old name of "
+                              f"{new}; remove {where}{old}")
+        warnings.warn(f"{prefix}{where}{old} is deprecated: read as {where}{new}={out[old]!r}; rename the key "
+                      f"to {new}", DeprecatedKeyWarning, stacklevel=2)
+        out[new] = out.pop(old)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in out.items():
+        target = _resolve_dataclass(cls, fields[name].type) if name in fields else None
+        if target is not None and isinstance(value, dict):
+            out[name] = upgrade_keys(target, value, origin, f"{where}{name}.")
+    return out
+
+
+def upgrade_key(cls, key: str) -> str:
+    """The dotted key `key` (e.g. distill.keep) of dataclass `cls` with deprecated names replaced by
+    their current ones (distill.keep_blocks), warning (DeprecatedKeyWarning) for each; other keys as given."""
+    parts, owner = key.split("."), cls
+    for i, part in enumerate(parts):
+        if owner is None:
+            break
+        new = getattr(owner, "RENAMED_KEYS", {}).get(part)
+        if new is not None:
+            where = ".".join(parts[:i] + [""])
+            warnings.warn(f"override {where}{part}=...: {where}{part} is deprecated: read as {where}{new}; "
+                          f"override {where}{new} instead", DeprecatedKeyWarning, stacklevel=3)
+            parts[i] = part = new
+        field = {f.name: f for f in dataclasses.fields(owner)}.get(part)
+        owner = _resolve_dataclass(owner, field.type) if field is not None else None
+    return ".".join(parts)
 
 
 def _resolve_dataclass(owner, ftype):
@@ -142,8 +202,10 @@ def dump_yaml(data: dict[str, Any], path: str | Path) -> None:
     write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, returning a new dict."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], config_cls=None) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, returning a new dict.
+    With `config_cls` (the dataclass the dict is for), deprecated key names are read as the current
+    ones (`upgrade_key`), so an override by either name replaces the value."""
     import copy
 
     out = copy.deepcopy(data)
@@ -151,6 +213,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. optim.lr=1e-4)")
         key, raw = item.split("=", 1)
+        if config_cls is not None:
+            key = upgrade_key(config_cls, key)
         value = yaml.safe_load(raw)
         node = out
         parts = key.split(".")
@@ -227,6 +291,16 @@ class TrainerConfig:
     progress: bool = True
     checkpoint_every_n_steps: int | None = None  # also save last.ckpt every N optimiser steps (mid-epoch)
 
+    def __post_init__(self):
+        """ConfigError for a block selection given as Lightning's strategy (`distill --strategy` chose
+        the student's blocks before it meant Lightning's strategy, as on `train`)."""
+        if self.strategy in BLOCK_SELECTIONS:
+            raise ConfigError(
+                f"trainer.strategy: {self.strategy!r} is not a Lightning strategy (auto, ddp, ...) but a choice of "
+                f"the student's blocks: use --block-selection {self.strategy} (config key block_selection); "
+                "distill --strategy sets Lightning's strategy, as on train"
+            )
+
 
 @dataclass
 class TrainConfig(RunSection):
@@ -285,8 +359,8 @@ class DistillConfig(RunSection):
     teacher: str | None = None  # teacher model/ or run directory
     teacher_store: str | None = None  # stored teacher outputs (`skindistil store-teacher`): no teacher forward
     method: str = "distilvit"  # distilvit | fcvit | fcvit-probs | cascade | full
-    keep: int | list = 6
-    strategy: str = "first"  # first | uniform (when keep is a number)
+    keep_blocks: int | list = 6  # distilvit: how many of the start's blocks, or their indices [0, 2, 4]
+    block_selection: str = "first"  # first | uniform: which blocks a number of keep_blocks keeps
     min_depth: int = 1  # cascade: last member's depth
     # retention gate: class -> minimum student recall / teacher recall, e.g. {MEL: 0.97} (also "MEL=0.97,BCC=0.95")
     min_class_retention: dict | list | str = dataclasses.field(default_factory=dict)
@@ -300,6 +374,18 @@ class DistillConfig(RunSection):
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     trainer: TrainerConfig = dataclasses.field(default_factory=lambda: TrainerConfig(max_epochs=20))
+
+    # old key -> current key: read with a DeprecatedKeyWarning (`upgrade_keys`); the run's config.yaml
+    # writes the current one
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"keep": "keep_blocks", "strategy": "block_selection"}
+
+    def __post_init__(self):
+        """ConfigError naming block_selection unless it is one of BLOCK_SELECTIONS."""
+        if self.block_selection not in BLOCK_SELECTIONS:
+            raise ConfigError(
+                f"block_selection: expected {' or '.join(BLOCK_SELECTIONS)}, got {self.block_selection!r} "
+                "(Lightning's strategy is trainer.strategy)"
+            )
 
 
 @dataclass

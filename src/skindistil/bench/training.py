@@ -161,7 +161,7 @@ class ComparisonSettings:
     `img_size` is the input size). `data_dir` None: a synthetic dataset of `images` images cached at
     a shorter side of `short_side` (None: 8/7 of the input size, i.e. 256 for 224, at least the
     resize size) is prepared under `out_dir`. `workers` None: all cores on CUDA, the data module's
-    default (cores - 1) on the CPU. `keep`: student blocks (distillation, strategy "first"); None:
+    default (cores - 1) on the CPU. `keep_blocks`: student blocks (distillation, the first ones); None:
     half the model's blocks (12 -> 6, the paper's student)."""
 
     model_name: str = "vit_base_patch16_224"
@@ -175,7 +175,7 @@ class ComparisonSettings:
     short_side: int | None = None
     augment_on: str = "device"
     workers: int | None = None
-    keep: int | None = None
+    keep_blocks: int | None = None
     modes: tuple[str, ...] = MODES
     raw_steps: int = 20
     raw_warmup: int = 5
@@ -264,7 +264,7 @@ class _ComparisonRun:
         self.out_dir = Path(settings.out_dir)
         probe = self.build_model(num_classes=2)
         self.image_size = int(probe.patch_embed.img_size[0])
-        self.keep = settings.keep or max(1, len(probe.blocks) // 2)
+        self.keep_blocks = settings.keep_blocks or max(1, len(probe.blocks) // 2)
         if settings.data_dir:
             self.data_dir = Path(settings.data_dir)
         else:
@@ -292,7 +292,7 @@ class _ComparisonRun:
     def raw(self, teacher_mode: bool) -> float:
         """The raw step on a fresh model (and student), freed afterwards."""
         model = self.build_model()
-        student, teacher = (model, None) if teacher_mode else (extract_student(model, self.keep).model, model)
+        student, teacher = (model, None) if teacher_mode else (extract_student(model, self.keep_blocks).model, model)
         try:
             return raw_train_step_throughput(student, self.s.batch_size, self.image_size, self.s.raw_steps,
                                              self.s.raw_warmup, self.precision, self.device, teacher,
@@ -321,7 +321,7 @@ class _ComparisonRun:
                       extra={"role": "teacher", "note": "random weights for the throughput benchmark"})
         cfg = DistillConfig.from_dict({
             "name": "distill", **self.common(), "teacher": str(teacher_dir), "method": "distilvit",
-            "keep": self.keep, "strategy": "first",
+            "keep_blocks": self.keep_blocks, "block_selection": "first",
         })
         distill(cfg)
         return cfg.run_dir
@@ -339,7 +339,7 @@ class _ComparisonRun:
         raw_after = self.raw(teacher_mode)
         label = _model_label(self.s.model_name, self.s.model_kwargs)
         if not teacher_mode:
-            label += f" -> {self.keep} blocks"
+            label += f" -> {self.keep_blocks} blocks"
         return ThroughputRow(
             mode=mode, model=label, device=device_label(self.device), precision=self.precision,
             batch_size=self.s.batch_size, raw_before=raw_before, raw_after=raw_after, skindistil=float(real),

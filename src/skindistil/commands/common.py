@@ -6,10 +6,12 @@ import argparse
 
 
 def resolve_config(args: argparse.Namespace, config_cls, flag_keys: dict[str, str]):
-    """YAML recipe, then flags, then KEY=VALUE overrides -> a config dataclass."""
-    from skindistil.config import apply_overrides, load_yaml
+    """YAML recipe, then flags, then KEY=VALUE overrides -> a config dataclass. Deprecated keys in the
+    recipe and the overrides are read under their current names (with a warning), so a flag or an
+    override replaces a recipe's value whichever name either uses."""
+    from skindistil.config import apply_overrides, load_yaml, upgrade_keys
 
-    data = load_yaml(args.config) if args.config else {}
+    data = upgrade_keys(config_cls, load_yaml(args.config), origin=args.config) if args.config else {}
     flag_overrides = []
     for flag, key in flag_keys.items():
         value = getattr(args, flag, None)
@@ -19,7 +21,7 @@ def resolve_config(args: argparse.Namespace, config_cls, flag_keys: dict[str, st
         flag_overrides.append("trainer.progress=false")
     data = apply_overrides(data, flag_overrides)
     data = _keep_strings(data, args, flag_keys)
-    data = apply_overrides(data, list(args.overrides))
+    data = apply_overrides(data, list(args.overrides), config_cls)
     return config_cls.from_dict(data)
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from skindistil.config import BLOCK_SELECTIONS  # config imports no heavy library
+
 FLAG_KEYS = {
     "teacher": "teacher",
     "teacher_store": "teacher_store",
     "data": "data.dir",
     "method": "method",
-    "keep": "keep",
-    "strategy": "strategy",
+    "keep_blocks": "keep_blocks",
+    "block_selection": "block_selection",
     "min_depth": "min_depth",
     "name": "name",
     "out_dir": "out_dir",
@@ -29,7 +31,7 @@ FLAG_KEYS = {
     "imbalance": "data.imbalance",
     "devices": "trainer.devices",
     "num_nodes": "trainer.num_nodes",
-    "strategy_": "trainer.strategy",
+    "strategy": "trainer.strategy",
     "accelerator": "trainer.accelerator",
     "precision": "trainer.precision",
     "workers": "data.num_workers",
@@ -66,8 +68,11 @@ def add_student_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dist-token", choices=["none", "soft", "hard"],
                    help="DeiT distillation token: soft (KL at --temperature) or hard (CE on the teacher's top "
                         "class) through the token's own head (loss.distillation_token)")
-    p.add_argument("--keep", type=_keep, help="blocks to keep: a number (default 6) or a list like 0,2,4,7,9,11")
-    p.add_argument("--strategy", choices=["first", "uniform"], help="which blocks when --keep is a number")
+    p.add_argument("--keep-blocks", "--keep", dest="keep_blocks", type=_keep_blocks,
+                   help="distilvit: blocks to keep, a number (default 6) or a list like 0,2,4,7,9,11 (keep_blocks)")
+    p.add_argument("--block-selection", choices=BLOCK_SELECTIONS,
+                   help="which blocks a number of --keep-blocks keeps: the first ones (default) or spread uniformly, "
+                        "first and last included (block_selection)")
     p.add_argument("--name", help="run name: the run directory is OUT_DIR/NAME")
     p.add_argument("--out-dir", help="parent of run directories (default runs)")
     p.add_argument("--epochs", type=int)
@@ -78,7 +83,8 @@ def add_student_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--imbalance", choices=["none", "weighted-loss", "balanced-sampler"])
     p.add_argument("--devices")
     p.add_argument("--num-nodes", type=int)
-    p.add_argument("--ddp-strategy", dest="strategy_", help="trainer.strategy (auto, ddp, ...)")
+    p.add_argument("--strategy", "--ddp-strategy", dest="strategy",
+                   help="Lightning's strategy, trainer.strategy (auto, ddp, ...), as on train")
     p.add_argument("--accelerator")
     p.add_argument("--precision")
     p.add_argument("--workers", type=int)
@@ -87,7 +93,7 @@ def add_student_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. loss.cos_tokens=cls")
 
 
-def _keep(text: str):
+def _keep_blocks(text: str):
     parts = [p for p in text.split(",") if p.strip()]
     return int(parts[0]) if len(parts) == 1 else "[" + ",".join(str(int(p)) for p in parts) + "]"
 

@@ -33,17 +33,18 @@ def recipe_path(config: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from skindistil.config import RunConfig, apply_overrides, load_yaml
+    from skindistil.config import RunConfig, apply_overrides, load_yaml, upgrade_keys
     from skindistil.experiments.pipeline import detect_source, run_pipeline
 
-    data = load_yaml(recipe_path(args.config))
+    recipe = recipe_path(args.config)
+    data = upgrade_keys(RunConfig, load_yaml(recipe), origin=str(recipe))
     if args.data:
         kind, root = detect_source(args.data)
         data.setdefault("data", {}).update({"source": kind, "root": root, "options": {}})
     for key in ("name", "out_dir"):
         if getattr(args, key):
             data[key] = str(getattr(args, key))
-    cfg = RunConfig.from_dict(apply_overrides(data, list(args.overrides)))
+    cfg = RunConfig.from_dict(apply_overrides(data, list(args.overrides), RunConfig))
     if args.min_class_retention:
         from skindistil.evaluation.retention import parse_retention_gate
 

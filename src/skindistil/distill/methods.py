@@ -201,12 +201,12 @@ def student_outputs(student: nn.Module, images: Tensor, *, token: bool = False, 
 # ------------------------------------------------------------------------------ student initialisation
 
 
-def initial_student(method: str, start: nn.Module, *, keep: int | Sequence[int] = 6, strategy: str = "first",
-                    token: bool = False) -> tuple[nn.Module, list[int]]:
+def initial_student(method: str, start: nn.Module, *, keep_blocks: int | Sequence[int] = 6,
+                    block_selection: str = "first", token: bool = False) -> tuple[nn.Module, list[int]]:
     """The student `method` trains, built from timm ViT `start` (left untouched), and the blocks of
     `start` it keeps (0-based).
 
-    A method without exits keeps `keep` blocks chosen by `strategy` (`extract_student`); a method with
+    A method without exits keeps `keep_blocks` blocks chosen by `block_selection` (`extract_student`); a method with
     exits keeps every block and gets a head after each (`DepthViT`, shared by all exits when the method
     says so). `token`: add a DeiT distillation token and head when `start` has none.
     Raises ModelError (from the model layer) for a `start` that cannot be cut or given a token.
@@ -215,7 +215,7 @@ def initial_student(method: str, start: nn.Module, *, keep: int | Sequence[int] 
     if spec.exits:
         vit, kept = copy.deepcopy(start), list(range(len(start.blocks)))
     else:
-        vit, kept = extract_student(start, keep, strategy)
+        vit, kept = extract_student(start, keep_blocks, block_selection)
     if token and not is_distilled(vit):
         vit = add_distillation_token(vit)
     return (DepthViT(vit, exits="all", shared_head=spec.shared_head) if spec.exits else vit), list(kept)

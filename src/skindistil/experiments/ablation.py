@@ -111,7 +111,7 @@ def score_ablation(cfg: DistillConfig, variants: dict[str, LossConfig], variant_
         "temperature": cfg.loss.temperature,
         "cos_weight": cos_weight,
         "cos_tokens": cfg.loss.cos_tokens,
-        "keep": cfg.keep,
+        "keep": cfg.keep_blocks,  # the ablation.json key stays "keep" (an output format)
         "epochs": cfg.trainer.max_epochs,
         "data": str(cfg.data.dir),
         "variants": rows,

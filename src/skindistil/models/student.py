@@ -8,9 +8,8 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from skindistil.config import BLOCK_SELECTIONS
 from skindistil.errors import ModelError
-
-STRATEGIES = ("first", "uniform")
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -70,22 +69,25 @@ class ExtractedStudent(NamedTuple):
     kept_blocks: list[int]
 
 
-def select_blocks(num_blocks: int, keep_blocks: int | Sequence[int], strategy: str = "first") -> list[int]:
+def select_blocks(
+    num_blocks: int, keep_blocks: int | Sequence[int], block_selection: str = "first"
+) -> list[int]:
     """Indices of the teacher blocks to keep.
 
-    An int k with strategy "first" keeps blocks 0..k-1; with "uniform" it keeps
+    An int k with block_selection "first" keeps blocks 0..k-1; with "uniform" it keeps
     floor(i * (num_blocks - 1) / (k - 1) + 1/2) for i = 0..k-1 (first and last block always kept),
     which for 12 -> 6 gives DistilBERT's 0, 2, 4, 7, 9, 11; k = 1 keeps block 0. A sequence is an
-    explicit choice and must be ascending, unique and within range.
+    explicit choice and must be ascending, unique and within range (block_selection is not used).
+    Raises ModelError naming keep_blocks or block_selection for a choice that cannot be made.
     """
     if isinstance(keep_blocks, bool):
         raise ModelError(f"keep_blocks must be an int or a list of block indices, not {keep_blocks!r}")
-    if strategy not in STRATEGIES:
-        raise ModelError(f"unknown block strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    if block_selection not in BLOCK_SELECTIONS:
+        raise ModelError(f"block_selection={block_selection!r}: choose from {', '.join(BLOCK_SELECTIONS)}")
     if isinstance(keep_blocks, int):
         if not 1 <= keep_blocks <= num_blocks:
             raise ModelError(f"keep_blocks={keep_blocks}: must be between 1 and the teacher's {num_blocks} blocks")
-        if strategy == "first" or keep_blocks == 1:
+        if block_selection == "first" or keep_blocks == 1:
             return list(range(keep_blocks))
         span, steps = num_blocks - 1, keep_blocks - 1
         # integer form of floor(i * span / steps + 1/2): exact, no float rounding
@@ -101,7 +103,7 @@ def select_blocks(num_blocks: int, keep_blocks: int | Sequence[int], strategy: s
 
 
 def extract_student(
-    teacher: nn.Module, keep_blocks: int | Sequence[int] = 6, strategy: str = "first"
+    teacher: nn.Module, keep_blocks: int | Sequence[int] = 6, block_selection: str = "first"
 ) -> ExtractedStudent:
     """A deep copy of timm ViT `teacher` keeping only the chosen blocks, in order.
 
@@ -112,7 +114,7 @@ def extract_student(
     blocks = getattr(teacher, "blocks", None)
     if not is_vit(teacher) or not isinstance(blocks, nn.Sequential):
         raise ModelError(f"{type(teacher).__name__}: student extraction needs a timm VisionTransformer (with .blocks)")
-    kept = select_blocks(len(blocks), keep_blocks, strategy)
+    kept = select_blocks(len(blocks), keep_blocks, block_selection)
     student = copy.deepcopy(teacher)
     student.blocks = nn.Sequential(*[student.blocks[i] for i in kept])
     if hasattr(student, "feature_info"):

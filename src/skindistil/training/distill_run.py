@@ -1,17 +1,13 @@
 """Distillation runs: SkinDistilViT, FCViT, FCViTProbs, `full`, and the cascade family.
 
 The teacher is any timm classifier artifact (a ViT, or a convnet such as ResNet or ConvNeXt). The
-student is a ViT that starts from (`student_start`):
+student is a ViT that starts from the teacher's own blocks or from `student_init`, with its own
+preprocessing (`distill.start.student_start`); the teacher sees each augmented batch through its own
+preprocessing.
 
-- the teacher's own blocks when the teacher is a ViT and `student_init` is not set (the paper);
-- `student_init`: a ViT artifact (model/ or run directory) or a timm ViT name (random weights;
-  NAME.TAG loads timm's pretrained weights of that tag) built with `student_kwargs`. A teacher that
-  is not a ViT has no blocks to copy and needs one.
-
-distilvit keeps `keep` of the start's blocks (`strategy`), the per-depth methods keep them all. With
-`loss.distillation_token` the ViT gets a DeiT distillation token and head (`add_distillation_token`).
-The student's preprocessing is the artifact's (student_init) or the teacher's, with the fields of
-`student_preprocess` on top; the teacher sees each augmented batch through its own preprocessing.
+distilvit keeps `keep_blocks` of the start's blocks (chosen by `block_selection`), the per-depth
+methods keep them all. With `loss.distillation_token` the ViT gets a DeiT distillation token and head
+(`add_distillation_token`).
 
 The hidden-state cosine (loss.a_cos) compares hidden states token by token: it needs a ViT teacher
 of the student's width and, for cos_tokens=all, the same tokens (patch grid, class and register
@@ -29,38 +25,26 @@ online.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from skindistil.config import DistillConfig, PreprocessConfig
+from skindistil.config import DistillConfig
 from skindistil.distill.losses import DISTILLATION_TOKEN_MODES
 from skindistil.distill.methods import REGISTRY, cascade_plan, initial_student, token_methods
+from skindistil.distill.start import StudentStart, student_start
 from skindistil.errors import ConfigError
-from skindistil.models import create_teacher, load_model
+from skindistil.models import load_model
 from skindistil.models.artifact import LoadedModel, resolve_model_dir
 from skindistil.models.distilled import DISTILLED_ARCH, is_distilled
 from skindistil.models.student import is_vit
-from skindistil.models.teacher import accepts_img_size
 from skindistil.training.distiller import DistillerModule
 from skindistil.training.teacher import TrainResult, finish_run, loss_class_weights, start_run
 from skindistil.training.teacher_store import TeacherStore, needed_hidden, store_identity
 from skindistil.training.trainer import build_trainer, fit, resume_checkpoint
 
 ALL_METHODS = (*REGISTRY, "cascade")
-
-
-@dataclass
-class StudentStart:
-    """The ViT a student starts from (all its blocks), how the artifact names it, and its preprocessing."""
-
-    model: nn.Module
-    name: str  # timm architecture name recorded in the student's artifact
-    preprocess: PreprocessConfig
-    source: str  # "teacher", an artifact directory or a timm name (provenance)
 
 
 def distill(cfg: DistillConfig, *, resume: bool = False, resume_from: str | Path | None = None) -> list[TrainResult]:
@@ -140,78 +124,6 @@ def check_cascade(cfg: DistillConfig, teacher: LoadedModel) -> None:
             raise ConfigError(f"{field}: a cascade starts from the teacher's own blocks and preprocessing; leave it unset")
 
 
-def student_start(cfg: DistillConfig, teacher: LoadedModel) -> StudentStart:
-    """The ViT the student starts from (see the module docstring); ConfigError naming the field when
-    there is none, it is not a ViT, its classes are not the teacher's, or its input size is not the
-    one its preprocessing gives."""
-    init = cfg.student_init
-    if init is None:
-        if not is_vit(teacher.model):
-            raise ConfigError(
-                f"teacher: {teacher.path} is a timm {teacher.architecture['name']} "
-                f"({type(teacher.model).__name__}), not a ViT, so the student cannot copy its blocks: give the "
-                "ViT the student starts from with --student-init (a ViT model/ or run directory, or a timm ViT "
-                "name such as vit_tiny_patch16_224)"
-            )
-        if cfg.student_kwargs:
-            raise ConfigError("student_kwargs: apply to a timm name given as student_init; none is given")
-        start = StudentStart(teacher.model, teacher.architecture["name"], teacher.preprocess, "teacher")
-    elif Path(init).exists():
-        if cfg.student_kwargs:
-            raise ConfigError(f"student_kwargs: apply to a timm name given as student_init, not to the artifact {init}")
-        loaded = load_model(init)
-        if not is_vit(loaded.model):
-            raise ConfigError(f"student_init: {loaded.path} holds a {loaded.config['kind']} model "
-                              f"({type(loaded.model).__name__}); the student must start from a plain timm ViT")
-        if loaded.classes != teacher.classes:
-            raise ConfigError(f"student_init: {loaded.path} predicts {loaded.classes}, the teacher {teacher.classes}")
-        start = StudentStart(loaded.model, loaded.architecture["name"], loaded.preprocess,
-                             str(loaded.path))
-    else:
-        start = _student_from_timm(cfg, init, teacher)
-    preprocess = _student_preprocess(cfg, start.preprocess)
-    start = dataclasses.replace(start, preprocess=preprocess)
-    _check_input_size(start)
-    return start
-
-
-def _student_from_timm(cfg: DistillConfig, init: str, teacher: LoadedModel) -> StudentStart:
-    import timm
-
-    arch = init.split(".", 1)[0]
-    if not timm.is_model(arch):
-        raise ConfigError(f"student_init: {init!r} is neither an existing model directory nor a timm model name")
-    preprocess = _student_preprocess(cfg, teacher.preprocess)
-    kwargs = dict(cfg.student_kwargs)
-    if "img_size" not in kwargs and accepts_img_size(arch):
-        kwargs["img_size"] = preprocess.image_size
-    model = create_teacher(arch, num_classes=len(teacher.classes), pretrained=init if "." in init else None,
-                           **kwargs)
-    if not is_vit(model):
-        raise ConfigError(f"student_init: {init} is a timm {type(model).__name__}, not a ViT (VisionTransformer)")
-    return StudentStart(model, arch, preprocess, init)
-
-
-def _student_preprocess(cfg: DistillConfig, base: PreprocessConfig) -> PreprocessConfig:
-    if not cfg.student_preprocess:
-        return base
-    try:
-        return PreprocessConfig.from_dict({**base.to_dict(), **cfg.student_preprocess})
-    except (ConfigError, TypeError) as exc:
-        raise ConfigError(f"student_preprocess: {exc}") from None
-
-
-def _check_input_size(start: StudentStart) -> None:
-    patch_embed = start.model.patch_embed
-    size = tuple(patch_embed.img_size) if patch_embed.img_size is not None else None
-    wanted = (start.preprocess.image_size,) * 2
-    if size is not None and size != wanted and not getattr(patch_embed, "dynamic_img_size", False):
-        raise ConfigError(
-            f"student_preprocess: the student ViT ({start.source}) takes {size[0]}x{size[1]} inputs but its "
-            f"preprocessing gives {wanted[0]}x{wanted[1]} (image_size {start.preprocess.image_size})"
-        )
-
-
 def check_hidden_pairing(cfg: DistillConfig, student_vit: nn.Module, teacher: nn.Module) -> None:
     """ConfigError when loss.a_cos > 0 but the student's and teacher's last hidden states do not pair
     token for token (see the module docstring)."""
@@ -249,7 +161,8 @@ def _arch_name(student: nn.Module, start: nn.Module, name: str) -> str:
 
 def _initial_student(cfg: DistillConfig, start: StudentStart):
     """The student the method starts from (`start.model` stays untouched), its arch name, provenance."""
-    student, kept = initial_student(cfg.method, start.model, keep=cfg.keep, strategy=cfg.strategy,
+    student, kept = initial_student(cfg.method, start.model, keep_blocks=cfg.keep_blocks,
+                                    block_selection=cfg.block_selection,
                                     token=cfg.loss.distillation_token != "none")
     return student, _arch_name(student, start.model, start.name), {"kept_blocks": kept}
 
@@ -286,7 +199,7 @@ def _cascade(cfg: DistillConfig, teacher, start: StudentStart, datamodule, prove
             loaded = load_model(member_dir)
             previous, name = loaded.model, loaded.architecture["name"]
             continue
-        student, kept = initial_student("distilvit", previous, keep=member.kept_blocks,
+        student, kept = initial_student("distilvit", previous, keep_blocks=member.kept_blocks,
                                         token=cfg.loss.distillation_token != "none")
         name = _arch_name(student, previous, name)
         extra = {**provenance, "kept_blocks": kept, "cascade_depth": member.depth}
