@@ -173,6 +173,76 @@ def test_cancer_view_by_hand():
     assert m.cancer_view(probs, labels, ["NV", "BKL", "DF"]) is None
 
 
+def test_cancer_view_leaves_unk_out_by_hand():
+    """ISIC 2019's UNK is no diagnosis: its rows and its score column leave the cancer view, the other scores
+    are renormalised without it, and a score equal to the threshold is not decided cancer."""
+    names = ["MEL", "NV", "UNK", "BCC"]
+    probs = np.array([
+        [0.3, 0.2, 0.5, 0.0],  # MEL: without UNK 0.3 / 0.5 = 0.6 -> cancer
+        [0.1, 0.3, 0.2, 0.4],  # BCC: 0.5 / 0.8 = 0.625 -> cancer
+        [0.2, 0.4, 0.2, 0.2],  # NV: 0.4 / 0.8 = 0.5, exactly the threshold -> not cancer
+        [0.3, 0.1, 0.0, 0.6],  # NV: 0.9 -> cancer (a false positive)
+        [0.0, 0.1, 0.9, 0.0],  # UNK truth: left out
+        [0.1, 0.8, 0.0, 0.1],  # MEL: 0.2 -> missed
+    ])
+    labels = np.array([0, 3, 1, 1, 2, 0])
+    view = m.cancer_view(probs, labels, names)
+    assert view["cancer_classes"] == ["MEL", "BCC"] and view["threshold"] == 0.5
+    assert view["unknown_left_out"] == 1
+    assert view["support"] == {"cancer": 3, "non_cancer": 2}
+    assert view["sensitivity"] == pytest.approx(2 / 3) and view["specificity"] == pytest.approx(1 / 2)
+    # cancer scores 0.6, 0.625, 0.2 against 0.5, 0.9: 2 of the 6 pairs ranked right
+    assert view["auc"] == pytest.approx(2 / 6)
+    assert "unknown_left_out" not in m.cancer_view(probs[:, [0, 1, 3]], np.array([0, 2, 1, 1, 1, 0]),
+                                                   ["MEL", "NV", "BCC"])
+    only_cancer = m.cancer_view(probs, np.zeros(6, dtype=int), names)  # no non-cancer truth: NaN specificity
+    assert np.isnan(only_cancer["specificity"]) and only_cancer["sensitivity"] == pytest.approx(3 / 6)
+    only_non_cancer = m.cancer_view(probs, np.ones(6, dtype=int), names)  # scores 0.6 .625 .5 .9 0 .2
+    assert np.isnan(only_non_cancer["sensitivity"]) and only_non_cancer["specificity"] == pytest.approx(3 / 6)
+    zero_rows = m.cancer_scores(np.array([[0.0, 0.0, 0.0], [0.2, 0.2, 0.0]]), ["MEL", "NV", "BCC"])
+    np.testing.assert_array_equal(zero_rows, [0.0, 0.5])  # a row of zeros scores 0, not NaN
+    with pytest.raises(ValueError, match="3 class names for 4 score columns"):
+        m.cancer_scores(probs, ["MEL", "NV", "BCC"])
+
+
+def test_confusion_matrix_and_accuracy_edge_cases():
+    # a class absent from truth and decisions still has its row and column
+    assert m.confusion_matrix(np.array([0, 0]), np.array([0, 2]), 4).tolist() == [
+        [1, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    everything_undecided = m.confusion_matrix(np.array([0, 1]), np.array([m.UNDECIDED, m.UNDECIDED]), 3)
+    assert everything_undecided.shape == (3, 3) and everything_undecided.dtype == np.int64
+    assert not everything_undecided.any()
+    assert m.accuracy(np.array([1]), np.array([1])) == 1.0
+    with pytest.raises(ValueError, match="zero samples"):
+        m.accuracy(np.array([], dtype=int), np.array([], dtype=int))
+    with pytest.raises(ValueError, match="no samples"):
+        m.balanced_accuracy(np.array([], dtype=int), np.array([], dtype=int), 2)
+    prf = m.precision_recall_f1(np.array([0, 0, 1]), np.array([0, 1, 1]), 3)
+    assert np.isnan(prf["recall"][2]) and np.isnan(prf["f1"][2]) and prf["support"].tolist() == [2, 1, 0]
+
+
+def test_absent_class_warning_names_the_classes_and_the_count_averaged():
+    with pytest.warns(m.AbsentClassWarning) as caught:
+        assert m.warn_absent_classes(np.array([3, 0, 2, 0]), ["a", "b", "c", "d"]) == ["b", "d"]
+    assert str(caught[0].message) == ("no truth samples for class(es) b, d: balanced accuracy and macro means "
+                                      "average the 2 present classes; their recall and AUC are NaN")
+    with pytest.warns(m.AbsentClassWarning, match="class\\(es\\) 1: .* average the 1 present"):
+        m.warn_absent_classes(np.array([1, 0]))
+
+
+def test_calibration_and_partial_auc_defaults_and_bounds():
+    rng = np.random.default_rng(8)
+    labels = rng.integers(0, 3, size=400)
+    probs = apply_temperature(rng.normal(size=(400, 3)) + 1.5 * np.eye(3)[labels], 1.0)
+    assert m.expected_calibration_error(probs, labels) == pytest.approx(m.expected_calibration_error(probs, labels, 15))
+    assert m.expected_calibration_error(probs, labels) != pytest.approx(m.expected_calibration_error(probs, labels, 16))
+    y, scores = labels == 0, probs[:, 0]
+    assert 0.0 <= m.auc_above_sensitivity(y, scores, 1.0) <= 1.0  # the whole top of the curve is allowed
+    for bad in (0.0, 1.01):
+        with pytest.raises(ValueError):
+            m.auc_above_sensitivity(y, scores, bad)
+
+
 def test_absent_class_warns_and_gives_defined_results():
     rng = np.random.default_rng(2)
     labels = rng.choice([0, 1], size=200)  # only MEL and NV, as in the UDA-1 data
@@ -185,7 +255,10 @@ def test_absent_class_warns_and_gives_defined_results():
     assert all(np.isnan(out["per_class"][c]["auc"]) for c in CLASSES[2:])
     defined = [out["per_class"][c]["auc"] for c in CLASSES[:2]]
     assert out["headline"]["macro_auc"] == pytest.approx(np.mean(defined))
-    assert any("BCC" in note for note in out["notes"])
+    assert out["notes"][0] == ("no truth samples for BCC, AK, BKL, DF, VASC, SCC: left out of balanced accuracy "
+                               "and macro means; their sensitivity and AUC are undefined")
+    no_cancer = m.classification_metrics(probs[:, :2] + 0.01, labels, ["NV", "BKL"])
+    assert no_cancer["cancer"] is None and no_cancer["notes"] == ["no cancer view: none of NV, BKL is a cancer class"]
 
 
 def test_classification_metrics_rejects_bad_shapes():
@@ -317,6 +390,15 @@ def test_every_key_of_the_report_matches_its_definition(ham_root):
               for b in range(15) if np.any(bin_of == b))
     assert head["ece"] == pytest.approx(ece)
     assert out["confusion_matrix"]["undecided"] == np.bincount(labels[preds == m.UNDECIDED], minlength=K).tolist()
+    assert out["confusion_matrix"]["counts"] == m.confusion_matrix(labels, preds, K).tolist()
+    assert (out["classes"], out["num_samples"], out["undecided"]) == (CLASSES, 1500, int(np.sum(preds == m.UNDECIDED)))
+    assert out["complete"] and out["absent_classes"] == []
+    assert out["cancer"] == m.cancer_view(probs, labels, CLASSES) and out["cancer"]["auc"] > 0
+    assert out["notes"] == [
+        f"{int(np.sum(preds == m.UNDECIDED))} row(s) with a tied top score count as wrong (ISIC 'undecided')"]
+    with_unk = m.classification_metrics(np.hstack([probs, np.full((1500, 1), 0.01)]), labels, [*CLASSES, "UNK"])
+    assert with_unk["notes"][-1] == "cancer view: the 0 UNK image(s) and the UNK score are left out (UNK is no diagnosis)"
+    np.testing.assert_equal(out["reliability"], {k: v.tolist() for k, v in m.reliability_bins(probs, labels).items()})
     # n_bins reaches ECE and the reliability table (scores of a decent model: ECE depends on the bins)
     probs = _predictions("informative", labels, np.random.default_rng(12))
     fifteen, two = (m.classification_metrics(probs, labels, CLASSES, **kw) for kw in ({}, {"n_bins": 2}))
