@@ -36,6 +36,7 @@ from skindistil.evaluation.plots import plot_bma_by_depth
 from skindistil.evaluation.report import write_metrics_json
 from skindistil.evaluation.retention import compare_models
 from skindistil.files import write_text
+from skindistil.markdown import markdown_table
 from skindistil.models import DepthViT, LoadedModel, load_model
 from skindistil.models.artifact import CONFIG_FILE, count_parameters, resolve_model_dir
 from skindistil.models.student import vit_depth
@@ -209,22 +210,20 @@ def _label(families: list[dict]) -> None:
 def family_markdown(families: list[dict], teacher_lines: dict[str, float], split: str) -> str:
     """A depth-by-method BMA table (the paper's layout), then each family's full per-depth table."""
     depths = sorted({r["depth"] for f in families for r in f["rows"]})
-    lines = [f"# BMA by depth ({split})", "", "| method | " + " | ".join(map(str, depths)) + " |",
-             "|" + " --- |" * (len(depths) + 1)]
+    by_method = []
     for fam in families:
         by_depth = {r["depth"]: r["bma"] for r in fam["rows"]}
-        lines.append(f"| {fam['label']} | " + " | ".join(f"{by_depth[d]:.4f}" if d in by_depth else ""
-                                                       for d in depths) + " |")
+        by_method.append([fam["label"], *[f"{by_depth[d]:.4f}" if d in by_depth else "" for d in depths]])
+    lines = [f"# BMA by depth ({split})", "", markdown_table(["method", *map(str, depths)], by_method)]
     for label, bma in teacher_lines.items():
         lines.append(f"\n{label}: BMA {bma:.4f}")
     for fam in families:
         lines += ["", f"## {fam['label']}", "", f"Run: `{fam['run']}`", "",
-                  "| depth | model | BMA | accuracy | macro F1 | ECE | BMA - teacher (CI) | top-1 agreement | params |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in fam["rows"]:
-            lines.append(f"| {r['depth']} | {r['role']} | {r['bma']:.4f} | {r['accuracy']:.4f} | "
-                         f"{r['macro_f1']:.4f} | {r['ece']:.4f} | {_difference(r)} | {_agreement(r)} | "
-                         f"{r['params']:,} |")
+                  markdown_table(["depth", "model", "BMA", "accuracy", "macro F1", "ECE", "BMA - teacher (CI)",
+                                  "top-1 agreement", "params"],
+                                 [[str(r["depth"]), r["role"], f"{r['bma']:.4f}", f"{r['accuracy']:.4f}",
+                                   f"{r['macro_f1']:.4f}", f"{r['ece']:.4f}", _difference(r), _agreement(r),
+                                   f"{r['params']:,}"] for r in fam["rows"]])]
     return "\n".join(lines) + "\n"
 
 

@@ -28,6 +28,7 @@ from skindistil.evaluation.metrics import AbsentClassWarning, balanced_accuracy,
 from skindistil.evaluation.plots import plot_ablation
 from skindistil.evaluation.report import write_metrics_json
 from skindistil.files import write_text
+from skindistil.markdown import markdown_table
 from skindistil.models import load_model
 from skindistil.models.artifact import CONFIG_FILE, resolve_model_dir
 from skindistil.models.student import vit_depth
@@ -146,13 +147,12 @@ def write_ablation_report(result: dict, out_dir: str | Path) -> dict[str, str]:
         f"Teacher ({_blocks(teacher['depth'])}): val BMA {teacher['val_bma']:.4f}, test BMA {teacher['test_bma']:.4f}. "
         f"Students keep {result['keep']} blocks, {result['epochs']} epochs, T = {result['temperature']}. "
         "Retention = student test BMA / teacher test BMA.", "",
-        "| variant | a_task | a_kd | a_mse | a_cos | val BMA | test BMA | retention % | test BMA vs full |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        markdown_table(["variant", "a_task", "a_kd", "a_mse", "a_cos", "val BMA", "test BMA", "retention %",
+                        "test BMA vs full"],
+                       [[r["variant"], f"{r['a_task']:g}", f"{r['a_kd']:g}", f"{r['a_mse']:g}", f"{r['a_cos']:g}",
+                         f"{r['val_bma']:.4f}", f"{r['test_bma']:.4f}", f"{r['retention_pct']:.2f}",
+                         f"{r['delta_test_bma']:+.4f}"] for r in result["variants"]]),
     ]
-    for r in result["variants"]:
-        lines.append(f"| {r['variant']} | {r['a_task']:g} | {r['a_kd']:g} | {r['a_mse']:g} | {r['a_cos']:g} | "
-                     f"{r['val_bma']:.4f} | {r['test_bma']:.4f} | {r['retention_pct']:.2f} | "
-                     f"{r['delta_test_bma']:+.4f} |")
     files = {"json": out / "ablation.json", "md": out / "ablation.md", "png": out / "ablation.png"}
     write_metrics_json(files["json"], result)
     write_text(files["md"], "\n".join(lines) + "\n")

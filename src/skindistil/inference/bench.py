@@ -67,6 +67,7 @@ from skindistil.inference.backends import (
     check_backends,
     model_input_size,
 )
+from skindistil.markdown import markdown_table
 from skindistil.measure import PeakMemory, summarize_times, time_interleaved
 from skindistil.models.artifact import count_parameters, load_model, resolve_model_dir, weight_files
 from skindistil.models.teacher import create_teacher
@@ -568,32 +569,25 @@ def markdown_report(result: dict) -> str:
         "",
         "## Models",
         "",
-        "| model | given as | depth | width | input | parameters | file MB | GFLOPs/image | BMA |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for s in result["models"]:
-        bma = f"{s['bma']:.4f} ({s['bma_split']})" if s["bma"] is not None else "-"
-        lines.append(
-            f"| {s['label']} | {s['source']} `{s['ref']}` | {s['depth'] or '-'} | {s['width'] or '-'} | "
-            f"{'x'.join(map(str, s['image_size']))} | {s['params']:,} | {s['file_bytes'] / 1e6:.2f} | "
-            f"{s['gflops']:.4f} | {bma} |"
-        )
-    lines += [
+        markdown_table(
+            ["model", "given as", "depth", "width", "input", "parameters", "file MB", "GFLOPs/image", "BMA"],
+            [[s["label"], f"{s['source']} `{s['ref']}`", str(s["depth"] or "-"), str(s["width"] or "-"),
+              "x".join(map(str, s["image_size"])), f"{s['params']:,}", f"{s['file_bytes'] / 1e6:.2f}",
+              f"{s['gflops']:.4f}", f"{s['bma']:.4f} ({s['bma_split']})" if s["bma"] is not None else "-"]
+             for s in result["models"]]),
         "",
         "File MB: model.safetensors for artifacts, tensor bytes for architecture specs (1 MB = 10^6 bytes). "
         "GFLOPs: FlopCounterMode, multiply-add = 2 FLOPs.",
         "",
         "## Speed",
         "",
-        "| model | backend | batch | median ms/call | p90 ms/call | ms/image | images/s | calls | peak memory MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        markdown_table(
+            ["model", "backend", "batch", "median ms/call", "p90 ms/call", "ms/image", "images/s", "calls",
+             "peak memory MB"],
+            [[r["model"], r["backend"], str(r["batch_size"]), f"{r['median_s'] * 1e3:.2f}", f"{r['p90_s'] * 1e3:.2f}",
+              f"{r['ms_per_image']:.3f}", f"{r['images_per_s']:.1f}", str(r["repeats"]),
+              f"{r['peak_memory_mb']:.1f}" if r["peak_memory_mb"] is not None else "-"] for r in result["results"]]),
     ]
-    for r in result["results"]:
-        memory = f"{r['peak_memory_mb']:.1f}" if r["peak_memory_mb"] is not None else "-"
-        lines.append(
-            f"| {r['model']} | {r['backend']} | {r['batch_size']} | {r['median_s'] * 1e3:.2f} | {r['p90_s'] * 1e3:.2f} | "
-            f"{r['ms_per_image']:.3f} | {r['images_per_s']:.1f} | {r['repeats']} | {memory} |"
-        )
     kinds = sorted({r["memory_kind"] for r in result["results"]})
     if kinds:
         lines += ["", "Peak memory MB (10^6 bytes): " + "; ".join(kinds) + "."]

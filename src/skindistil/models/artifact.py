@@ -38,6 +38,7 @@ from torch import nn
 from skindistil.config import PreprocessConfig
 from skindistil.errors import ModelError
 from skindistil.files import file_sha256, jsonable, save_safetensors, write_json, write_text
+from skindistil.markdown import markdown_table
 from skindistil.models.depth import DepthViT
 from skindistil.models.distilled import is_distilled_name
 from skindistil.models.operating_points import CONFIG_KEY as OPERATING_POINTS_KEY
@@ -338,7 +339,7 @@ def model_card(config: dict, metrics: dict) -> str:
     lines += ["", "## Metrics", ""]
     rows = list(_metric_rows(metrics))
     if rows:
-        lines += ["| metric | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
+        lines.append(markdown_table(["metric", "value"], rows))
     else:
         lines.append("No metrics recorded.")
     return "\n".join(lines) + "\n"
