@@ -86,7 +86,7 @@ def early_exit_point(
         bma = balanced_accuracy(labels, preds, num_classes)
     point = {
         "threshold": threshold,
-        "bma": bma,
+        "balanced_accuracy": bma,
         "accuracy": accuracy(labels, preds),
         "ece": expected_calibration_error(probs, labels),
         "reliability": {key: value.tolist() for key, value in reliability_bins(probs, labels).items()},
@@ -291,7 +291,7 @@ def sweep_exits(
         "depth": loaded.model.depth,
         "exits": exits,
         "points": points,
-        "per_exit_bma": {int(d): p["bma"] for d, p in zip(exits, per_exit, strict=True)},
+        "per_exit_balanced_accuracy": {int(d): p["balanced_accuracy"] for d, p in zip(exits, per_exit, strict=True)},
         "per_exit_ece": {int(d): p["ece"] for d, p in zip(exits, per_exit, strict=True)},
         "per_exit_reliability": {int(d): p["reliability"] for d, p in zip(exits, per_exit, strict=True)},
     }
@@ -308,23 +308,24 @@ def write_sweep_report(result: dict, out_dir: str | Path) -> dict[str, str]:
         tau = p["threshold"] if p["threshold"] == FULL_DEPTH else f"{p['threshold']:.2f}"
         diff, agree = "", ""
         if p.get("comparison"):
-            d = p["comparison"]["bma"]["difference"]
+            d = p["comparison"]["balanced_accuracy"]["difference"]
             low, high = d["interval"] or (float("nan"), float("nan"))
             diff, agree = f"{d['value']:+.4f} ({low:+.4f} to {high:+.4f})", f"{p['comparison']['agreement']['top1']:.4f}"
-        rows.append([tau, f"{p['bma']:.4f}", f"{p['accuracy']:.4f}", f"{p['ece']:.4f}", f"{p['mean_depth']:.2f}",
-                     diff, agree, *[f"{p['exit_share'][d]:.2f}" for d in result["exits"]]])
+        rows.append([tau, f"{p['balanced_accuracy']:.4f}", f"{p['accuracy']:.4f}", f"{p['ece']:.4f}",
+                     f"{p['mean_depth']:.2f}", diff, agree, *[f"{p['exit_share'][d]:.2f}" for d in result["exits"]]])
     header = ["threshold", "BMA", "accuracy", "ECE", "mean depth", "BMA - teacher (CI)", "agreement",
               *[f"exit {d}" for d in result["exits"]]]
     lines = [f"# {title}", "",
              "A sample stops at the first exit whose top softmax probability >= threshold; "
              f"`{FULL_DEPTH}` runs all {result['depth']} blocks.", "", markdown_table(header, rows),
              "", "Columns `exit d`: share of the images leaving at depth d.", "",
-             "BMA of each exit alone: " + ", ".join(f"{d}: {b:.4f}" for d, b in result["per_exit_bma"].items()),
+             "BMA of each exit alone: "
+             + ", ".join(f"{d}: {b:.4f}" for d, b in result["per_exit_balanced_accuracy"].items()),
              "", "ECE of each exit alone: " + ", ".join(f"{d}: {e:.4f}" for d, e in result["per_exit_ece"].items())]
     files = {"json": out / "early_exit.json", "md": out / "early_exit.md", "png": out / "early_exit.png"}
     write_metrics_json(files["json"], result)
     write_text(files["md"], "\n".join(lines) + "\n")
-    plot_early_exit_curve(result["points"], result["per_exit_bma"], files["png"], title=title)
+    plot_early_exit_curve(result["points"], result["per_exit_balanced_accuracy"], files["png"], title=title)
     return {key: str(path) for key, path in files.items()}
 
 

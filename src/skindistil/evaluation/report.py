@@ -268,7 +268,7 @@ def subgroup_rows(subgroups: dict) -> list[list]:
         for row in attribute["groups"]:
             if row["scored"]:
                 rows.append([name, row["group"], row["count"], row["classes_present"], row["balanced_accuracy"],
-                             format_interval(row["bma_interval"]), row["accuracy"],
+                             format_interval(row["balanced_accuracy_interval"]), row["accuracy"],
                              format_interval(row["accuracy_interval"])])
             else:
                 rows.append([name, row["group"], row["count"], row["classes_present"],

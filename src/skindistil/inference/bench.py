@@ -69,7 +69,14 @@ from skindistil.inference.backends import (
 )
 from skindistil.markdown import markdown_table
 from skindistil.measure import PeakMemory, summarize_times, time_interleaved
-from skindistil.models.artifact import count_parameters, load_model, resolve_model_dir, weight_files
+from skindistil.metric_keys import BALANCED_ACCURACY, with_current_keys
+from skindistil.models.artifact import (
+    METRICS_FILE,
+    count_parameters,
+    load_model,
+    resolve_model_dir,
+    weight_files,
+)
 from skindistil.models.teacher import create_teacher
 
 RESULT_FORMAT = 1
@@ -250,11 +257,14 @@ def vit_shape(model: nn.Module) -> tuple[int | None, int | None]:
     return None, None
 
 
-def find_bma(metrics: dict) -> tuple[float | None, str | None]:
-    """(BMA, split) from an artifact's metrics.json: the test split preferred, else val.
+def find_bma(metrics: dict, where: str = "metrics.json") -> tuple[float | None, str | None]:
+    """(BMA, split) from an artifact's metrics.json (`where`: its path, for errors): the test split
+    preferred, else val; (None, None) when neither records a finite balanced accuracy.
 
-    Accepted layouts per split: {"bma": x}, {"balanced_accuracy": x} or {"headline": {...}}.
+    Layouts per split: {"balanced_accuracy": x} or {"headline": {"balanced_accuracy": x}}; files of
+    earlier versions ({"bma": x}) are read through `metric_keys.with_current_keys`.
     """
+    metrics = with_current_keys(metrics, where)
     for split in ("test", "val"):
         section = metrics.get(split)
         if not isinstance(section, dict):
@@ -262,10 +272,9 @@ def find_bma(metrics: dict) -> tuple[float | None, str | None]:
         for source in (section, section.get("headline")):
             if not isinstance(source, dict):
                 continue
-            for key in ("bma", "balanced_accuracy"):
-                value = source.get(key)
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    return float(value), split
+            value = source.get(BALANCED_ACCURACY)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                return float(value), split
     return None, None
 
 
@@ -425,7 +434,8 @@ def _choose_pairs_by_name(refs: list[ModelRef], pair: Sequence[str]) -> list[tup
 
 def _summarize_model(bench_model: BenchModel) -> dict:
     depth, width = vit_shape(bench_model.model)
-    bma, bma_split = find_bma(bench_model.metrics)
+    where = str(bench_model.ref.path / METRICS_FILE) if bench_model.ref.path is not None else bench_model.ref.ref
+    bma, bma_split = find_bma(bench_model.metrics, where)
     ref = bench_model.ref
     return {
         "label": ref.label,
@@ -439,8 +449,8 @@ def _summarize_model(bench_model: BenchModel) -> dict:
         "file_bytes": bench_model.file_bytes,
         "file_bytes_kind": bench_model.file_bytes_kind,
         "gflops": count_flops(bench_model.model, bench_model.image_size) / 1e9,
-        "bma": bma,
-        "bma_split": bma_split,
+        "balanced_accuracy": bma,
+        "balanced_accuracy_split": bma_split,
     }
 
 
@@ -573,7 +583,9 @@ def markdown_report(result: dict) -> str:
             ["model", "given as", "depth", "width", "input", "parameters", "file MB", "GFLOPs/image", "BMA"],
             [[s["label"], f"{s['source']} `{s['ref']}`", str(s["depth"] or "-"), str(s["width"] or "-"),
               "x".join(map(str, s["image_size"])), f"{s['params']:,}", f"{s['file_bytes'] / 1e6:.2f}",
-              f"{s['gflops']:.4f}", f"{s['bma']:.4f} ({s['bma_split']})" if s["bma"] is not None else "-"]
+              f"{s['gflops']:.4f}",
+              f"{s['balanced_accuracy']:.4f} ({s['balanced_accuracy_split']})" if s["balanced_accuracy"] is not None
+              else "-"]
              for s in result["models"]]),
         "",
         "File MB: model.safetensors for artifacts, tensor bytes for architecture specs (1 MB = 10^6 bytes). "
@@ -607,18 +619,19 @@ def plot_throughput(result: dict, path: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     summaries = {s["label"]: s for s in result["models"]}
-    use_bma = bool(summaries) and all(s["bma"] is not None for s in summaries.values())
+    use_bma = bool(summaries) and all(s["balanced_accuracy"] is not None for s in summaries.values())
     batch = max((r["batch_size"] for r in result["results"]), default=None)
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
     for backend in dict.fromkeys(r["backend"] for r in result["results"]):
         rows = [r for r in result["results"] if r["backend"] == backend and r["batch_size"] == batch]
-        xs = [summaries[r["model"]]["bma"] if use_bma else summaries[r["model"]]["params"] / 1e6 for r in rows]
+        xs = [summaries[r["model"]]["balanced_accuracy"] if use_bma else summaries[r["model"]]["params"] / 1e6
+              for r in rows]
         ys = [r["images_per_s"] for r in rows]
         ax.plot(xs, ys, "o", label=backend)
         for x, y, r in zip(xs, ys, rows, strict=True):
             ax.annotate(_short(r["model"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    split = "/".join(sorted({s["bma_split"] for s in summaries.values() if s["bma_split"]}))
+    split = "/".join(sorted({s["balanced_accuracy_split"] for s in summaries.values() if s["balanced_accuracy_split"]}))
     ax.set(
         xlabel=f"BMA ({split})" if use_bma else "parameters (millions)",
         ylabel=f"images/s at batch {batch}",
