@@ -642,7 +642,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
 
     Raises ModelError naming the file and field: a config.json that fails `skindistil.models.schema`,
     an architecture over the parameter limit, weights that are missing, corrupt, of other shapes or
-    not finite.
+    not finite. `metrics` holds metrics.json with the keys of earlier versions read as today's
+    (DataError naming the file when one metric is there under its old and its new key).
     """
     model_dir = resolve_model_dir(path)
     config_path = model_dir / CONFIG_FILE
