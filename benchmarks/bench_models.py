@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from skindistil.cli import main as skindistil_main
+from skindistil.markdown import markdown_table
 
 TEACHER = "vit_base_patch16_224"
 STUDENT = "vit_base_patch16_224@6"
@@ -93,18 +94,12 @@ def compare_with_reference(bench: dict, reference: dict) -> list[dict]:
 
 
 def reference_markdown(rows: list[dict], device_name: str) -> str:
-    lines = [
-        f"# Fastest skindistil backend vs plain timm + bf16 autocast + torch.compile ({device_name})",
-        "",
-        "| model | batch | fastest backend | its images/s | plain timm images/s | fraction |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    lines += [
-        f"| {r['model']} | {r['batch_size']} | {r['best_backend']} | {r['best_images_per_s']:.1f} | "
-        f"{r['timm_bf16_compile_images_per_s']:.1f} | {r['fraction']:.3f} |"
-        for r in rows
-    ]
-    return "\n".join(lines) + "\n"
+    table = markdown_table(
+        ["model", "batch", "fastest backend", "its images/s", "plain timm images/s", "fraction"],
+        [[r["model"], str(r["batch_size"]), r["best_backend"], f"{r['best_images_per_s']:.1f}",
+          f"{r['timm_bf16_compile_images_per_s']:.1f}", f"{r['fraction']:.3f}"] for r in rows],
+    )
+    return f"# Fastest skindistil backend vs plain timm + bf16 autocast + torch.compile ({device_name})\n\n{table}\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             cli(["evaluate", "--model", str(run_dir), "--data", str(data), "--split", "test",
                  "--bootstrap", str(args.bootstrap)])
         metrics = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())
-        result["bma"] = metrics["headline"]["balanced_accuracy"]
-        result["bma_interval"] = metrics["intervals"]["headline"]["balanced_accuracy"]
+        result["balanced_accuracy"] = metrics["headline"]["balanced_accuracy"]
+        result["balanced_accuracy_interval"] = metrics["intervals"]["headline"]["balanced_accuracy"]
         result["parameters"] = json.loads((run_dir / "model" / "config.json").read_text())["num_parameters"]
     settings = BootstrapSettings(resamples=args.bootstrap)
     pairs = [("paper: ViT -> ViT", "paper baseline (no teacher)"),
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     for student, reference in pairs:
         c = compare_eval_dirs(Path(results[reference]["run"]) / "eval" / "test",
                               Path(results[student]["run"]) / "eval" / "test", data, settings)
-        comparisons[f"{student} vs {reference}"] = {"bma_difference": c["bma"]["difference"],
+        comparisons[f"{student} vs {reference}"] = {"balanced_accuracy_difference": c["balanced_accuracy"]["difference"],
                                                     "mcnemar": c["mcnemar"], "verdict": c["verdict"]}
     document = {"device": args.device, "image_size": size, "epochs": epochs, "keep": keep, "vit": setup["vit"],
                 "cnn": args.cnn, "data": str(data), "results": results, "comparisons": comparisons}
@@ -167,22 +167,27 @@ def _throughput(run_dir: Path) -> dict:
 
 
 def _markdown(document: dict) -> str:
+    from skindistil.markdown import markdown_table
+
     lines = [f"Teacher choice on HAM10000 ({document['device']}, {document['image_size']} px, {document['epochs']} "
              f"epochs each, student = {document['keep']} blocks); test BMA with 95% bootstrap interval over lesions.",
-             "", "| model | params | test BMA [95% CI] | train time (s) | train img/s |", "| --- | --- | --- | --- | --- |"]
+             ""]
+    rows = []
     for label, r in document["results"].items():
-        low, high = r["bma_interval"]
+        low, high = r["balanced_accuracy_interval"]
         rate = r.get("train_images_per_second")
         seconds = f"{r['train_seconds']:.0f}" + (f" (+ store {r['store_seconds']:.0f})" if "store_seconds" in r else "")
         rate = f"{rate:.0f}" if rate else "n/a"
-        lines.append(f"| {label} | {r['parameters']:,} | {r['bma']:.3f} [{low:.3f}, {high:.3f}] | {seconds} | {rate} |")
-    lines += ["", "Paired on the same test images (first model minus second; lesions resampled together):", "",
-              "| comparison | BMA difference [95% CI] | interval excludes 0 | McNemar p |", "| --- | --- | --- | --- |"]
+        rows.append([label, f"{r['parameters']:,}", f"{r['balanced_accuracy']:.3f} [{low:.3f}, {high:.3f}]", seconds, rate])
+    lines.append(markdown_table(["model", "params", "test BMA [95% CI]", "train time (s)", "train img/s"], rows))
+    lines += ["", "Paired on the same test images (first model minus second; lesions resampled together):", ""]
+    rows = []
     for label, c in document["comparisons"].items():
-        d = c["bma_difference"]
+        d = c["balanced_accuracy_difference"]
         low, high = d["interval"]
-        lines.append(f"| {label} | {d['value']:+.3f} [{low:+.3f}, {high:+.3f}] | {'yes' if low > 0 or high < 0 else 'no'} | "
-                     f"{c['mcnemar']['p_value']:.3g} |")
+        rows.append([label, f"{d['value']:+.3f} [{low:+.3f}, {high:+.3f}]", "yes" if low > 0 or high < 0 else "no",
+                     f"{c['mcnemar']['p_value']:.3g}"])
+    lines.append(markdown_table(["comparison", "BMA difference [95% CI]", "interval excludes 0", "McNemar p"], rows))
     return "\n".join(lines) + "\n"
 
 

@@ -77,7 +77,7 @@ def test_convnet_teacher_trains_and_its_artifact_rebuilds(cnn_teacher, ham_small
     assert config["kind"] == "timm"
     assert config["architecture"] == "resnet18" and config["model_args"] == {**TINY_RESNET, "num_classes": 7}
     metrics = pd.read_csv(cnn_teacher.parent / "logs" / "metrics.csv")
-    assert metrics["train/loss_step"].notna().sum() >= 3 and metrics["val/bma"].notna().any()
+    assert metrics["train/loss_step"].notna().sum() >= 3 and metrics["val/balanced_accuracy"].notna().any()
     loaded = load_model(cnn_teacher)
     assert loaded.preprocess.image_size == 48 and list(loaded.preprocess.mean) == IMAGENET["mean"]
     # evaluate: its BMA is the BMA of the model's own predictions on the test split

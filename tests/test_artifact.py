@@ -38,18 +38,18 @@ def x():
 
 def test_vit_round_trip_is_exact_and_writes_every_file(tmp_path, x):
     model = _vit()
-    out = save_artifact(model, tmp_path / "model", classes=CLASSES, preprocess=PRE, metrics={"val": {"bma": 0.5}})
+    out = save_artifact(model, tmp_path / "model", classes=CLASSES, preprocess=PRE, metrics={"val": {"balanced_accuracy": 0.5}})
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "model.safetensors", "model_card.md"]
     loaded = load_model(out)
     assert not loaded.model.training
-    assert loaded.classes == CLASSES and loaded.preprocess == PRE and loaded.metrics == {"val": {"bma": 0.5}}
+    assert loaded.classes == CLASSES and loaded.preprocess == PRE and loaded.metrics == {"val": {"balanced_accuracy": 0.5}}
     with torch.no_grad():
         assert torch.equal(loaded.logits(x), model(x))
     config = json.loads((out / "config.json").read_text())
     assert config["kind"] == "vit" and config["architecture"] == "vit_base_patch16_224" and config["format"] == 2
     assert config["model_args"]["depth"] == 4 and config["label_names"] == config["classes"] == CLASSES
     card = (out / "model_card.md").read_text()
-    assert "not a medical device" in card and "| val.bma | 0.5000 |" in card
+    assert "not a medical device" in card and "| val.balanced_accuracy | 0.5000 |" in card
 
 
 def test_student_depth_comes_from_the_model_not_the_callers_arch(tmp_path, x):
@@ -80,11 +80,11 @@ def test_depth_vit_round_trip(tmp_path, x, shared_head):
 
 
 def test_update_metrics_merges_and_refreshes_the_card(tmp_path):
-    save_artifact(_vit(depth=1), tmp_path, classes=CLASSES, preprocess=PRE, metrics={"val": {"bma": 0.5}})
-    merged = update_metrics(tmp_path, {"test": {"bma": 0.25, "confusion": np.eye(2, dtype=np.int64), "auc": float("nan")}})
-    assert merged == {"val": {"bma": 0.5}, "test": {"bma": 0.25, "confusion": [[1, 0], [0, 1]], "auc": None}}
+    save_artifact(_vit(depth=1), tmp_path, classes=CLASSES, preprocess=PRE, metrics={"val": {"balanced_accuracy": 0.5}})
+    merged = update_metrics(tmp_path, {"test": {"balanced_accuracy": 0.25, "confusion": np.eye(2, dtype=np.int64), "auc": float("nan")}})
+    assert merged == {"val": {"balanced_accuracy": 0.5}, "test": {"balanced_accuracy": 0.25, "confusion": [[1, 0], [0, 1]], "auc": None}}
     assert json.loads((tmp_path / "metrics.json").read_text()) == merged  # strict JSON: NaN became null
-    assert "| test.bma | 0.2500 |" in (tmp_path / "model_card.md").read_text()
+    assert "| test.balanced_accuracy | 0.2500 |" in (tmp_path / "model_card.md").read_text()
 
 
 def test_class_names_must_match_the_head(tmp_path):

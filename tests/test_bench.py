@@ -236,9 +236,9 @@ def test_pairs_and_ratios_follow_the_paper_definitions():
 
 
 def test_find_bma_prefers_test_then_val():
-    assert find_bma({"val": {"bma": 0.7}, "test": {"bma": 0.6}}) == (0.6, "test")
+    assert find_bma({"val": {"balanced_accuracy": 0.7}, "test": {"balanced_accuracy": 0.6}}) == (0.6, "test")
     assert find_bma({"val": {"headline": {"balanced_accuracy": 0.7}}}) == (0.7, "val")
-    assert find_bma({"val": {"bma": None}}) == (None, None)
+    assert find_bma({"val": {"balanced_accuracy": None}}) == (None, None)
 
 
 def test_eager_backend_is_the_plain_model():
@@ -358,14 +358,14 @@ def test_benchmark_artifact_dir_writes_reports_with_bma(tmp_path):
     model = create_teacher("vit_base_patch16_224", 8, depth=2, embed_dim=32, num_heads=2, img_size=32, patch_size=8)
     classes = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
     model_dir = save_artifact(
-        model, tmp_path / "run" / "model", classes=classes, preprocess=PreprocessConfig(image_size=32), metrics={"test": {"bma": 0.5}}
+        model, tmp_path / "run" / "model", classes=classes, preprocess=PreprocessConfig(image_size=32), metrics={"test": {"balanced_accuracy": 0.5}}
     )
     out = tmp_path / "bench"
     settings = BenchSettings(batch_sizes=(1, 2), backends=("eager",), warmup=1, repeats=3, min_repeats=2, seconds=0.1)
     result = run_benchmark([str(tmp_path / "run")], settings)
     (summary,) = result["models"]
     assert summary["label"] == "run" and summary["source"] == "artifact"
-    assert (summary["bma"], summary["bma_split"]) == (0.5, "test")
+    assert (summary["balanced_accuracy"], summary["balanced_accuracy_split"]) == (0.5, "test")
     assert summary["file_bytes"] == (model_dir / "model.safetensors").stat().st_size
     assert result["ratios"] == [] and result["pairs"] == []
 

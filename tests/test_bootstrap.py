@@ -145,10 +145,10 @@ def test_paired_difference_and_retention_follow_the_same_draws():
     both = np.hstack([probs, student])
     pairs = hand_loop(both, labels, lesions, 70, 11, lambda p, y: (bma(p[:, :4], y), bma(p[:, 4:], y)))
     diff = pairs[:, 1] - pairs[:, 0]
-    assert result["bma"]["difference"]["interval"] == pytest.approx(list(np.percentile(diff, [2.5, 97.5])))
+    assert result["balanced_accuracy"]["difference"]["interval"] == pytest.approx(list(np.percentile(diff, [2.5, 97.5])))
     ratio = pairs[:, 1] / pairs[:, 0]
-    assert result["bma"]["retention"]["interval"] == pytest.approx(list(np.percentile(ratio, [2.5, 97.5])))
-    assert result["bma"]["difference"]["value"] == pytest.approx(bma(student, labels) - bma(probs, labels))
+    assert result["balanced_accuracy"]["retention"]["interval"] == pytest.approx(list(np.percentile(ratio, [2.5, 97.5])))
+    assert result["balanced_accuracy"]["difference"]["value"] == pytest.approx(bma(student, labels) - bma(probs, labels))
     t_pred, s_pred = M.decide(probs), M.decide(student)
     assert result["agreement"]["top1"] == pytest.approx(np.mean(t_pred == s_pred))
     flagged = np.isin(t_pred, [0, 2]) | np.isin(s_pred, [0, 2])  # MEL, BCC
@@ -163,12 +163,12 @@ def test_verdict_says_whether_the_loss_is_distinguishable_from_zero():
     settings = BootstrapSettings(resamples=200)
     same = compare_models(probs, probs, labels, CLASSES, lesions, settings)
     assert same["distinguishable"] is False and "not distinguishable from zero" in same["verdict"]
-    assert same["bma"]["difference"]["interval"] == [0.0, 0.0]
+    assert same["balanced_accuracy"]["difference"]["interval"] == [0.0, 0.0]
     assert same["mcnemar"] == {"teacher_only_correct": 0, "student_only_correct": 0, "p_value": 1.0}
     noise = np.random.default_rng(0).dirichlet(np.ones(4), len(labels))
     worse = compare_models(probs, noise, labels, CLASSES, lesions, settings)
     assert worse["distinguishable"] is True and "student's loss is distinguishable" in worse["verdict"]
-    assert worse["bma"]["difference"]["interval"][1] < 0
+    assert worse["balanced_accuracy"]["difference"]["interval"][1] < 0
 
 
 def test_mcnemar_is_the_exact_binomial_test():

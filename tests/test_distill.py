@@ -111,7 +111,7 @@ def test_each_method_writes_a_working_artifact(distilled, ham_small, method):
     loaded = load_model(cfg.run_dir)
     provenance = loaded.config["provenance"]
     assert provenance["method"] == method and provenance["role"] == "student"
-    assert results[0].best_val_bma == pytest.approx(loaded.metrics["val"]["bma"])
+    assert results[0].best_val_bma == pytest.approx(loaded.metrics["val"]["balanced_accuracy"])
     if method == "distilvit":
         assert loaded.config["kind"] == "vit"
         assert provenance["kept_blocks"] == [0, 1]
@@ -344,7 +344,7 @@ def test_mean_depth_grows_with_the_threshold(fcvit_outputs):
     assert mean_depths[-2] > 1.0  # the grid does reach the deeper exits
     for p in points:
         assert sum(p["exit_share"].values()) == pytest.approx(1.0)
-        assert 0.0 <= p["bma"] <= 1.0
+        assert 0.0 <= p["balanced_accuracy"] <= 1.0
 
 
 def test_evaluate_cli_early_exit_and_sweep(distilled, ham_small, tmp_path):
@@ -356,14 +356,14 @@ def test_evaluate_cli_early_exit_and_sweep(distilled, ham_small, tmp_path):
     sweep = json.loads((out / "early_exit.json").read_text())
     assert [p["threshold"] for p in sweep["points"]] == [0.3, 0.5, 0.9, FULL_DEPTH]
     assert sweep["points"][-1]["mean_depth"] == TEACHER_DEPTH
-    assert sweep["points"][-1]["bma"] == pytest.approx(full["headline"]["balanced_accuracy"])
+    assert sweep["points"][-1]["balanced_accuracy"] == pytest.approx(full["headline"]["balanced_accuracy"])
     assert "| 0.50 |" in (out / "early_exit.md").read_text()
     assert Image.open(out / "early_exit.png").size[0] > 100
     metrics = json.loads((out / "exit-0.5" / "metrics.json").read_text())
     early = metrics["early_exit"]
     assert early["simulated_matches_model"] == 1.0 and early["threshold"] == 0.5
     assert early["mean_depth"] == pytest.approx(sweep["points"][1]["mean_depth"])
-    assert metrics["headline"]["balanced_accuracy"] == pytest.approx(sweep["points"][1]["bma"])
+    assert metrics["headline"]["balanced_accuracy"] == pytest.approx(sweep["points"][1]["balanced_accuracy"])
     assert early["images_per_s"] > 0 and early["full_depth_images_per_s"] > 0
     assert (out / "exit-0.5" / "report.md").is_file()
 
@@ -392,20 +392,20 @@ def test_family_report_tables_and_plot(distilled, teacher, ham_small, tmp_path):
     params = [r["params"] for r in by_method["fcvit"]["rows"]]
     assert params == sorted(params) and len(set(params)) == 4
     teacher_bma = evaluate_model(teacher, ham_small, "test", tmp_path / "t", num_workers=0, progress=False)
-    assert report["teachers"][0]["bma"] == pytest.approx(teacher_bma["headline"]["balanced_accuracy"])
-    assert by_method["cascade"]["rows"][-1]["bma"] == pytest.approx(report["teachers"][0]["bma"])
+    assert report["teachers"][0]["balanced_accuracy"] == pytest.approx(teacher_bma["headline"]["balanced_accuracy"])
+    assert by_method["cascade"]["rows"][-1]["balanced_accuracy"] == pytest.approx(report["teachers"][0]["balanced_accuracy"])
     fcvit_full = evaluate_model(fcvit.run_dir, ham_small, "test", tmp_path / "f", num_workers=0, progress=False)
-    assert by_method["fcvit"]["rows"][-1]["bma"] == pytest.approx(fcvit_full["headline"]["balanced_accuracy"])
+    assert by_method["fcvit"]["rows"][-1]["balanced_accuracy"] == pytest.approx(fcvit_full["headline"]["balanced_accuracy"])
     # calibration of every member, and the paired comparison with the teacher, as evaluate computes them
     last = by_method["fcvit"]["rows"][-1]
     assert last["ece"] == pytest.approx(fcvit_full["headline"]["ece"])
     assert last["reliability"]["count"] == fcvit_full["reliability"]["count"]
     expected = fcvit_full["headline"]["balanced_accuracy"] - teacher_bma["headline"]["balanced_accuracy"]
-    assert last["comparison"]["bma"]["difference"]["value"] == pytest.approx(expected)
+    assert last["comparison"]["balanced_accuracy"]["difference"]["value"] == pytest.approx(expected)
     assert all(("comparison" in r) == (r["role"] == "member") for f in report["families"] for r in f["rows"])
     for fam in report["families"]:
         for row in fam["rows"]:
-            assert 0 <= row["bma"] <= 1 and 0 <= row["accuracy"] <= 1 and 0 <= row["macro_f1"] <= 1
+            assert 0 <= row["balanced_accuracy"] <= 1 and 0 <= row["accuracy"] <= 1 and 0 <= row["macro_f1"] <= 1
     md = (out / "family.md").read_text()
     assert "| method | 1 | 2 | 3 | 4 |" in md and "teacher: BMA" in md
     image = Image.open(out / "family.png")
@@ -433,11 +433,11 @@ def test_ablate_cli_reports_every_variant(teacher, ham_small, tmp_path):
     report = json.loads((out / "ablation.json").read_text())
     rows = {r["variant"]: r for r in report["variants"]}
     assert list(rows) == ["full", "no-task", "no-kd", "no-mse", "no-cos"]
-    teacher_test = report["teacher"]["test_bma"]
+    teacher_test = report["teacher"]["test_balanced_accuracy"]
     assert 0 < teacher_test <= 1
     for name, row in rows.items():
-        assert 0 <= row["val_bma"] <= 1 and 0 <= row["test_bma"] <= 1, name
-        assert row["retention_pct"] == pytest.approx(100 * row["test_bma"] / teacher_test)
+        assert 0 <= row["val_balanced_accuracy"] <= 1 and 0 <= row["test_balanced_accuracy"] <= 1, name
+        assert row["retention_pct"] == pytest.approx(100 * row["test_balanced_accuracy"] / teacher_test)
         assert row["depth"] == 2
     assert rows["no-cos"]["a_cos"] == 0 and rows["full"]["a_cos"] == 0.1 and rows["no-task"]["a_task"] == 0
     md = (out / "ablation.md").read_text()

@@ -206,7 +206,7 @@ class FakeHub:
 
 def test_push_uploads_a_folder_timm_reads(tmp_path):
     out = save_artifact(_depth_vit(shared_head=False), tmp_path / "run" / "model", classes=CLASSES,
-                        preprocess=PreprocessConfig(image_size=32), metrics={"test": {"bma": 0.5}})
+                        preprocess=PreprocessConfig(image_size=32), metrics={"test": {"balanced_accuracy": 0.5}})
     (out / "stray.tmp").write_text("not uploaded")
     hub = FakeHub(tmp_path / "hub")
     result = push_model(tmp_path / "run", "me/lesions", private=True, api=hub)
@@ -218,7 +218,7 @@ def test_push_uploads_a_folder_timm_reads(tmp_path):
     readme = (uploaded / "README.md").read_text()
     assert readme.startswith("---\nlibrary_name: timm\npipeline_tag: image-classification\n")
     assert 'timm.create_model("hf-hub:me/lesions", pretrained=True)' in readme and "black-border crop" in readme
-    assert "| test.bma | 0.5000 |" in readme and "exits.safetensors" in readme
+    assert "| test.balanced_accuracy | 0.5000 |" in readme and "exits.safetensors" in readme
     with torch.no_grad():  # what landed on the "hub" is a folder timm loads as it is
         assert torch.equal(_timm(uploaded)(_probe()), load_model(out).logits(_probe()))
 

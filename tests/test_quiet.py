@@ -27,7 +27,7 @@ class _Tiny(L.LightningModule):
         return loss
 
     def validation_step(self, batch, _):
-        self.log("val/bma", 0.5)
+        self.log("val/balanced_accuracy", 0.5)
 
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.parameters(), lr=0.1)

@@ -75,14 +75,14 @@ def test_subgroup_metrics_counts_small_groups_and_the_gap():
     assert [r["group"] for r in result["attributes"]["g"]["groups"]] == ["a", "b", "c", MISSING]
     assert {g: r["count"] for g, r in rows.items()} == {"a": 120, "b": 50, "c": 20, MISSING: 40}
     assert rows[MISSING]["scored"] and rows[MISSING]["balanced_accuracy"] == 1.0
-    assert not rows["c"]["scored"] and rows["c"]["balanced_accuracy"] is None and rows["c"]["bma_interval"] is None
+    assert not rows["c"]["scored"] and rows["c"]["balanced_accuracy"] is None and rows["c"]["balanced_accuracy_interval"] is None
     preds = M.decide(probs)
     assert rows["b"]["balanced_accuracy"] == pytest.approx(M.balanced_accuracy(labels[120:170], preds[120:170], 3))
     gap = result["attributes"]["g"]["gap"]
     assert (gap["best"], gap["worst"]) == ("a", "b")
     assert gap["value"] == pytest.approx(rows["a"]["balanced_accuracy"] - rows["b"]["balanced_accuracy"])
     assert gap["interval"][0] > 0  # group a is far better by construction
-    low, high = rows["a"]["bma_interval"]
+    low, high = rows["a"]["balanced_accuracy_interval"]
     assert low <= rows["a"]["balanced_accuracy"] <= high
 
 

@@ -44,7 +44,7 @@ def test_teacher_learns_on_real_images(trained, ham_small):
     val_size = len(SkinDataModule(ham_small, cfg.preprocess).dataset("val"))
     assert (metrics["val/num_samples"] == val_size).all()
     chance = 1 / 7
-    assert result.best_val_bma == pytest.approx(metrics["val/bma"].max())
+    assert result.best_val_bma == pytest.approx(metrics["val/balanced_accuracy"].max())
     assert result.best_val_bma > chance + 0.08, f"val BMA {result.best_val_bma:.3f} vs chance {chance:.3f}"
     assert result.images_per_second > 0
     for name in ("config.yaml", "checkpoints/best.ckpt", "checkpoints/last.ckpt", "model/config.json",
@@ -174,7 +174,7 @@ def test_ddp_two_cpu_processes_validate_on_the_whole_split(ham_small, tmp_path):
     val_size = len(SkinDataModule(ham_small, cfg.preprocess).dataset("val"))
     metrics = epoch_metrics(tmp_path / "runs" / "ddp")
     assert (metrics["val/num_samples"] == val_size).all()
-    assert 0 <= metrics["val/bma"].iloc[-1] <= 1
+    assert 0 <= metrics["val/balanced_accuracy"].iloc[-1] <= 1
     assert (tmp_path / "runs" / "ddp" / "model" / "model.safetensors").is_file()
 
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from skindistil.files import save_figure, write_json, write_text
+from skindistil.markdown import markdown_table
 
 # ------------------------------------------------------------------------------------------ ratios
 
@@ -87,32 +88,27 @@ def markdown_report(result: dict) -> str:
         "",
         "## Models",
         "",
-        "| model | given as | depth | width | input | parameters | file MB | GFLOPs/image | BMA |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for s in result["models"]:
-        bma = f"{s['bma']:.4f} ({s['bma_split']})" if s["bma"] is not None else "-"
-        lines.append(
-            f"| {s['label']} | {s['source']} `{s['ref']}` | {s['depth'] or '-'} | {s['width'] or '-'} | "
-            f"{'x'.join(map(str, s['image_size']))} | {s['params']:,} | {s['file_bytes'] / 1e6:.2f} | "
-            f"{s['gflops']:.4f} | {bma} |"
-        )
-    lines += [
+        markdown_table(
+            ["model", "given as", "depth", "width", "input", "parameters", "file MB", "GFLOPs/image", "BMA"],
+            [[s["label"], f"{s['source']} `{s['ref']}`", str(s["depth"] or "-"), str(s["width"] or "-"),
+              "x".join(map(str, s["image_size"])), f"{s['params']:,}", f"{s['file_bytes'] / 1e6:.2f}",
+              f"{s['gflops']:.4f}",
+              f"{s['balanced_accuracy']:.4f} ({s['balanced_accuracy_split']})" if s["balanced_accuracy"] is not None
+              else "-"]
+             for s in result["models"]]),
         "",
         "File MB: model.safetensors for artifacts, tensor bytes for architecture specs (1 MB = 10^6 bytes). "
         "GFLOPs: FlopCounterMode, multiply-add = 2 FLOPs.",
         "",
         "## Speed",
         "",
-        "| model | backend | batch | median ms/call | p90 ms/call | ms/image | images/s | calls | peak memory MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        markdown_table(
+            ["model", "backend", "batch", "median ms/call", "p90 ms/call", "ms/image", "images/s", "calls",
+             "peak memory MB"],
+            [[r["model"], r["backend"], str(r["batch_size"]), f"{r['median_s'] * 1e3:.2f}", f"{r['p90_s'] * 1e3:.2f}",
+              f"{r['ms_per_image']:.3f}", f"{r['images_per_s']:.1f}", str(r["repeats"]),
+              f"{r['peak_memory_mb']:.1f}" if r["peak_memory_mb"] is not None else "-"] for r in result["results"]]),
     ]
-    for r in result["results"]:
-        memory = f"{r['peak_memory_mb']:.1f}" if r["peak_memory_mb"] is not None else "-"
-        lines.append(
-            f"| {r['model']} | {r['backend']} | {r['batch_size']} | {r['median_s'] * 1e3:.2f} | {r['p90_s'] * 1e3:.2f} | "
-            f"{r['ms_per_image']:.3f} | {r['images_per_s']:.1f} | {r['repeats']} | {memory} |"
-        )
     kinds = sorted({r["memory_kind"] for r in result["results"]})
     if kinds:
         lines += ["", "Peak memory MB (10^6 bytes): " + "; ".join(kinds) + "."]
@@ -132,18 +128,19 @@ def plot_throughput(result: dict, path: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     summaries = {s["label"]: s for s in result["models"]}
-    use_bma = bool(summaries) and all(s["bma"] is not None for s in summaries.values())
+    use_bma = bool(summaries) and all(s["balanced_accuracy"] is not None for s in summaries.values())
     batch = max((r["batch_size"] for r in result["results"]), default=None)
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
     for backend in dict.fromkeys(r["backend"] for r in result["results"]):
         rows = [r for r in result["results"] if r["backend"] == backend and r["batch_size"] == batch]
-        xs = [summaries[r["model"]]["bma"] if use_bma else summaries[r["model"]]["params"] / 1e6 for r in rows]
+        xs = [summaries[r["model"]]["balanced_accuracy"] if use_bma else summaries[r["model"]]["params"] / 1e6
+              for r in rows]
         ys = [r["images_per_s"] for r in rows]
         ax.plot(xs, ys, "o", label=backend)
         for x, y, r in zip(xs, ys, rows, strict=True):
             ax.annotate(_short(r["model"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    split = "/".join(sorted({s["bma_split"] for s in summaries.values() if s["bma_split"]}))
+    split = "/".join(sorted({s["balanced_accuracy_split"] for s in summaries.values() if s["balanced_accuracy_split"]}))
     ax.set(
         xlabel=f"BMA ({split})" if use_bma else "parameters (millions)",
         ylabel=f"images/s at batch {batch}",

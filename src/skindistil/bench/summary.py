@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from skindistil.metric_keys import BALANCED_ACCURACY, with_current_keys
+
 
 def tensor_bytes(model: nn.Module) -> int:
     """Bytes of the state dict's tensors (what a safetensors file of the model holds, minus its header)."""
@@ -73,11 +75,14 @@ def vit_shape(model: nn.Module) -> tuple[int | None, int | None]:
     return None, None
 
 
-def find_bma(metrics: dict) -> tuple[float | None, str | None]:
-    """(BMA, split) from an artifact's metrics.json: the test split preferred, else val.
+def find_bma(metrics: dict, where: str = "metrics.json") -> tuple[float | None, str | None]:
+    """(BMA, split) from an artifact's metrics.json (`where`: its path, for errors): the test split
+    preferred, else val; (None, None) when neither records a finite balanced accuracy.
 
-    Accepted layouts per split: {"bma": x}, {"balanced_accuracy": x} or {"headline": {...}}.
+    Layouts per split: {"balanced_accuracy": x} or {"headline": {"balanced_accuracy": x}}; files of
+    earlier versions ({"bma": x}) are read through `metric_keys.with_current_keys`.
     """
+    metrics = with_current_keys(metrics, where)
     for split in ("test", "val"):
         section = metrics.get(split)
         if not isinstance(section, dict):
@@ -85,10 +90,9 @@ def find_bma(metrics: dict) -> tuple[float | None, str | None]:
         for source in (section, section.get("headline")):
             if not isinstance(source, dict):
                 continue
-            for key in ("bma", "balanced_accuracy"):
-                value = source.get(key)
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    return float(value), split
+            value = source.get(BALANCED_ACCURACY)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                return float(value), split
     return None, None
 
 

@@ -44,6 +44,7 @@ from skindistil.devices import parse_device
 from skindistil.distill.losses import DistillationLoss
 from skindistil.errors import ConfigError
 from skindistil.files import write_json, write_text
+from skindistil.markdown import markdown_table as render_table
 from skindistil.measure import device_sync, time_calls
 from skindistil.models import create_teacher, extract_student, save_artifact
 from skindistil.models.depth import vit_logits_and_hidden
@@ -366,9 +367,7 @@ def table_cells(row: ThroughputRow) -> list[str]:
 
 
 def markdown_table(rows: Sequence[ThroughputRow]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(table_cells(row)) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return render_table(COLUMNS, [table_cells(row) for row in rows]) + "\n"
 
 
 def rich_table(rows: Sequence[ThroughputRow]):

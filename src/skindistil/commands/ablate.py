@@ -31,9 +31,9 @@ def run(args: argparse.Namespace) -> int:
     result = run_ablation(cfg, cos_weight=args.cos_weight, resume=args.resume, device=args.device)
     if result:
         console = Console()
-        console.print(f"teacher test BMA {result['teacher']['test_bma']:.4f}")
+        console.print(f"teacher test BMA {result['teacher']['test_balanced_accuracy']:.4f}")
         for row in result["variants"]:
-            console.print(f"{row['variant']:>8}  val BMA {row['val_bma']:.4f}  test BMA {row['test_bma']:.4f}  "
-                          f"retention {row['retention_pct']:.2f}%")
+            console.print(f"{row['variant']:>8}  val BMA {row['val_balanced_accuracy']:.4f}  "
+                          f"test BMA {row['test_balanced_accuracy']:.4f}  retention {row['retention_pct']:.2f}%")
         console.print(f"wrote {result['files']['md']}")
     return 0

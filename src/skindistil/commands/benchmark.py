@@ -98,7 +98,8 @@ def _print_result(console, result: dict) -> None:
     label_width = min(30, max((len(s["label"]) for s in result["models"]), default=5))
     _add_columns(models, ("model", "depth", "parameters", "file MB", "GFLOPs/image", "BMA"), label_width)
     for s in result["models"]:
-        bma = f"{s['bma']:.4f} ({s['bma_split']})" if s["bma"] is not None else "-"
+        bma = (f"{s['balanced_accuracy']:.4f} ({s['balanced_accuracy_split']})"
+               if s["balanced_accuracy"] is not None else "-")
         models.add_row(
             s["label"], str(s["depth"] or "-"), f"{s['params']:,}", f"{s['file_bytes'] / 1e6:.2f}", f"{s['gflops']:.4f}", bma
         )

@@ -16,6 +16,7 @@ from skindistil.errors import DataError
 from skindistil.evaluation.bootstrap import BootstrapSettings
 from skindistil.evaluation.report import format_interval, read_predictions_csv, write_metrics_json
 from skindistil.evaluation.retention import check_retention_gate, compare_models
+from skindistil.markdown import markdown_table
 
 
 def split_labels(data_dir: str | Path, image_ids: Sequence[str]) -> np.ndarray:
@@ -94,11 +95,10 @@ def retention_markdown(result: dict) -> str:
         comparison = row["comparison"]
         status = "FAILS the gate: " + "; ".join(row["failures"]) if row["failures"] else "passes the gate"
         lines += [f"## `{row['model']}`", "", comparison["verdict"], "", f"Retention gate: {status}.", "",
-                  "| class | teacher recall | student recall | retention | interval |", "| --- | --- | --- | --- | --- |"]
-        for name, cls in comparison["per_class"].items():
-            lines.append(f"| {name} | {_f(cls['teacher_recall'])} | {_f(cls['student_recall'])} | "
-                         f"{_f(cls['retention'])} | {format_interval(cls['interval'])} |")
-        lines.append("")
+                  markdown_table(["class", "teacher recall", "student recall", "retention", "interval"],
+                                 [[name, _f(cls["teacher_recall"]), _f(cls["student_recall"]), _f(cls["retention"]),
+                                   format_interval(cls["interval"])] for name, cls in comparison["per_class"].items()]),
+                  ""]
     return "\n".join(lines)
 
 

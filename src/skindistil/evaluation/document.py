@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skindistil.files import write_text
+from skindistil.markdown import markdown_table
 
 
 @dataclass
@@ -55,9 +56,7 @@ class Document:
             out += [f"## {section.title}", ""]
             for block in section.blocks:
                 if isinstance(block, Table):
-                    out.append("| " + " | ".join(block.header) + " |")
-                    out.append("|" + "|".join(" --- " for _ in block.header) + "|")
-                    out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in block.rows]
+                    out.append(markdown_table(block.header, block.rows))
                 elif isinstance(block, Figure):
                     out.append(f"![{block.caption}]({block.path})")
                     out.append(f"*{block.caption}*")

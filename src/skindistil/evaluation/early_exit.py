@@ -36,6 +36,7 @@ from skindistil.evaluation.plots import plot_early_exit_curve
 from skindistil.evaluation.report import evaluate_arrays, write_metrics_json
 from skindistil.evaluation.retention import compare_models
 from skindistil.files import write_text
+from skindistil.markdown import markdown_table
 from skindistil.measure import device_sync, time_interleaved
 from skindistil.models import DepthViT, LoadedModel, load_model
 
@@ -85,7 +86,7 @@ def early_exit_point(
         bma = balanced_accuracy(labels, preds, num_classes)
     point = {
         "threshold": threshold,
-        "bma": bma,
+        "balanced_accuracy": bma,
         "accuracy": accuracy(labels, preds),
         "ece": expected_calibration_error(probs, labels),
         "reliability": {key: value.tolist() for key, value in reliability_bins(probs, labels).items()},
@@ -290,7 +291,7 @@ def sweep_exits(
         "depth": loaded.model.depth,
         "exits": exits,
         "points": points,
-        "per_exit_bma": {int(d): p["bma"] for d, p in zip(exits, per_exit, strict=True)},
+        "per_exit_balanced_accuracy": {int(d): p["balanced_accuracy"] for d, p in zip(exits, per_exit, strict=True)},
         "per_exit_ece": {int(d): p["ece"] for d, p in zip(exits, per_exit, strict=True)},
         "per_exit_reliability": {int(d): p["reliability"] for d, p in zip(exits, per_exit, strict=True)},
     }
@@ -302,29 +303,29 @@ def write_sweep_report(result: dict, out_dir: str | Path) -> dict[str, str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = f"Early exit: {Path(result['model']).parent.name} on {result['split']} ({result['num_samples']} images)"
-    lines = [f"# {title}", "",
-             "A sample stops at the first exit whose top softmax probability >= threshold; "
-             f"`{FULL_DEPTH}` runs all {result['depth']} blocks.", "",
-             "| threshold | BMA | accuracy | ECE | mean depth | BMA - teacher (CI) | agreement | "
-             + " | ".join(f"exit {d}" for d in result["exits"]) + " |",
-             "|" + " --- |" * (7 + len(result["exits"]))]
+    rows = []
     for p in result["points"]:
         tau = p["threshold"] if p["threshold"] == FULL_DEPTH else f"{p['threshold']:.2f}"
-        shares = " | ".join(f"{p['exit_share'][d]:.2f}" for d in result["exits"])
         diff, agree = "", ""
         if p.get("comparison"):
-            d = p["comparison"]["bma"]["difference"]
+            d = p["comparison"]["balanced_accuracy"]["difference"]
             low, high = d["interval"] or (float("nan"), float("nan"))
             diff, agree = f"{d['value']:+.4f} ({low:+.4f} to {high:+.4f})", f"{p['comparison']['agreement']['top1']:.4f}"
-        lines.append(f"| {tau} | {p['bma']:.4f} | {p['accuracy']:.4f} | {p['ece']:.4f} | {p['mean_depth']:.2f} | "
-                     f"{diff} | {agree} | {shares} |")
-    lines += ["", "Columns `exit d`: share of the images leaving at depth d.", "",
-              "BMA of each exit alone: " + ", ".join(f"{d}: {b:.4f}" for d, b in result["per_exit_bma"].items()),
-              "", "ECE of each exit alone: " + ", ".join(f"{d}: {e:.4f}" for d, e in result["per_exit_ece"].items())]
+        rows.append([tau, f"{p['balanced_accuracy']:.4f}", f"{p['accuracy']:.4f}", f"{p['ece']:.4f}",
+                     f"{p['mean_depth']:.2f}", diff, agree, *[f"{p['exit_share'][d]:.2f}" for d in result["exits"]]])
+    header = ["threshold", "BMA", "accuracy", "ECE", "mean depth", "BMA - teacher (CI)", "agreement",
+              *[f"exit {d}" for d in result["exits"]]]
+    lines = [f"# {title}", "",
+             "A sample stops at the first exit whose top softmax probability >= threshold; "
+             f"`{FULL_DEPTH}` runs all {result['depth']} blocks.", "", markdown_table(header, rows),
+             "", "Columns `exit d`: share of the images leaving at depth d.", "",
+             "BMA of each exit alone: "
+             + ", ".join(f"{d}: {b:.4f}" for d, b in result["per_exit_balanced_accuracy"].items()),
+             "", "ECE of each exit alone: " + ", ".join(f"{d}: {e:.4f}" for d, e in result["per_exit_ece"].items())]
     files = {"json": out / "early_exit.json", "md": out / "early_exit.md", "png": out / "early_exit.png"}
     write_metrics_json(files["json"], result)
     write_text(files["md"], "\n".join(lines) + "\n")
-    plot_early_exit_curve(result["points"], result["per_exit_bma"], files["png"], title=title)
+    plot_early_exit_curve(result["points"], result["per_exit_balanced_accuracy"], files["png"], title=title)
     return {key: str(path) for key, path in files.items()}
 
 

@@ -36,6 +36,7 @@ from skindistil.evaluation.plots import plot_bma_by_depth
 from skindistil.evaluation.report import write_metrics_json
 from skindistil.evaluation.retention import compare_models
 from skindistil.files import write_text
+from skindistil.markdown import markdown_table
 from skindistil.models import DepthViT, LoadedModel, load_model
 from skindistil.models.artifact import CONFIG_FILE, count_parameters, resolve_model_dir
 from skindistil.models.student import vit_depth
@@ -98,7 +99,7 @@ def scores(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AbsentClassWarning)  # classes absent from a small split
         return {
-            "bma": balanced_accuracy(labels, preds, num_classes),
+            "balanced_accuracy": balanced_accuracy(labels, preds, num_classes),
             "accuracy": accuracy(labels, preds),
             "macro_f1": float(precision_recall_f1(labels, preds, num_classes)["macro_f1"]),
             "ece": expected_calibration_error(probs, labels),
@@ -183,13 +184,14 @@ def family_report(runs: list[str | Path], data_dir: str | Path, split: str = "te
     for fam in families:
         if fam["teacher"] is not None and fam["teacher"]["model"] not in teachers:
             teachers[fam["teacher"]["model"]] = fam["teacher"]
-    teacher_lines = {(f"teacher ({Path(m).parent.name})" if len(teachers) > 1 else "teacher"): t["bma"]
+    teacher_lines = {(f"teacher ({Path(m).parent.name})" if len(teachers) > 1 else "teacher"): t["balanced_accuracy"]
                      for m, t in teachers.items()}
     files = {"json": out / "family.json", "md": out / "family.md", "png": out / "family.png"}
     result = {"data": str(data_dir), "split": split, "families": families, "teachers": list(teachers.values())}
     write_metrics_json(files["json"], result)
     write_text(files["md"], family_markdown(families, teacher_lines, split))
-    plot_bma_by_depth({f["label"]: {r["depth"]: r["bma"] for r in f["rows"]} for f in families}, teacher_lines,
+    plot_bma_by_depth({f["label"]: {r["depth"]: r["balanced_accuracy"] for r in f["rows"]} for f in families},
+                      teacher_lines,
                       files["png"], title=f"BMA by depth ({split})")
     return {**result, "files": {k: str(v) for k, v in files.items()}}
 
@@ -209,22 +211,20 @@ def _label(families: list[dict]) -> None:
 def family_markdown(families: list[dict], teacher_lines: dict[str, float], split: str) -> str:
     """A depth-by-method BMA table (the paper's layout), then each family's full per-depth table."""
     depths = sorted({r["depth"] for f in families for r in f["rows"]})
-    lines = [f"# BMA by depth ({split})", "", "| method | " + " | ".join(map(str, depths)) + " |",
-             "|" + " --- |" * (len(depths) + 1)]
+    by_method = []
     for fam in families:
-        by_depth = {r["depth"]: r["bma"] for r in fam["rows"]}
-        lines.append(f"| {fam['label']} | " + " | ".join(f"{by_depth[d]:.4f}" if d in by_depth else ""
-                                                       for d in depths) + " |")
+        by_depth = {r["depth"]: r["balanced_accuracy"] for r in fam["rows"]}
+        by_method.append([fam["label"], *[f"{by_depth[d]:.4f}" if d in by_depth else "" for d in depths]])
+    lines = [f"# BMA by depth ({split})", "", markdown_table(["method", *map(str, depths)], by_method)]
     for label, bma in teacher_lines.items():
         lines.append(f"\n{label}: BMA {bma:.4f}")
     for fam in families:
         lines += ["", f"## {fam['label']}", "", f"Run: `{fam['run']}`", "",
-                  "| depth | model | BMA | accuracy | macro F1 | ECE | BMA - teacher (CI) | top-1 agreement | params |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in fam["rows"]:
-            lines.append(f"| {r['depth']} | {r['role']} | {r['bma']:.4f} | {r['accuracy']:.4f} | "
-                         f"{r['macro_f1']:.4f} | {r['ece']:.4f} | {_difference(r)} | {_agreement(r)} | "
-                         f"{r['params']:,} |")
+                  markdown_table(["depth", "model", "BMA", "accuracy", "macro F1", "ECE", "BMA - teacher (CI)",
+                                  "top-1 agreement", "params"],
+                                 [[str(r["depth"]), r["role"], f"{r['balanced_accuracy']:.4f}", f"{r['accuracy']:.4f}",
+                                   f"{r['macro_f1']:.4f}", f"{r['ece']:.4f}", _difference(r), _agreement(r),
+                                   f"{r['params']:,}"] for r in fam["rows"]])]
     return "\n".join(lines) + "\n"
 
 
@@ -232,7 +232,7 @@ def _difference(row: dict) -> str:
     comparison = row.get("comparison")
     if not comparison:
         return ""
-    diff = comparison["bma"]["difference"]
+    diff = comparison["balanced_accuracy"]["difference"]
     low, high = diff["interval"] or (float("nan"), float("nan"))
     return f"{diff['value']:+.4f} ({low:+.4f} to {high:+.4f})"
 

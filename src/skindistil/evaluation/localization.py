@@ -33,6 +33,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from skindistil.markdown import markdown_table
+
 # Pointing-game tolerance: 15 px at a 224 px input (Zhang et al.), scaled with the input side.
 POINTING_TOLERANCE_FRACTION = 15 / 224
 # Centre prior: a Gaussian with sigma a quarter of the side (about 56 px at 224 px).
@@ -337,36 +339,38 @@ def render_localization_md(summary: dict) -> str:
         f"px; class-specific methods explain the predicted class. Values: mean [95% bootstrap interval over "
         f"images]; **bold**: above both baselines (interval low end above their interval high ends)."
     )
-    lines += ["", "| method | images | mass in lesion | mass ratio (uniform = 1) | pointing game | pixel AUC |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = []
     for entry in summary["methods"]:
         cells = []
         for metric in METRICS:
             text = format_interval(entry[metric])
             cells.append(f"**{text}**" if entry["beats_baselines"][metric] else text)
-        lines.append(f"| {_label(entry)} | {entry['n']} | " + " | ".join(cells) + " |")
+        rows.append([_label(entry), str(entry["n"]), *cells])
+    lines += ["", markdown_table(["method", "images", "mass in lesion", "mass ratio (uniform = 1)", "pointing game",
+                                  "pixel AUC"], rows, align=[None, *["right"] * 5])]
     undefined = [f"{_label(e)}: {m} {e[m]['undefined']}" for e in summary["methods"] for m in METRICS
                  if e[m]["undefined"]]
     if undefined:
         lines += ["", "Undefined scores left out (all-zero map, mask all lesion or all background): "
                   + "; ".join(undefined) + "."]
     if summary["correct_vs_wrong"]:
+        rows = [[_label(entry), f"{format_interval(entry['correct'])} (n={entry['correct']['n']})",
+                 f"{format_interval(entry['wrong'])} (n={entry['wrong']['n']})",
+                 format_interval(entry["difference"], "difference")] for entry in summary["correct_vs_wrong"]]
         lines += ["", "## Mass in lesion: correct vs wrong predictions", "",
-                  "| method | correct | wrong | difference (correct - wrong) |", "| --- | ---: | ---: | ---: |"]
-        for entry in summary["correct_vs_wrong"]:
-            lines.append(f"| {_label(entry)} | {format_interval(entry['correct'])} (n={entry['correct']['n']}) | "
-                         f"{format_interval(entry['wrong'])} (n={entry['wrong']['n']}) | "
-                         f"{format_interval(entry['difference'], 'difference')} |")
+                  markdown_table(["method", "correct", "wrong", "difference (correct - wrong)"], rows,
+                                 align=[None, "right", "right", "right"])]
         lines += ["", "The baselines' differences come from lesion size and position alone, not from the model."]
     if summary["reference"]:
-        lines += ["", f"## Against the reference model ({s.get('reference')})", "",
-                  "| method | map correlation | mass-in-lesion retention | correlation: correct / wrong | "
-                  "retention: correct / wrong |", "| --- | ---: | ---: | ---: | ---: |"]
+        rows = []
         for entry in summary["reference"]:
             split_corr = " / ".join(format_interval(entry.get(f"map_correlation_{k}", {})) for k in ("correct", "wrong"))
             split_ret = " / ".join(format_interval(entry.get(f"retention_{k}", {}), "ratio") for k in ("correct", "wrong"))
-            lines.append(f"| {_label(entry)} | {format_interval(entry['map_correlation'])} | "
-                         f"{format_interval(entry['retention'], 'ratio')} | {split_corr} | {split_ret} |")
+            rows.append([_label(entry), format_interval(entry["map_correlation"]),
+                         format_interval(entry["retention"], "ratio"), split_corr, split_ret])
+        lines += ["", f"## Against the reference model ({s.get('reference')})", "",
+                  markdown_table(["method", "map correlation", "mass-in-lesion retention", "correlation: correct / wrong",
+                                  "retention: correct / wrong"], rows, align=[None, *["right"] * 4])]
         lines += ["", "Retention = mean mass in lesion / the reference's on the same images (1 = as much)."]
     for note in summary["notes"]:
         lines += ["", f"Note: {note}"]

@@ -116,7 +116,7 @@ def plot_subgroups(subgroups: dict, path: str | Path, title: str = "BMA by subgr
         for y, row in enumerate(rows):
             if row["scored"]:
                 bma = row["balanced_accuracy"]
-                low, high = row["bma_interval"] or (bma, bma)
+                low, high = row["balanced_accuracy_interval"] or (bma, bma)
                 ax.errorbar([bma], [y], xerr=[[max(bma - low, 0)], [max(high - bma, 0)]], fmt="o", capsize=3,
                             color="tab:blue")
         ax.set(xlim=(0, 1), ylim=(-0.6, len(rows) - 0.4), title=name)
@@ -141,11 +141,12 @@ def plot_early_exit_curve(points: Sequence[dict], per_exit_bma: dict, path: str 
     ax.plot(depths, [per_exit_bma[d] for d in depths], color="grey", linestyle="--", marker=".",
             label="one exit for all images")
     x = [p["mean_depth"] for p in points]
-    y = [p["bma"] for p in points]
+    y = [p["balanced_accuracy"] for p in points]
     ax.plot(x, y, marker="o", label="early exit")
     for p in points:
         tau = p["threshold"] if isinstance(p["threshold"], str) else f"{p['threshold']:g}"
-        ax.annotate(tau, (p["mean_depth"], p["bma"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        ax.annotate(tau, (p["mean_depth"], p["balanced_accuracy"]), textcoords="offset points", xytext=(4, -10),
+                    fontsize=7)
     ax.set(title=title or "Early exit", xlabel="mean depth used (blocks)", ylabel="balanced accuracy (BMA)",
            xticks=depths)
     ax.grid(alpha=0.3)
@@ -196,12 +197,13 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 def plot_training_curves(histories: dict[str, dict[str, Sequence[float]]], path: str | Path) -> Path:
-    """Per run (label -> {"epoch", "train_loss", "val_bma"}): training loss and validation BMA by epoch."""
+    """Per run (label -> {"epoch", "train_loss", "val_balanced_accuracy"}): training loss and validation BMA
+    by epoch."""
     fig = Figure(figsize=(11, 4), layout="constrained")
     loss_ax, bma_ax = fig.subplots(1, 2)
     for label, history in histories.items():
         loss_ax.plot(history["epoch"], history["train_loss"], marker=".", label=label)
-        bma_ax.plot(history["epoch"], history["val_bma"], marker=".", label=label)
+        bma_ax.plot(history["epoch"], history["val_balanced_accuracy"], marker=".", label=label)
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="Training loss")
     bma_ax.set(xlabel="epoch", ylabel="balanced accuracy", title="Validation BMA", ylim=(0, 1))
     for ax in (loss_ax, bma_ax):

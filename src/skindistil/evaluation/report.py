@@ -19,6 +19,7 @@ from skindistil.evaluation.bootstrap import BootstrapSettings, metric_intervals
 from skindistil.evaluation.metrics import UNKNOWN_CLASS, classification_metrics
 from skindistil.evaluation.subgroups import DEFAULT_MIN_SIZE, subgroup_metrics
 from skindistil.files import jsonable, write_csv, write_json, write_text
+from skindistil.markdown import markdown_table
 
 IMAGE_COLUMN = "image"
 # Per-row weights of the official scorer's truth files; not classes.
@@ -267,7 +268,7 @@ def subgroup_rows(subgroups: dict) -> list[list]:
         for row in attribute["groups"]:
             if row["scored"]:
                 rows.append([name, row["group"], row["count"], row["classes_present"], row["balanced_accuracy"],
-                             format_interval(row["bma_interval"]), row["accuracy"],
+                             format_interval(row["balanced_accuracy_interval"]), row["accuracy"],
                              format_interval(row["accuracy_interval"])])
             else:
                 rows.append([name, row["group"], row["count"], row["classes_present"],
@@ -534,9 +535,8 @@ def _line(path: Path, row: int, column: str | None = None) -> str:
 
 
 def _md_table(header: Sequence[str], rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(_fmt(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """`markdown_table` of `rows` with their numbers formatted by `_fmt` (4 decimals, n/a for None/NaN)."""
+    return markdown_table(header, [[_fmt(cell) for cell in row] for row in rows])
 
 
 def _fmt(value) -> str:

@@ -63,7 +63,7 @@ def compare_models(teacher_probs: np.ndarray, student_probs: np.ndarray, labels:
     teacher_probs, student_probs: (N, K) class scores; labels: (N,) int in [0, K); units: the bootstrap
     unit of each image (`bootstrap.resampling_units`; None resamples images).
 
-    Returns {"bma": {"teacher", "student", "difference": {"value", "interval"}, "retention": {"value",
+    Returns {"balanced_accuracy": {"teacher", "student", "difference": {"value", "interval"}, "retention": {"value",
     "interval"}}, "distinguishable": bool | None, "verdict": words, "mcnemar": `mcnemar`, "agreement":
     `agreement` plus "top1_interval", "per_class": {class: {"teacher_recall", "student_recall",
     "retention", "interval"}}, "bootstrap": settings and unit}. Intervals are [low, high] (NaN bounds
@@ -86,7 +86,7 @@ def compare_models(teacher_probs: np.ndarray, student_probs: np.ndarray, labels:
     agree = agreement(t_preds, s_preds, cancer_index)
 
     out = {
-        "bma": {"teacher": t_bma, "student": s_bma,
+        "balanced_accuracy": {"teacher": t_bma, "student": s_bma,
                 "difference": {"value": s_bma - t_bma, "interval": None},
                 "retention": {"value": s_bma / t_bma if t_bma > 0 else float("nan"), "interval": None}},
         "mcnemar": mcnemar(t_preds == labels, s_preds == labels),
@@ -110,8 +110,8 @@ def compare_models(teacher_probs: np.ndarray, student_probs: np.ndarray, labels:
 
         values = resample(paired, units, len(labels), settings)
         conf = settings.confidence
-        out["bma"]["difference"]["interval"] = percentile_interval(values["difference"], conf)
-        out["bma"]["retention"]["interval"] = percentile_interval(values["retention"], conf)
+        out["balanced_accuracy"]["difference"]["interval"] = percentile_interval(values["difference"], conf)
+        out["balanced_accuracy"]["retention"]["interval"] = percentile_interval(values["retention"], conf)
         out["agreement"]["top1_interval"] = percentile_interval(values["top1"], conf)
         for c, name in enumerate(names):
             out["per_class"][name]["interval"] = percentile_interval(values["class_retention"][:, c], conf)
@@ -121,7 +121,7 @@ def compare_models(teacher_probs: np.ndarray, student_probs: np.ndarray, labels:
 
 def verdict(comparison: dict) -> tuple[bool | None, str]:
     """Whether the student's BMA difference is distinguishable from zero, and the sentence saying so."""
-    diff = comparison["bma"]["difference"]
+    diff = comparison["balanced_accuracy"]["difference"]
     value, interval = diff["value"], diff["interval"]
     p = comparison["mcnemar"]["p_value"]
     if interval is None or any(np.isnan(interval)):

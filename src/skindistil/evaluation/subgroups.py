@@ -102,7 +102,7 @@ def subgroup_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequenc
 
     probs (N, K), labels (N,), attributes: name -> group label per image (`subgroup_attributes`).
     Returns {"min_size", "attributes": {name: {"groups": [{"group", "count", "scored", "classes_present",
-    "balanced_accuracy", "bma_interval", "accuracy", "accuracy_interval"}], "gap": {"best", "worst",
+    "balanced_accuracy", "balanced_accuracy_interval", "accuracy", "accuracy_interval"}], "gap": {"best", "worst",
     "value", "interval"} or None}}}. Groups are listed largest first, MISSING last.
     """
     if min_size < 1:
@@ -125,7 +125,8 @@ def subgroup_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequenc
             count = int(mask.sum())
             row = {"group": str(group), "count": count, "scored": count >= min_size,
                    "classes_present": int(np.sum(class_support(labels[mask], k) > 0)),
-                   "balanced_accuracy": None, "bma_interval": None, "accuracy": None, "accuracy_interval": None}
+                   "balanced_accuracy": None, "balanced_accuracy_interval": None, "accuracy": None,
+                   "accuracy_interval": None}
             if row["scored"]:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", AbsentClassWarning)  # a group holds only some classes
@@ -145,7 +146,7 @@ def subgroup_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequenc
                 out = {}
                 for group, mask in masks.items():
                     counts = scorer.counts(w * mask)
-                    out[f"bma:{group}"] = scorer.balanced_accuracy(counts)
+                    out[f"balanced_accuracy:{group}"] = scorer.balanced_accuracy(counts)
                     out[f"acc:{group}"] = _ratio(counts["correct"], counts["total"])
                 return out
 
@@ -153,11 +154,12 @@ def subgroup_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequenc
             conf = settings.confidence
             for row in rows:
                 if row["scored"]:
-                    row["bma_interval"] = percentile_interval(values[f"bma:{row['group']}"], conf)
+                    row["balanced_accuracy_interval"] = percentile_interval(
+                        values[f"balanced_accuracy:{row['group']}"], conf)
                     row["accuracy_interval"] = percentile_interval(values[f"acc:{row['group']}"], conf)
             if gap is not None:
-                gap["interval"] = percentile_interval(values[f"bma:{gap['best']}"] - values[f"bma:{gap['worst']}"],
-                                                      conf)
+                gap["interval"] = percentile_interval(
+                    values[f"balanced_accuracy:{gap['best']}"] - values[f"balanced_accuracy:{gap['worst']}"], conf)
         result["attributes"][attribute] = {"groups": rows, "gap": gap}
     return result
 

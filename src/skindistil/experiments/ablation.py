@@ -28,6 +28,7 @@ from skindistil.evaluation.metrics import AbsentClassWarning, balanced_accuracy,
 from skindistil.evaluation.plots import plot_ablation
 from skindistil.evaluation.report import write_metrics_json
 from skindistil.files import write_text
+from skindistil.markdown import markdown_table
 from skindistil.models import load_model
 from skindistil.models.artifact import CONFIG_FILE, resolve_model_dir
 from skindistil.models.student import vit_depth
@@ -96,17 +97,18 @@ def score_ablation(cfg: DistillConfig, variants: dict[str, LossConfig], variant_
         rows.append({
             "variant": name,
             **{field: getattr(loss, field) for field in ABLATION_TERMS.values()},
-            "val_bma": bma["val"],
-            "test_bma": bma["test"],
+            "val_balanced_accuracy": bma["val"],
+            "test_balanced_accuracy": bma["test"],
             "retention_pct": 100.0 * bma["test"] / teacher_bma["test"] if teacher_bma["test"] else float("nan"),
             "depth": vit_depth(student.model),
             "model": str(student.path),
         })
-    full_test = rows[0]["test_bma"]
+    full_test = rows[0]["test_balanced_accuracy"]
     for row in rows:
-        row["delta_test_bma"] = row["test_bma"] - full_test
+        row["delta_test_balanced_accuracy"] = row["test_balanced_accuracy"] - full_test
     result = {
-        "teacher": {"model": str(teacher.path), "val_bma": teacher_bma["val"], "test_bma": teacher_bma["test"],
+        "teacher": {"model": str(teacher.path), "val_balanced_accuracy": teacher_bma["val"],
+                    "test_balanced_accuracy": teacher_bma["test"],
                     "depth": vit_depth(teacher.model)},
         "temperature": cfg.loss.temperature,
         "cos_weight": cos_weight,
@@ -143,20 +145,22 @@ def write_ablation_report(result: dict, out_dir: str | Path) -> dict[str, str]:
     teacher = result["teacher"]
     lines = [
         "# Loss ablation (SkinDistilViT)", "",
-        f"Teacher ({_blocks(teacher['depth'])}): val BMA {teacher['val_bma']:.4f}, test BMA {teacher['test_bma']:.4f}. "
+        f"Teacher ({_blocks(teacher['depth'])}): val BMA {teacher['val_balanced_accuracy']:.4f}, "
+        f"test BMA {teacher['test_balanced_accuracy']:.4f}. "
         f"Students keep {result['keep']} blocks, {result['epochs']} epochs, T = {result['temperature']}. "
         "Retention = student test BMA / teacher test BMA.", "",
-        "| variant | a_task | a_kd | a_mse | a_cos | val BMA | test BMA | retention % | test BMA vs full |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        markdown_table(["variant", "a_task", "a_kd", "a_mse", "a_cos", "val BMA", "test BMA", "retention %",
+                        "test BMA vs full"],
+                       [[r["variant"], f"{r['a_task']:g}", f"{r['a_kd']:g}", f"{r['a_mse']:g}", f"{r['a_cos']:g}",
+                         f"{r['val_balanced_accuracy']:.4f}", f"{r['test_balanced_accuracy']:.4f}",
+                         f"{r['retention_pct']:.2f}",
+                         f"{r['delta_test_balanced_accuracy']:+.4f}"] for r in result["variants"]]),
     ]
-    for r in result["variants"]:
-        lines.append(f"| {r['variant']} | {r['a_task']:g} | {r['a_kd']:g} | {r['a_mse']:g} | {r['a_cos']:g} | "
-                     f"{r['val_bma']:.4f} | {r['test_bma']:.4f} | {r['retention_pct']:.2f} | "
-                     f"{r['delta_test_bma']:+.4f} |")
     files = {"json": out / "ablation.json", "md": out / "ablation.md", "png": out / "ablation.png"}
     write_metrics_json(files["json"], result)
     write_text(files["md"], "\n".join(lines) + "\n")
     variants = result["variants"]
-    plot_ablation([r["variant"] for r in variants], [r["val_bma"] for r in variants],
-                  [r["test_bma"] for r in variants], files["png"], teacher_bma=teacher["test_bma"])
+    plot_ablation([r["variant"] for r in variants], [r["val_balanced_accuracy"] for r in variants],
+                  [r["test_balanced_accuracy"] for r in variants], files["png"],
+                  teacher_bma=teacher["test_balanced_accuracy"])
     return {key: str(path) for key, path in files.items()}

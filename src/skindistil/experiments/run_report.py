@@ -24,6 +24,7 @@ from skindistil.evaluation.report import (
     subgroup_rows,
 )
 from skindistil.files import write_bytes
+from skindistil.metric_keys import BALANCED_ACCURACY, with_current_keys
 from skindistil.models.artifact import architecture_of, weight_files
 
 DISCLAIMER = ("Research software: these models are not medical devices and their outputs are not diagnoses. "
@@ -38,6 +39,12 @@ def _fmt(value, digits: int = 4) -> str:
 
 def _config(model_dir: Path) -> dict:
     return json.loads((model_dir / "config.json").read_text())
+
+
+def _read_results(path: Path) -> dict:
+    """A JSON file of results (family.json, early_exit.json, metrics.json) that an earlier version may
+    have written, its keys as today's (`with_current_keys`)."""
+    return with_current_keys(json.loads(path.read_text()), str(path))
 
 
 def build_report(cfg: RunConfig, run_dir: Path, data_dir: Path, models, bench: dict, timings: dict,
@@ -165,13 +172,14 @@ def _noise_sentences(section, models, comparisons: dict, manifest, split: str) -
     for entry in models[1:]:
         c = comparisons.get(entry.label)
         if c is not None and entry.role == "student":
-            ret = c["bma"]["retention"]
+            ret = c["balanced_accuracy"]["retention"]
             bounds = ret["interval"]
             span = f" (interval {100 * bounds[0]:.1f}% to {100 * bounds[1]:.1f}%)" if bounds else ""
             section.text(f"{entry.label} keeps {100 * ret['value']:.1f}% of the teacher's BMA{span}. {c['verdict']}")
     teacher = models[0]
-    val_bma = (json.loads((teacher.model_dir / "metrics.json").read_text()).get("val") or {}).get("bma") \
-        if (teacher.model_dir / "metrics.json").is_file() else None
+    # optional: a teacher trained elsewhere (timm, the teacher store) has no validation entry
+    trained = teacher.model_dir / "metrics.json"
+    val_bma = (_read_results(trained).get("val") or {}).get(BALANCED_ACCURACY) if trained.is_file() else None
     bounds = interval(teacher.metrics, "balanced_accuracy")
     if val_bma is not None and bounds:
         n_val = int((manifest["split"] == "val").sum())
@@ -210,7 +218,7 @@ def _uncertainty_sections(doc, cfg, models, comparisons: dict, gate_failures: di
     header += ["retention gate"] if gate else []
     rows = []
     for label, c in comparisons.items():
-        diff, ret = c["bma"]["difference"], c["bma"]["retention"]
+        diff, ret = c["balanced_accuracy"]["difference"], c["balanced_accuracy"]["retention"]
         ret_bounds = [100 * b for b in ret["interval"]] if ret["interval"] else None
         row = [label, f"{diff['value']:+.4f} {format_interval(diff['interval'])}",
                f"{100 * ret['value']:.1f} " + (f"[{ret_bounds[0]:.1f}, {ret_bounds[1]:.1f}]" if ret_bounds else ""),
@@ -263,12 +271,12 @@ def _calibration_section(doc, cfg, run_dir, models, assets) -> None:
     rows = [[e.label, "", _fmt(e.metrics["headline"].get("ece"))] for e in models]
     family = run_dir / "family" / "family.json"
     if family.is_file():
-        for fam in json.loads(family.read_text())["families"]:
+        for fam in _read_results(family)["families"]:
             rows += [[fam["label"], f"depth {r['depth']}", _fmt(r.get("ece"))] for r in fam["rows"]]
     for entry in models:
         path = entry.run_dir / "eval" / cfg.split / "early_exit.json"
         if path.is_file():
-            result = json.loads(path.read_text())
+            result = _read_results(path)
             rows += [[entry.label, f"exit {d} alone", _fmt(ece)] for d, ece in result.get("per_exit_ece", {}).items()]
             rows += [[entry.label, f"early exit at {p['threshold']}", _fmt(p.get("ece"))] for p in result["points"]]
     section = doc.section(f"Calibration ({cfg.split})")
@@ -297,18 +305,18 @@ def _family_sections(doc, cfg, run_dir, data_dir, models, assets) -> None:
     """Per-depth BMA (cascade members, FCViT exits) and the early-exit curves, when the run has them."""
     family = run_dir / "family" / "family.json"
     if family.is_file():
-        result = json.loads(family.read_text())
+        result = _read_results(family)
         depths = sorted({r["depth"] for f in result["families"] for r in f["rows"]})
         section = doc.section(f"Per-depth BMA ({cfg.split})")
         section.text("One model per depth: cascade members (each distilled from the one a block deeper) and "
                      "the exits of per-depth-head models; the teacher is the dashed line.")
         rows = []
         for fam in result["families"]:
-            by_depth = {r["depth"]: r["bma"] for r in fam["rows"]}
+            by_depth = {r["depth"]: r["balanced_accuracy"] for r in fam["rows"]}
             rows.append([fam["label"], *[_fmt(by_depth.get(d)) if d in by_depth else "" for d in depths]])
         for teacher in result.get("teachers", []):
-            rows.append(["teacher", *[_fmt(teacher["bma"]) if d == (teacher.get("depth") or depths[-1]) else ""
-                                      for d in depths]])
+            rows.append(["teacher", *[_fmt(teacher["balanced_accuracy"]) if d == (teacher.get("depth") or depths[-1])
+                                      else "" for d in depths]])
         section.table(["method", *map(str, depths)], rows)
         shutil.copyfile(run_dir / "family" / "family.png", assets / "family.png")
         section.figure("report_assets/family.png", "BMA by depth, one line per method")
@@ -319,10 +327,11 @@ def _family_sections(doc, cfg, run_dir, data_dir, models, assets) -> None:
         section.text("A sample stops at the first block whose top softmax probability reaches the threshold; "
                      "'full' runs every block.")
         for entry, path in curves:
-            result = json.loads(path.read_text())
+            result = _read_results(path)
             section.table(["threshold", "BMA", "accuracy", "mean depth"],
                           [[p["threshold"] if isinstance(p["threshold"], str) else f"{p['threshold']:.2f}",
-                            _fmt(p["bma"]), _fmt(p["accuracy"]), f"{p['mean_depth']:.2f}"] for p in result["points"]])
+                            _fmt(p["balanced_accuracy"]), _fmt(p["accuracy"]), f"{p['mean_depth']:.2f}"]
+                           for p in result["points"]])
             name = f"early_exit_{entry.label}.png"
             shutil.copyfile(path.with_suffix(".png"), assets / name)
             section.figure(f"report_assets/{name}", f"{entry.label}: BMA against mean depth used")
@@ -400,15 +409,20 @@ def _interval(stats: dict, key: str = "mean") -> str:
 
 
 def epoch_history(run_dir: Path) -> dict[str, list[float]] | None:
-    """Training loss and validation BMA by epoch from a run's logs/metrics.csv."""
+    """Training loss and validation BMA by epoch from a run's logs/metrics.csv (an earlier version's
+    `val/bma` column read as `val/balanced_accuracy`, see `read_history`); None when the run has no
+    such log or the log lacks one of the columns (no curves then)."""
+    from skindistil.training.logs import read_history
+
     path = Path(run_dir) / "logs" / "metrics.csv"
     if not path.is_file():
         return None
-    frame = pd.read_csv(path)
-    needed = {"epoch", "train/loss_epoch", "val/bma"}
+    columns, rows = read_history(path, before_step=None)
+    frame = pd.DataFrame(rows, columns=columns).apply(pd.to_numeric, errors="coerce")
+    needed = {"epoch", "train/loss_epoch", "val/balanced_accuracy"}
     if not needed <= set(frame.columns):
         return None
     by_epoch = frame.groupby("epoch").max(numeric_only=True)
     return {"epoch": by_epoch.index.to_numpy(dtype=int).tolist(),
             "train_loss": by_epoch["train/loss_epoch"].to_numpy(dtype=float).tolist(),
-            "val_bma": by_epoch["val/bma"].to_numpy(dtype=float).tolist()}
+            "val_balanced_accuracy": by_epoch["val/balanced_accuracy"].to_numpy(dtype=float).tolist()}

@@ -38,6 +38,8 @@ from torch import nn
 from skindistil.config import PreprocessConfig
 from skindistil.errors import ModelError
 from skindistil.files import file_sha256, jsonable, save_safetensors, write_json, write_text
+from skindistil.markdown import markdown_table
+from skindistil.metric_keys import with_current_keys
 from skindistil.models.depth import DepthViT
 from skindistil.models.distilled import is_distilled_name
 from skindistil.models.operating_points import CONFIG_KEY as OPERATING_POINTS_KEY
@@ -207,11 +209,18 @@ def architecture_of(config: dict, where: str = CONFIG_FILE) -> dict[str, Any]:
     return {"name": arch, "kwargs": dict(kwargs)}
 
 
-def update_metrics(model_dir: str | Path, metrics: dict) -> dict:
-    """Merge `metrics` into model_dir/metrics.json (top-level keys replaced) and refresh the card."""
-    model_dir = resolve_model_dir(model_dir)
+def _read_metrics(model_dir: Path) -> dict:
+    """model_dir/metrics.json ({} when absent), keys of earlier versions read as today's
+    (`metric_keys.with_current_keys`: {"val": {"bma": x}} -> {"val": {"balanced_accuracy": x}})."""
     path = model_dir / METRICS_FILE
-    merged = {**(read_json_object(path) if path.is_file() else {}), **jsonable(metrics)}
+    return with_current_keys(read_json_object(path), str(path)) if path.is_file() else {}
+
+
+def update_metrics(model_dir: str | Path, metrics: dict) -> dict:
+    """Merge `metrics` into model_dir/metrics.json (top-level keys replaced; keys an earlier version wrote
+    are rewritten as today's) and refresh the card."""
+    model_dir = resolve_model_dir(model_dir)
+    merged = {**_read_metrics(model_dir), **jsonable(metrics)}
     _write_json(model_dir / METRICS_FILE, merged)
     write_text(model_dir / CARD_FILE, model_card(read_json_object(model_dir / CONFIG_FILE), merged))
     return merged
@@ -338,7 +347,7 @@ def model_card(config: dict, metrics: dict) -> str:
     lines += ["", "## Metrics", ""]
     rows = list(_metric_rows(metrics))
     if rows:
-        lines += ["| metric | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
+        lines.append(markdown_table(["metric", "value"], rows))
     else:
         lines.append("No metrics recorded.")
     return "\n".join(lines) + "\n"
@@ -633,7 +642,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
 
     Raises ModelError naming the file and field: a config.json that fails `skindistil.models.schema`,
     an architecture over the parameter limit, weights that are missing, corrupt, of other shapes or
-    not finite.
+    not finite. `metrics` holds metrics.json with the keys of earlier versions read as today's
+    (DataError naming the file when one metric is there under its old and its new key).
     """
     model_dir = resolve_model_dir(path)
     config_path = model_dir / CONFIG_FILE
@@ -641,5 +651,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     checked = validate_config(config, str(config_path))
     model = build_model(checked, str(config_path))
     _load_weights(model, model_dir, int(config["format"]))
-    metrics = read_json_object(model_dir / METRICS_FILE) if (model_dir / METRICS_FILE).is_file() else {}
+    metrics = _read_metrics(model_dir)
     return LoadedModel(model.eval().to(device), config, list(checked.classes), checked.preprocess, metrics, model_dir)

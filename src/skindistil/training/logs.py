@@ -19,23 +19,28 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from skindistil.errors import DataError, WriteError
 from skindistil.files import atomic_open, describe_os_error
+from skindistil.metric_keys import with_current_keys
 
 METRICS_FILE = "metrics.csv"
 
 
 def read_history(path: Path, before_step: int | None) -> tuple[list[str], list[dict[str, str]]]:
     """(columns, rows) of an existing metrics.csv, keeping rows whose `step` is below `before_step`
-    (all rows when None). A last line without its newline (cut short by a kill) is dropped.
-    DataError naming the file and line when a row has no valid step."""
+    (all rows when None). A last line without its newline (cut short by a kill) is dropped. Columns an
+    earlier version named otherwise come back under today's names (`val/bma` -> `val/balanced_accuracy`,
+    `metric_keys.with_current_keys`), so a resumed run continues them in one column.
+    DataError naming the file and line when a row has no valid step, or the file when the header holds
+    a metric under its old and its new name."""
     if not path.is_file():
         return [], []
     text = path.read_text(encoding="utf-8")
     if not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
     reader = csv.DictReader(io.StringIO(text))
-    columns = list(reader.fieldnames or [])
+    columns = list(with_current_keys(dict.fromkeys(reader.fieldnames or []), str(path)))
     rows = []
     for line, row in enumerate(reader, start=2):
+        row = with_current_keys(row, f"{path}:{line}")
         try:
             step = int(float(row["step"]))
         except (KeyError, TypeError, ValueError):

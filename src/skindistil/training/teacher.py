@@ -122,7 +122,7 @@ def finish_run(trainer: L.Trainer, module, run_dir: Path, *, arch: dict, classes
     model_dir = None
     if trainer.is_global_zero:
         model_dir = run_dir / "model"
-        metrics = {"val": {"bma": float(best_score) if best_score is not None else None},
+        metrics = {"val": {"balanced_accuracy": float(best_score) if best_score is not None else None},
                    "training": {"images_per_second": throughput, "epochs": trainer.current_epoch,
                                 "monitor": MONITOR}}
         save_artifact(getattr(module, net_attr).cpu().eval(), model_dir, arch=arch, classes=list(classes),

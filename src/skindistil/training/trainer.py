@@ -22,11 +22,12 @@ from skindistil.config import TrainerConfig
 from skindistil.data.datamodule import SkinDataModule
 from skindistil.errors import ConfigError, ModelError
 from skindistil.files import save_torch
+from skindistil.metric_keys import current_key
 from skindistil.quiet import silence_third_party_noise
 from skindistil.training.callbacks import EpochMeanLoss, RNGStateCallback, TrainThroughput
 from skindistil.training.logs import HistoryCSVLogger
 
-MONITOR = "val/bma"
+MONITOR = "val/balanced_accuracy"
 LAST = "last.ckpt"
 PREVIOUS = "last-prev.ckpt"
 
@@ -36,7 +37,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     (`check_checkpoint`) and renamed over the target: a full disk or a kill never leaves a truncated
     checkpoint. Keep-last-good: once the new last.ckpt is complete and verified, the current one (if
     complete) is renamed to last-prev.ckpt just before the new one takes its place.
+
+    Loading (a resume) reads the callback states of a checkpoint an earlier version wrote under
+    today's keys (`upgrade_callback_states`).
     """
+
+    def load_checkpoint(self, path, *args, **kwargs) -> dict:
+        return upgrade_callback_states(super().load_checkpoint(path, *args, **kwargs), str(path))
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
@@ -48,6 +55,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.replace(path, path.with_name(PREVIOUS))
 
         save_torch(checkpoint, path, verify=verify_then_keep_previous)
+
+
+def upgrade_callback_states(checkpoint: dict, where: str) -> dict:
+    """`checkpoint` with its callback states keyed as today's callbacks name them.
+
+    Lightning restores a callback's state (ModelCheckpoint: the best score and path; EarlyStopping: its
+    patience count) from the entry keyed by the callback's `state_key`, which holds the monitored
+    metric: "ModelCheckpoint{'monitor': 'val/bma', ...}" in checkpoints of earlier versions. Under a new
+    monitor name that entry would be skipped, and the first validation after the resume would replace
+    best.ckpt whatever its score; the keys go through `metric_keys.current_key` instead (only the keys:
+    the states hold checkpoint paths, which are not metric names). ModelError naming the file when two
+    states would share a key.
+    """
+    states = checkpoint.get("callbacks")
+    if isinstance(states, dict):
+        renamed = {current_key(key) if isinstance(key, str) else key: state for key, state in states.items()}
+        if len(renamed) != len(states):
+            raise ModelError(f"{where}: callback states saved under both the old and the new name of a metric "
+                             f"({', '.join(map(str, states))}); resume from another checkpoint")
+        checkpoint["callbacks"] = renamed
+    return checkpoint
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -21,7 +21,7 @@ def log_validation_metrics(module: L.LightningModule, collector: PredictionColle
         warnings.simplefilter("ignore")
         preds = decide(gathered["probs"])
         values = {
-            f"{prefix}/bma": balanced_accuracy(gathered["targets"], preds, len(class_names)),
+            f"{prefix}/balanced_accuracy": balanced_accuracy(gathered["targets"], preds, len(class_names)),
             f"{prefix}/acc": accuracy(gathered["targets"], preds),
         }
     values[f"{prefix}/num_samples"] = float(len(gathered["targets"]))
