@@ -13,7 +13,7 @@ import skindistil
 from skindistil.config import PreprocessConfig
 from skindistil.errors import ImageError, ModelError
 from skindistil.models import (
-    DepthViT,
+    MultiExitViT,
     create_teacher,
     extract_student,
     load_model,
@@ -69,11 +69,11 @@ def test_student_depth_comes_from_the_model_not_the_callers_arch(tmp_path, x):
 
 
 @pytest.mark.parametrize("shared_head", [False, True])
-def test_depth_vit_round_trip(tmp_path, x, shared_head):
-    model = DepthViT(_vit(), exits=[1, 3, 4], shared_head=shared_head).eval()
+def test_multi_exit_vit_round_trip(tmp_path, x, shared_head):
+    model = MultiExitViT(_vit(), exits=[1, 3, 4], shared_head=shared_head).eval()
     save_artifact(model, tmp_path / "model", classes=CLASSES, preprocess=PRE)
     loaded = load_model(tmp_path / "model")
-    assert isinstance(loaded.model, DepthViT)
+    assert isinstance(loaded.model, MultiExitViT)
     assert loaded.model.exits == [1, 3, 4] and loaded.model.shared_head is shared_head
     with torch.no_grad():
         assert torch.equal(loaded.model.forward_all(x), model.forward_all(x))

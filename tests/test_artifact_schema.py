@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from skindistil.cli import main as cli_main
 from skindistil.config import PreprocessConfig
 from skindistil.errors import ConfigError, ModelError
-from skindistil.models import DepthViT, create_teacher, load_model, save_artifact
+from skindistil.models import MultiExitViT, create_teacher, load_model, save_artifact
 from skindistil.models.artifact import set_calibration
 
 CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
@@ -24,7 +24,7 @@ def _save(out, depth_vit=False):
     torch.manual_seed(0)
     model = create_teacher(num_classes=8, embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8).eval()
     if depth_vit:
-        model = DepthViT(model, exits=[1, 2])
+        model = MultiExitViT(model, exits=[1, 2])
     return save_artifact(model, out, classes=CLASSES, preprocess=PreprocessConfig(image_size=32))
 
 
@@ -113,7 +113,7 @@ def test_a_bad_config_is_refused_naming_the_field(artifact, tmp_path, case):
     assert str(out / "config.json") in str(info.value)
 
 
-def test_depth_vit_exits_are_checked(tmp_path, artifact):
+def test_multi_exit_vit_exits_are_checked(tmp_path, artifact):
     out = _edited(artifact, tmp_path, lambda c: c.update(exits=[2, 1]), depth_vit=True)
     with pytest.raises(ModelError, match=r"config\.json: exits=\[2, 1\]: expected ascending, unique depths"):
         load_model(out)

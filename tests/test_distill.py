@@ -30,7 +30,7 @@ from skindistil.evaluation.early_exit import (
 )
 from skindistil.evaluation.evaluate import evaluate_model, split_outputs
 from skindistil.experiments.ablation import ablation_variants
-from skindistil.models import DepthViT, load_model
+from skindistil.models import MultiExitViT, load_model
 from skindistil.training.distill_run import distill
 from skindistil.training.distiller import DistillerModule
 from skindistil.training.teacher import train_classifier
@@ -117,7 +117,7 @@ def test_each_method_writes_a_working_artifact(distilled, ham_small, method):
         assert provenance["kept_blocks"] == [0, 1]
         assert len(loaded.model.blocks) == 2 and loaded.architecture["kwargs"]["depth"] == 2
     else:
-        assert loaded.config["kind"] == "depth_vit" and isinstance(loaded.model, DepthViT)
+        assert loaded.config["kind"] == "depth_vit" and isinstance(loaded.model, MultiExitViT)
         assert loaded.model.exits == list(range(1, TEACHER_DEPTH + 1))
         assert loaded.model.shared_head == (method == "fcvit-probs")
     images, _ = next(iter(SkinDataModule(ham_small, loaded.preprocess, batch_size=8, num_workers=0).test_dataloader()))

@@ -22,7 +22,7 @@ from skindistil.inference.explain import (
     unfused_attention,
 )
 from skindistil.inference.export import collect_images, export_artifact
-from skindistil.models import DepthViT, create_teacher, load_model, save_artifact
+from skindistil.models import MultiExitViT, create_teacher, load_model, save_artifact
 from skindistil.models.distilled import add_distillation_token, head_logits, is_distilled
 from skindistil.training.distiller import DistillerModule
 
@@ -119,7 +119,7 @@ def test_token_needs_a_distilled_student_and_a_teacher_method():
     with pytest.raises(ValueError, match="distillation token"):
         DistillerModule(tiny_vit(2), tiny_vit(3), "distilvit", CLASSES, OptimConfig(), loss)
     with pytest.raises(ValueError, match="no teacher term"):
-        DistillerModule(DepthViT(add_distillation_token(tiny_vit(2))), None, "fcvit", CLASSES, OptimConfig(), loss)
+        DistillerModule(MultiExitViT(add_distillation_token(tiny_vit(2))), None, "fcvit", CLASSES, OptimConfig(), loss)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -150,7 +150,7 @@ def test_add_distillation_token_copies_the_vit_and_averages_two_heads():
 
 @pytest.mark.parametrize("shared_head", [False, True])
 def test_exits_of_a_distilled_vit_average_both_heads_and_truncate_exactly(shared_head):
-    model = DepthViT(tiny_distilled(3), exits="all", shared_head=shared_head).eval()
+    model = MultiExitViT(tiny_distilled(3), exits="all", shared_head=shared_head).eval()
     if not shared_head:
         assert len(model.exit_dist_heads) == 2
         for head in [*model.exit_heads, *model.exit_dist_heads]:
@@ -175,7 +175,7 @@ def test_exits_of_a_distilled_vit_average_both_heads_and_truncate_exactly(shared
 
 
 def test_distilled_artifacts_round_trip(tmp_path):
-    for name, model in {"vit": tiny_distilled(2), "depth": DepthViT(tiny_distilled(3), exits=[2, 3])}.items():
+    for name, model in {"vit": tiny_distilled(2), "depth": MultiExitViT(tiny_distilled(3), exits=[2, 3])}.items():
         out = save_artifact(model, tmp_path / name, arch={"name": "deit_base_distilled_patch16_224"},
                             classes=CLASSES, preprocess=PreprocessConfig(image_size=32))
         loaded = load_model(out)
@@ -192,7 +192,7 @@ def test_distilled_artifacts_round_trip(tmp_path):
 @pytest.mark.parametrize("depth_vit", [False, True])
 def test_rollout_of_a_distilled_vit_reads_both_head_tokens(depth_vit):
     vit = tiny_distilled(3)
-    model = DepthViT(vit) if depth_vit else vit
+    model = MultiExitViT(vit) if depth_vit else vit
     x = torch.randn(1, 3, 32, 32)
     heat = attention_rollout(model, x)
     with torch.no_grad(), unfused_attention(model), recorded_attention(model) as maps:

@@ -24,7 +24,7 @@ from skindistil.inference.explain import (
     recorded_attention,
     rollout,
 )
-from skindistil.models import DepthViT, load_model, save_artifact
+from skindistil.models import MultiExitViT, load_model, save_artifact
 
 SIZE = 32  # 32 px, patch 8: a 4x4 grid; the class-setting quadrant is its top-left 2x2
 SQUARE = 8
@@ -177,9 +177,9 @@ def test_grad_rollout_is_class_specific_and_leaves_no_gradients(trained):
         attention_rollout(model, images[:2])
 
 
-def test_depth_vit_maps_equal_the_plain_model(trained):
+def test_multi_exit_vit_maps_equal_the_plain_model(trained):
     model, images, _ = trained
-    wrapped = DepthViT(model, exits="all").eval()
+    wrapped = MultiExitViT(model, exits="all").eval()
     for method in ("rollout", "grad-rollout"):
         np.testing.assert_allclose(
             attention_rollout(wrapped, images[:1], method),

@@ -13,7 +13,7 @@ from skindistil.config import PreprocessConfig
 from skindistil.errors import ConfigError, ImageError, ModelError
 from skindistil.inference.export import collect_images, export_artifact, max_abs_diff, top1_agreement
 from skindistil.inference.onnx import OnnxRunner
-from skindistil.models import DepthViT, create_teacher, load_model, save_artifact
+from skindistil.models import MultiExitViT, create_teacher, load_model, save_artifact
 
 CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
 
@@ -67,7 +67,7 @@ def test_export_cli_int8_on_ham_images(artifact, ham_root, capsys):
 
 
 def test_export_depth_vit_to_custom_path(tmp_path, ham_images):
-    model = DepthViT(tiny_vit(depth=3), exits="all")
+    model = MultiExitViT(tiny_vit(depth=3), exits="all")
     model_dir = save_artifact(model, tmp_path / "student", classes=CLASSES, preprocess=PreprocessConfig(image_size=32))
     out = tmp_path / "exported" / "student.onnx"
     record = export_artifact(model_dir, out=out, images=ham_images[:4], num_random=3)

@@ -19,7 +19,7 @@ from conftest import REPO
 from skindistil.cli import main
 from skindistil.config import PreprocessConfig
 from skindistil.errors import ModelError
-from skindistil.models import DepthViT, create_teacher, extract_student, load_model, save_artifact
+from skindistil.models import MultiExitViT, create_teacher, extract_student, load_model, save_artifact
 from skindistil.models.artifact import set_calibration, timm_crop_pct, upgrade_artifact
 from skindistil.models.hub import push_model
 
@@ -44,7 +44,7 @@ def _timm(model_dir: Path):
 
 
 def _depth_vit(shared_head: bool):
-    model = DepthViT(_vit(), exits="all", shared_head=shared_head)
+    model = MultiExitViT(_vit(), exits="all", shared_head=shared_head)
     for head in model.exit_heads:
         torch.nn.init.normal_(head.weight, std=1.0)
     return model.eval()
@@ -61,7 +61,7 @@ def test_plain_timm_loads_every_kind_with_its_weights(tmp_path, kind):
         last = None
     else:
         model = _depth_vit(shared_head=kind == "depth_vit_shared")
-        last = model  # timm gets the last exit: the DepthViT's own prediction
+        last = model  # timm gets the last exit: the MultiExitViT's own prediction
     out = save_artifact(model, tmp_path / "model", classes=CLASSES, preprocess=PreprocessConfig(image_size=32))
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == "vit_base_patch16_224" and config["num_classes"] == 3
@@ -114,7 +114,7 @@ def test_crop_pct_gives_timm_the_same_resize():
 def _format1_artifact(kind: str, out: Path) -> torch.nn.Module:
     """A format 1 artifact as skindistil wrote it before the hub format: the config.json, metrics and
     card kept under tests/data/artifact-format1/KIND (text), and model.safetensors written here from a
-    seeded model of that architecture in the format 1 layout (one file; a DepthViT's ViT under "vit.").
+    seeded model of that architecture in the format 1 layout (one file; a MultiExitViT's ViT under "vit.").
     Returns the model, the reference for the logits."""
     from safetensors.torch import save_file
 
@@ -124,7 +124,7 @@ def _format1_artifact(kind: str, out: Path) -> torch.nn.Module:
     torch.manual_seed(1)
     model = timm.create_model(config["architecture"]["name"], **config["architecture"]["kwargs"])
     if kind == "depth_vit":
-        model = DepthViT(model, exits=config["exits"], shared_head=config["shared_head"])
+        model = MultiExitViT(model, exits=config["exits"], shared_head=config["shared_head"])
     for parameter in model.parameters():  # not timm's init: zero biases would hide a misplaced tensor
         torch.nn.init.normal_(parameter, std=0.5)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))

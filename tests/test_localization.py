@@ -34,7 +34,7 @@ from skindistil.evaluation.localization import (
 )
 from skindistil.inference.explain import cam_layer, explanation_map, grad_cam
 from skindistil.inference.localization import MaskedImage, score_localization, upsample_map
-from skindistil.models import DepthViT, load_model, save_artifact
+from skindistil.models import MultiExitViT, load_model, save_artifact
 
 ISIC = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
 
@@ -379,7 +379,7 @@ def test_prepared_masks_reach_the_model_aligned_with_its_input(ham_root, ham_mas
 def test_per_exit_scores_every_depth(ham_masked, tmp_path):
     from skindistil.inference.localization import evaluate_localization
 
-    model = DepthViT(tiny_vit(depth=3), exits=[1, 3]).eval()
+    model = MultiExitViT(tiny_vit(depth=3), exits=[1, 3]).eval()
     artifact = save_artifact(model, tmp_path / "fcvit" / "model", classes=ISIC, preprocess=PreprocessConfig(image_size=32))
     summary = evaluate_localization(artifact, ham_masked[0], "val", tmp_path / "out", ["rollout"], per_exit=True)
     depths = [(e["depth"], e["method"]) for e in summary["methods"]]

@@ -21,7 +21,7 @@ from skindistil.distill.methods import (
     token_methods,
 )
 from skindistil.errors import ConfigError
-from skindistil.models import DepthViT, create_teacher
+from skindistil.models import MultiExitViT, create_teacher
 from skindistil.training.distiller import DistillerModule
 
 D, B, C, N, E = 3, 5, 4, 3, 6
@@ -211,7 +211,7 @@ def test_initial_students_per_method():
     torch.testing.assert_close(student.blocks[1].mlp.fc1.weight, start.blocks[3].mlp.fc1.weight, rtol=0, atol=0)
     for method, shared in (("fcvit", False), ("fcvit-probs", True), ("full", False)):
         model, kept = initial_student(method, start, keep_blocks=2)
-        assert isinstance(model, DepthViT) and model.shared_head == shared and kept == [0, 1, 2, 3]
+        assert isinstance(model, MultiExitViT) and model.shared_head == shared and kept == [0, 1, 2, 3]
         assert model.exits == [1, 2, 3, 4] and model.vit is not start
     token_student, _ = initial_student("distilvit", start, keep_blocks=2, token=True)
     assert token_student.num_prefix_tokens == 2 and start.num_prefix_tokens == 1
@@ -307,7 +307,7 @@ def test_student_outputs_of_a_distilled_vit_split_or_average_its_heads():
 
 @pytest.mark.parametrize("shared_head", [False, True])
 def test_student_outputs_of_a_distilled_multi_exit_vit(shared_head):
-    model = DepthViT(_distilled(), shared_head=shared_head).eval()
+    model = MultiExitViT(_distilled(), shared_head=shared_head).eval()
     if not shared_head:
         for head in [*model.exit_heads, *model.exit_dist_heads]:
             torch.nn.init.normal_(head.weight, std=1.0)

@@ -77,13 +77,13 @@ def stores(teacher, ham_small, tmp_path_factory):
 
 def _student_pair(cfg: DistillConfig, teacher_dir: Path, method: str, store: TeacherStore):
     """The same student (same initial weights) wired to the online teacher and to the store."""
-    from skindistil.models import DepthViT, extract_student
+    from skindistil.models import MultiExitViT, extract_student
 
     teacher = load_model(teacher_dir)
     if method == "distilvit":
         student, _ = extract_student(teacher.model, 2, "first")
     else:
-        student = DepthViT(load_model(teacher_dir).model, exits="all")
+        student = MultiExitViT(load_model(teacher_dir).model, exits="all")
     online = DistillerModule(student, teacher.model, method, teacher.classes, cfg.optim, cfg.loss)
     stored = DistillerModule(student, None, method, teacher.classes, cfg.optim, cfg.loss, teacher_store=store)
     return online, stored

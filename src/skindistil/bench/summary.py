@@ -67,7 +67,7 @@ def count_flops(model: nn.Module, image_size: tuple[int, int]) -> int:
 
 
 def vit_shape(model: nn.Module) -> tuple[int | None, int | None]:
-    """(depth, width) of a timm ViT or DepthViT; (None, None) for other models."""
+    """(depth, width) of a timm ViT or MultiExitViT; (None, None) for other models."""
     vit = getattr(model, "vit", model)
     blocks, width = getattr(vit, "blocks", None), getattr(vit, "embed_dim", None)
     if isinstance(blocks, nn.Sequential) and isinstance(width, int):

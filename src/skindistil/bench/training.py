@@ -47,7 +47,7 @@ from skindistil.files import write_json, write_text
 from skindistil.markdown import markdown_table as render_table
 from skindistil.measure import device_sync, time_calls
 from skindistil.models import create_teacher, extract_student, save_artifact
-from skindistil.models.depth import vit_logits_and_hidden
+from skindistil.models.multi_exit import vit_logits_and_hidden
 from skindistil.training.distill_run import distill
 from skindistil.training.optim import build_optimizer
 from skindistil.training.teacher import train_classifier

@@ -42,13 +42,13 @@ from skindistil.distill.losses import (
     per_depth_ce,
 )
 from skindistil.errors import ConfigError
-from skindistil.models.depth import DepthViT, block_tokens
 from skindistil.models.distilled import (
     add_distillation_token,
     head_logits,
     is_distilled,
     without_distillation_token,
 )
+from skindistil.models.multi_exit import MultiExitViT, block_tokens
 from skindistil.models.student import extract_student
 
 
@@ -179,10 +179,10 @@ def full(student: StudentOutputs, teacher: TeacherOutputs | None, target: Tensor
 
 
 def student_outputs(student: nn.Module, images: Tensor, *, token: bool = False, hidden: bool = False) -> StudentOutputs:
-    """Run `student` (a timm ViT, or a `DepthViT`) on images [B, 3, H, W] once and collect what the
+    """Run `student` (a timm ViT, or a `MultiExitViT`) on images [B, 3, H, W] once and collect what the
     methods read (`StudentOutputs`). `token`: the distillation token is trained, so the last exit's two
     heads are returned apart; `hidden`: also return the last block's tokens."""
-    if isinstance(student, DepthViT):
+    if isinstance(student, MultiExitViT):
         vit = student.vit
         all_logits, tokens = student.forward_all(images, return_hidden=True)
         logits, dist_logits = all_logits[-1], None
@@ -207,7 +207,7 @@ def initial_student(method: str, start: nn.Module, *, keep_blocks: int | Sequenc
     `start` it keeps (0-based).
 
     A method without exits keeps `keep_blocks` blocks chosen by `block_selection` (`extract_student`); a method with
-    exits keeps every block and gets a head after each (`DepthViT`, shared by all exits when the method
+    exits keeps every block and gets a head after each (`MultiExitViT`, shared by all exits when the method
     says so). `token`: add a DeiT distillation token and head when `start` has none.
     Raises ModelError (from the model layer) for a `start` that cannot be cut or given a token.
     """
@@ -218,7 +218,7 @@ def initial_student(method: str, start: nn.Module, *, keep_blocks: int | Sequenc
         vit, kept = extract_student(start, keep_blocks, block_selection)
     if token and not is_distilled(vit):
         vit = add_distillation_token(vit)
-    return (DepthViT(vit, exits="all", shared_head=spec.shared_head) if spec.exits else vit), list(kept)
+    return (MultiExitViT(vit, exits="all", shared_head=spec.shared_head) if spec.exits else vit), list(kept)
 
 
 # ------------------------------------------------------------------------------------------- cascade

@@ -1,6 +1,6 @@
-"""Early exit for models with per-depth heads (DepthViT artifacts, kind "depth_vit").
+"""Early exit for models with per-depth heads (MultiExitViT artifacts, kind "depth_vit").
 
-Rule (the same as `DepthViT.early_exit`): a sample stops at the first exit whose top softmax
+Rule (the same as `MultiExitViT.early_exit`): a sample stops at the first exit whose top softmax
 probability (temperature 1, float32) is >= the threshold tau; the last exit takes every sample still
 in flight. tau <= 0 stops everything at the first exit; tau > 1 runs every sample to full depth.
 "Depth used" is the exit's depth in blocks (1..N), so the mean depth used is the average number of
@@ -8,7 +8,7 @@ blocks run per image.
 
 Accuracy-side questions (BMA at tau, the BMA-vs-mean-depth curve) are answered exactly and cheaply by
 simulating the rule on the logits of every exit, computed once (`split_outputs(all_exits=True)`).
-Speed is measured for real with `DepthViT.early_exit`, which runs blocks only on the samples still in
+Speed is measured for real with `MultiExitViT.early_exit`, which runs blocks only on the samples still in
 flight, against the full-depth forward on the same batches.
 """
 
@@ -38,7 +38,7 @@ from skindistil.evaluation.retention import compare_models
 from skindistil.files import write_text
 from skindistil.markdown import markdown_table
 from skindistil.measure import device_sync, time_interleaved
-from skindistil.models import DepthViT, LoadedModel, load_model
+from skindistil.models import LoadedModel, MultiExitViT, load_model
 
 # 0.3..0.99, then the full-depth reference (every sample at the last exit)
 DEFAULT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
@@ -47,7 +47,7 @@ FULL_DEPTH = "full"
 
 def exit_confidences(all_logits: np.ndarray | torch.Tensor) -> np.ndarray:
     """Top softmax probability at every exit, [D, N], from logits [D, N, C] (float32, as in
-    `DepthViT.early_exit`, so that a simulated decision is the model's decision)."""
+    `MultiExitViT.early_exit`, so that a simulated decision is the model's decision)."""
     logits = torch.as_tensor(np.asarray(all_logits, dtype=np.float32))
     return logits.softmax(dim=-1).amax(dim=-1).numpy()
 
@@ -113,7 +113,7 @@ def sweep_thresholds(
 
 
 def measure_throughput(
-    model: DepthViT,
+    model: MultiExitViT,
     batches: Iterable[torch.Tensor],
     threshold: float,
     device: torch.device | str = "cpu",
@@ -180,7 +180,7 @@ def measure_throughput(
 def load_depth_model(model_path: str | Path, device: str = "cpu") -> LoadedModel:
     """Load an artifact and check it has per-depth heads."""
     loaded = load_model(model_path, device=device)
-    if not isinstance(loaded.model, DepthViT):
+    if not isinstance(loaded.model, MultiExitViT):
         raise ConfigError(
             f"{loaded.path}: early exit needs an artifact with per-depth heads (kind depth_vit, from "
             f"`distill --method fcvit|fcvit-probs|full`), not kind {loaded.config.get('kind')!r}"

@@ -5,7 +5,7 @@ A family is read from a run directory:
 - a cascade run (RUN/cascade/depth-XX/model for each member): one model per depth, plus the teacher
   the cascade started from (recorded in the members' provenance) at the full depth when it exists;
 - an artifact with per-depth heads (kind "depth_vit": fcvit, fcvit-probs, full): every exit is a
-  model of that depth (`DepthViT.truncate`), all scored from one pass over the split;
+  model of that depth (`MultiExitViT.truncate`), all scored from one pass over the split;
 - any other artifact (a SkinDistilViT student, a teacher): a family of one, at its own depth.
 
 The teacher of a family (provenance "teacher") is scored too and drawn as a horizontal line.
@@ -37,7 +37,7 @@ from skindistil.evaluation.report import write_metrics_json
 from skindistil.evaluation.retention import compare_models
 from skindistil.files import write_text
 from skindistil.markdown import markdown_table
-from skindistil.models import DepthViT, LoadedModel, load_model
+from skindistil.models import LoadedModel, MultiExitViT, load_model
 from skindistil.models.artifact import CONFIG_FILE, count_parameters, resolve_model_dir
 from skindistil.models.student import vit_depth
 
@@ -74,7 +74,7 @@ def find_family(run: str | Path) -> Family:
     provenance = loaded.config.get("provenance", {})
     method = str(provenance.get("method") or provenance.get("role") or loaded.config["kind"])
     teacher = _teacher_of(model_dir)
-    if isinstance(loaded.model, DepthViT):
+    if isinstance(loaded.model, MultiExitViT):
         return Family(method, run, [FamilyMember(model_dir, "member", d) for d in loaded.model.exits], teacher)
     return Family(method, run, [FamilyMember(model_dir, "member")], teacher)
 

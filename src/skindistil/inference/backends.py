@@ -128,7 +128,7 @@ class LinearPatchEmbed(nn.Module):
 
 
 def linear_patch_embed(model: nn.Module) -> bool:
-    """Swap a ViT's (or DepthViT's) timm PatchEmbed for `LinearPatchEmbed`, in place, where that is
+    """Swap a ViT's (or MultiExitViT's) timm PatchEmbed for `LinearPatchEmbed`, in place, where that is
     exact: a plain convolution with kernel = stride, flattened output, fixed image size. Returns
     whether it was swapped."""
     vit = getattr(model, "vit", model)
@@ -260,7 +260,7 @@ def check_backends(names) -> list[str]:
 
 def model_input_size(model: nn.Module) -> tuple[int, int]:
     """(H, W) the model expects: a ViT's patch-embedding size, else timm's pretrained_cfg input_size."""
-    vit = getattr(model, "vit", model)  # a DepthViT wraps its ViT
+    vit = getattr(model, "vit", model)  # a MultiExitViT wraps its ViT
     patch_embed = getattr(vit, "patch_embed", None)
     if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
         height, width = patch_embed.img_size

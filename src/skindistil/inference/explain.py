@@ -47,8 +47,8 @@ from skindistil.data.records import Problem
 from skindistil.errors import ConfigError, ImageError, ModelError
 from skindistil.files import write_bytes
 from skindistil.models.artifact import LoadedModel
-from skindistil.models.depth import DepthViT
 from skindistil.models.distilled import is_distilled
+from skindistil.models.multi_exit import MultiExitViT
 from skindistil.models.student import is_vit
 
 METHODS = ("rollout", "grad-rollout", "gradcam")
@@ -145,8 +145,8 @@ def _identity_like(attentions: Sequence[Tensor]) -> Tensor:
 
 def rollout_refusal(model: nn.Module) -> str | None:
     """None when attention rollout can explain `model` (a timm ViT that classifies its class token,
-    alone or inside a DepthViT), else why not (one sentence)."""
-    vit = model.vit if isinstance(model, DepthViT) else model
+    alone or inside a MultiExitViT), else why not (one sentence)."""
+    vit = model.vit if isinstance(model, MultiExitViT) else model
     if not is_vit(vit):
         return (f"attention rollout explains a ViT's attention, and this model is a {type(vit).__name__} "
                 "(not a ViT, no attention to roll out): explain it with gradcam")
@@ -168,7 +168,7 @@ def explainable(model: nn.Module) -> str | None:
 
 
 def _token_vit(model: nn.Module) -> nn.Module:
-    vit = model.vit if isinstance(model, DepthViT) else model
+    vit = model.vit if isinstance(model, MultiExitViT) else model
     reason = rollout_refusal(model)
     if reason is not None:
         raise ModelError(reason)
@@ -186,7 +186,7 @@ def attention_rollout(
 
     method: "rollout" (class-agnostic; `head_fusion` mean or max) or "grad-rollout" (for class
     `class_index`, default the predicted class). The map is non-negative and sums to 1 (see the
-    module docstring). `model` is a timm ViT or a DepthViT; it runs in eval mode for this call.
+    module docstring). `model` is a timm ViT or a MultiExitViT; it runs in eval mode for this call.
     """
     if method not in METHODS:
         raise ConfigError(f"method {method!r}: choose from {', '.join(METHODS)}")
@@ -233,7 +233,7 @@ def attention_rollout(
 
 
 def model_family(model: nn.Module) -> str:
-    """"vit" for a model with timm attention blocks (a ViT, a DepthViT), "cnn" for a convolutional
+    """"vit" for a model with timm attention blocks (a ViT, a MultiExitViT), "cnn" for a convolutional
     network without them; ModelError for anything else."""
     if any(hasattr(m, "fused_attn") and isinstance(getattr(m, "attn_drop", None), nn.Module) for m in model.modules()):
         return "vit"

@@ -43,7 +43,7 @@ from skindistil.evaluation.localization import (
 from skindistil.files import jsonable
 from skindistil.inference.explain import check_method, explanation_map, methods_for
 from skindistil.models.artifact import LoadedModel
-from skindistil.models.depth import DepthViT
+from skindistil.models.multi_exit import MultiExitViT
 
 BASELINES = ("random", "centre-prior")
 PER_IMAGE_CSV = "localization.csv"
@@ -138,10 +138,10 @@ def _same_geometry(a: LoadedModel, b: LoadedModel) -> bool:
 
 def scored_models(loaded: LoadedModel, per_exit: bool) -> list[tuple[int | None, nn.Module]]:
     """(depth, network) pairs to explain: the model itself (depth None), or with `per_exit` one plain
-    ViT per exit of a per-depth-head model (`DepthViT.truncate`)."""
+    ViT per exit of a per-depth-head model (`MultiExitViT.truncate`)."""
     if not per_exit:
         return [(None, loaded.model)]
-    if not isinstance(loaded.model, DepthViT):
+    if not isinstance(loaded.model, MultiExitViT):
         raise ConfigError(f"{loaded.path}: --per-exit needs a model with per-depth heads (FCViT); this one has one exit")
     return [(depth, loaded.model.truncate(depth).eval()) for depth in loaded.model.exits]
 

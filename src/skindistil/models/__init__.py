@@ -9,14 +9,14 @@ from skindistil.models.artifact import (
     save_artifact,
     update_metrics,
 )
-from skindistil.models.depth import DepthViT
+from skindistil.models.multi_exit import MultiExitViT
 from skindistil.models.student import ExtractedStudent, extract_student, select_blocks
 from skindistil.models.teacher import DEFAULT_TEACHER, create_teacher
 from skindistil.models.weights import WeightReport, load_weights
 
 __all__ = [
     "DEFAULT_TEACHER",
-    "DepthViT",
+    "MultiExitViT",
     "ExtractedStudent",
     "LoadedModel",
     "WeightReport",

@@ -6,9 +6,9 @@
                          skindistil's own fields beside them (format, kind "vit" | "depth_vit" | "timm", classes,
                          preprocess, exits,
                          calibration, provenance); see `hub_config`
-      model.safetensors  the weights (no pickle) in timm's own names: for a DepthViT, the wrapped ViT
+      model.safetensors  the weights (no pickle) in timm's own names: for a MultiExitViT, the wrapped ViT
                          (its last exit)
-      exits.safetensors  DepthViT with a head per exit only: the norms and heads of the other exits
+      exits.safetensors  MultiExitViT with a head per exit only: the norms and heads of the other exits
       metrics.json       whatever metrics the producer recorded
       model_card.md      a short human summary generated from the two JSON files
 
@@ -16,8 +16,8 @@
 that predicts class probabilities from image files, PIL images or uint8 arrays. Plain timm reads the
 same folder: `timm.create_model("local-dir:DIR", pretrained=True)` builds the ViT with its weights and
 `timm.data.resolve_data_config(model=...)` its preprocessing (except the dermoscope black-border crop,
-which timm has no transform for); for a DepthViT timm gets the last exit, a plain ViT. Format 1
-artifacts (architecture as {name, kwargs}, DepthViT weights under "vit.") still load.
+which timm has no transform for); for a MultiExitViT timm gets the last exit, a plain ViT. Format 1
+artifacts (architecture as {name, kwargs}, MultiExitViT weights under "vit.") still load.
 config.json is checked against `skindistil.models.schema` on every save and load, and its parameter
 count is bounded before anything is allocated; weights must be finite, and so must every probability
 the model reports.
@@ -40,8 +40,8 @@ from skindistil.errors import ModelError
 from skindistil.files import file_sha256, jsonable, save_safetensors, write_json, write_text
 from skindistil.markdown import markdown_table
 from skindistil.metric_keys import with_current_keys
-from skindistil.models.depth import DepthViT
 from skindistil.models.distilled import is_distilled_name
+from skindistil.models.multi_exit import MultiExitViT
 from skindistil.models.operating_points import CONFIG_KEY as OPERATING_POINTS_KEY
 from skindistil.models.operating_points import OperatingPoints, parse_operating_points
 from skindistil.models.schema import FORMAT_VERSION, MAX_PARAMETERS, ArtifactConfig, validate_config
@@ -58,19 +58,19 @@ CARD_FILE = "model_card.md"
 
 def model_kind(model: nn.Module) -> str:
     """The artifact kind of `model`: "depth_vit", "vit" (a timm ViT) or "timm" (any other timm classifier)."""
-    if isinstance(model, DepthViT):
+    if isinstance(model, MultiExitViT):
         return "depth_vit"
     return "vit" if is_vit(model) else "timm"
 
 
 def model_architecture(model: nn.Module, arch: dict | None = None) -> dict[str, Any]:
-    """{'name': timm model name, 'kwargs': {...}} for `model` (a timm ViT, a DepthViT, or any timm model).
+    """{'name': timm model name, 'kwargs': {...}} for `model` (a timm ViT, a MultiExitViT, or any timm model).
 
     For ViTs the structural kwargs are read from the model itself (so a student's depth is always its
     own); other kwargs given in `arch` (e.g. drop_path_rate) are kept. Other timm models (convnets)
     are recorded by name and the kwargs in `arch` (num_classes is always the model's own).
     """
-    vit = model.vit if isinstance(model, DepthViT) else model
+    vit = model.vit if isinstance(model, MultiExitViT) else model
     name = (arch or {}).get("name") or getattr(vit, "pretrained_cfg", {}).get("architecture")
     if not name:
         raise ModelError(f"{type(vit).__name__}: no timm architecture name; pass arch={{'name': ..., 'kwargs': ...}}")
@@ -94,14 +94,14 @@ def save_artifact(
 ) -> Path:
     """Write the artifact directory `out_dir` (conventionally runs/<name>/model) and return it.
 
-    model: a timm model or a DepthViT. arch: {'name': timm name, 'kwargs': {...}}; optional for timm
+    model: a timm model or a MultiExitViT. arch: {'name': timm name, 'kwargs': {...}}; optional for timm
     models (their structure is read from the model, see `model_architecture`). extra: provenance
     recorded under config["provenance"] (e.g. role, kept_blocks, teacher, method, data).
     Raises ModelError, naming the field, when the config.json it would write does not pass
     `skindistil.models.schema` (so every artifact written can be loaded).
     """
     classes = [str(c) for c in classes]
-    num_classes = model.num_classes if isinstance(model, DepthViT) else getattr(model, "num_classes", None)
+    num_classes = model.num_classes if isinstance(model, MultiExitViT) else getattr(model, "num_classes", None)
     if num_classes is not None and num_classes != len(classes):
         raise ModelError(f"model has {num_classes} outputs but {len(classes)} class names were given")
     out_dir = Path(out_dir)
@@ -130,12 +130,12 @@ def hub_config(model: nn.Module, *, arch: dict | None, classes: Sequence[str], p
     `model_architecture`), pretrained_cfg (`timm_pretrained_cfg`: input_size, crop_pct, crop_mode,
     mean, std, interpolation, num_classes, label_names, ...). skindistil's: format, skindistil_version,
     kind ("vit" | "depth_vit"), classes, preprocess (`PreprocessConfig`, the authority on inputs),
-    num_parameters, provenance, and for a DepthViT exits and shared_head. Read back with
-    `architecture_of`. For a DepthViT, timm's fields describe the wrapped ViT (its last exit).
+    num_parameters, provenance, and for a MultiExitViT exits and shared_head. Read back with
+    `architecture_of`. For a MultiExitViT, timm's fields describe the wrapped ViT (its last exit).
     """
     classes = [str(c) for c in classes]
     architecture = model_architecture(model, arch)
-    net = model.vit if isinstance(model, DepthViT) else model
+    net = model.vit if isinstance(model, MultiExitViT) else model
     config: dict[str, Any] = {
         "architecture": architecture["name"],
         "num_classes": len(classes),
@@ -153,7 +153,7 @@ def hub_config(model: nn.Module, *, arch: dict | None, classes: Sequence[str], p
     }
     if isinstance(getattr(net, "global_pool", None), str) and net.global_pool:
         config["global_pool"] = net.global_pool
-    if isinstance(model, DepthViT):
+    if isinstance(model, MultiExitViT):
         config["exits"] = list(model.exits)
         config["shared_head"] = model.shared_head
     return config
@@ -271,16 +271,16 @@ def weights_sha256(model_dir: str | Path) -> str:
 
 
 def weight_files(model_dir: str | Path) -> list[Path]:
-    """The artifact's weight files present (model.safetensors, and exits.safetensors for a DepthViT)."""
+    """The artifact's weight files present (model.safetensors, and exits.safetensors for a MultiExitViT)."""
     model_dir = Path(model_dir)
     return [model_dir / name for name in (WEIGHTS_FILE, EXITS_FILE) if (model_dir / name).is_file()]
 
 
 def _save_weights(model: nn.Module, out_dir: Path) -> None:
-    """model.safetensors in timm's own key names (a DepthViT's wrapped ViT), exits.safetensors with a
-    DepthViT's per-exit norms and heads (when it has any)."""
+    """model.safetensors in timm's own key names (a MultiExitViT's wrapped ViT), exits.safetensors with a
+    MultiExitViT's per-exit norms and heads (when it has any)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if isinstance(model, DepthViT):
+    if isinstance(model, MultiExitViT):
         exits = {k: v for k, v in state.items() if not k.startswith("vit.")}
         _write_safetensors({k[len("vit."):]: v for k, v in state.items() if k.startswith("vit.")}, out_dir / WEIGHTS_FILE)
         if exits:
@@ -434,7 +434,7 @@ def _instantiate(checked: ArtifactConfig, where: str) -> nn.Module:
         raise ModelError(f"{where}: cannot build the architecture ({type(exc).__name__}: {exc})") from None
     if checked.kind == "depth_vit":
         try:
-            return DepthViT(vit, exits=checked.exits or "all", shared_head=bool(checked.shared_head))
+            return MultiExitViT(vit, exits=checked.exits or "all", shared_head=bool(checked.shared_head))
         except ModelError as exc:
             raise ModelError(f"{where}: {exc}") from None
     return vit
@@ -444,7 +444,7 @@ def _load_weights(model: nn.Module, model_dir: Path, fmt: int) -> None:
     """Load the artifact's weight files into `model`; every tensor name and shape must match."""
     path = model_dir / WEIGHTS_FILE
     state = _read_safetensors(path)
-    if isinstance(model, DepthViT) and fmt >= 2:
+    if isinstance(model, MultiExitViT) and fmt >= 2:
         # format 2: model.safetensors is the wrapped ViT in timm's names, exits.safetensors the other exits
         state = {f"vit.{k}": v for k, v in state.items()}
         if (model_dir / EXITS_FILE).is_file():

@@ -23,7 +23,7 @@ NEW_PARAMETERS = ("dist_token", "head_dist.weight", "head_dist.bias")
 
 
 def is_distilled(model: nn.Module) -> bool:
-    """Whether `model` (or the ViT inside a DepthViT) has a DeiT distillation token and head."""
+    """Whether `model` (or the ViT inside a MultiExitViT) has a DeiT distillation token and head."""
     from timm.models.deit import VisionTransformerDistilled
 
     return isinstance(getattr(model, "vit", model), VisionTransformerDistilled)

@@ -41,7 +41,7 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 # timm's fields of a format 2 config.json (`skindistil.models.artifact.hub_config`)
 HUB_FIELDS = ("num_classes", "num_features", "label_names", "model_args", "pretrained_cfg", "global_pool")
-# vit: a timm VisionTransformer (DeiT's distilled ViT included); depth_vit: a DepthViT (per-depth
+# vit: a timm VisionTransformer (DeiT's distilled ViT included); depth_vit: a MultiExitViT (per-depth
 # heads); timm: any other timm classifier (ResNet, ConvNeXt, EfficientNet, RegNet, ...)
 KINDS = ("vit", "depth_vit", "timm")
 # timm modules whose ViTs `vit_architecture` describes and `load_model` rebuilds (deit: the distilled ViT).

@@ -22,7 +22,7 @@ def is_vit(model: nn.Module) -> bool:
 
 
 def vit_depth(model: nn.Module) -> int | None:
-    """Blocks of a timm ViT or of the ViT inside a DepthViT; None for any other model (a convnet)."""
+    """Blocks of a timm ViT or of the ViT inside a MultiExitViT; None for any other model (a convnet)."""
     vit = getattr(model, "vit", model)
     return len(vit.blocks) if is_vit(vit) else None
 

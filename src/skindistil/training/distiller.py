@@ -23,8 +23,8 @@ from skindistil.config import LossConfig, OptimConfig, PreprocessConfig
 from skindistil.data.transforms import reprocess
 from skindistil.distill.losses import TaskLoss
 from skindistil.distill.methods import TeacherOutputs, get_method, student_outputs, token_methods
-from skindistil.models.depth import vit_logits_and_hidden
 from skindistil.models.distilled import is_distilled, without_distillation_token
+from skindistil.models.multi_exit import vit_logits_and_hidden
 from skindistil.training.collect import PredictionCollector
 from skindistil.training.optim import configure_optimizers
 from skindistil.training.trainer import CLASSES_KEY
@@ -32,7 +32,7 @@ from skindistil.training.validation import log_validation_metrics
 
 
 class DistillerModule(L.LightningModule):
-    """`student` is a timm ViT (distilvit) or a DepthViT with exits (fcvit, fcvit-probs, full)."""
+    """`student` is a timm ViT (distilvit) or a MultiExitViT with exits (fcvit, fcvit-probs, full)."""
 
     def __init__(
         self,

@@ -154,8 +154,8 @@ def write_teacher_store(cfg: DistillConfig, out_dir: str | Path, *, hidden: str 
     from skindistil.data.transforms import reprocess
     from skindistil.distill.start import student_start
     from skindistil.models import load_model
-    from skindistil.models.depth import vit_logits_and_hidden
     from skindistil.models.distilled import without_distillation_token
+    from skindistil.models.multi_exit import vit_logits_and_hidden
     from skindistil.training.teacher import build_datamodule
     from skindistil.training.trainer import resolve_precision
 

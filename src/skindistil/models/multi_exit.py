@@ -19,6 +19,9 @@ copies of `head_dist` per exit, or the model's own when shared), and its logits 
 two, exactly as the model's own output is. So every exit, the early-exit rule and `truncate` (a
 distilled ViT of that depth) give the same numbers; `exit_head_logits` returns the two separately
 for the losses that train each head on its own signal.
+
+`MultiExitViT` is saved as an artifact of kind "depth_vit" (`models.artifact`): the name the format has
+always used, kept so that artifacts written by earlier versions and by this one read alike.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def vit_stem(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Images [B, 3, H, W] -> the token sequence entering a timm ViT's first block.
 
     timm has no public stem: this mirrors the start of `forward_intermediates` and serves only
-    `DepthViT.early_exit`, which runs each block on the samples still in flight (timm's loops run
+    `MultiExitViT.early_exit`, which runs each block on the samples still in flight (timm's loops run
     every block on the whole batch).
     """
     return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
@@ -64,7 +67,7 @@ def vit_logits_and_hidden(vit: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     return vit.forward_head(features), hidden
 
 
-class DepthViT(nn.Module):
+class MultiExitViT(nn.Module):
     """A timm VisionTransformer with a classifier after each block listed in `exits` (depths, 1-based).
 
     `exits="all"` puts one after every block; a list must be ascending, unique, within 1..N and end

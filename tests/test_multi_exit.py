@@ -1,4 +1,4 @@
-"""DepthViT: logits at every depth, compute-only-what-is-needed paths, early exit, truncation."""
+"""MultiExitViT: logits at every depth, compute-only-what-is-needed paths, early exit, truncation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from skindistil.errors import ModelError
-from skindistil.models import DepthViT, create_teacher
+from skindistil.models import MultiExitViT, create_teacher
 
 DEPTH = 4
 
@@ -26,7 +26,7 @@ def x():
 @pytest.mark.parametrize("shared_head", [False, True])
 def test_every_path_agrees_with_the_others(x, shared_head):
     vit = _vit()
-    model = DepthViT(vit, shared_head=shared_head).eval()
+    model = MultiExitViT(vit, shared_head=shared_head).eval()
     with torch.no_grad():
         everything = model.forward_all(x)
         assert everything.shape == (DEPTH, 6, 5)
@@ -43,12 +43,12 @@ def test_own_heads_add_parameters_and_a_shared_head_adds_none():
     vit = _vit()
     base = sum(p.numel() for p in vit.parameters())
     per_exit = sum(p.numel() for p in vit.norm.parameters()) + sum(p.numel() for p in vit.head.parameters())
-    assert sum(p.numel() for p in DepthViT(_vit()).parameters()) == base + (DEPTH - 1) * per_exit
-    assert sum(p.numel() for p in DepthViT(_vit(), shared_head=True).parameters()) == base
+    assert sum(p.numel() for p in MultiExitViT(_vit()).parameters()) == base + (DEPTH - 1) * per_exit
+    assert sum(p.numel() for p in MultiExitViT(_vit(), shared_head=True).parameters()) == base
 
 
 def test_exit_heads_are_trained_independently(x):
-    model = DepthViT(_vit()).train()
+    model = MultiExitViT(_vit()).train()
     torch.nn.functional.cross_entropy(model.forward_all(x)[0], torch.zeros(6, dtype=torch.long)).backward()
     assert _grad_size(model.exit_heads[0].weight) > 0 and _grad_size(model.vit.blocks[0].mlp.fc1.weight) > 0
     # the loss at depth 1 reaches neither the other heads nor the later blocks
@@ -61,7 +61,7 @@ def _grad_size(param):
 
 
 def test_selected_exits(x):
-    model = DepthViT(_vit(), exits=[2, 4]).eval()
+    model = MultiExitViT(_vit(), exits=[2, 4]).eval()
     assert model.num_exits == 2
     with torch.no_grad():
         assert model.forward_all(x).shape == (2, 6, 5)
@@ -69,11 +69,11 @@ def test_selected_exits(x):
         model.forward_until(x, 3)
     for exits in ([2, 3], [3, 2, 4], [0, 4], "some"):
         with pytest.raises(ModelError, match="exits="):
-            DepthViT(_vit(), exits=exits)
+            MultiExitViT(_vit(), exits=exits)
 
 
 def test_early_exit_stops_each_sample_at_its_first_confident_exit(x):
-    model = DepthViT(_vit()).eval()
+    model = MultiExitViT(_vit()).eval()
     with torch.no_grad():
         everything = model.forward_all(x)
         confidence = everything.softmax(-1).amax(-1)  # [depth, batch]
@@ -97,21 +97,21 @@ def test_early_exit_stops_each_sample_at_its_first_confident_exit(x):
 
 def test_only_class_token_vits_can_have_exits():
     with pytest.raises(ModelError, match="global_pool='token'"):
-        DepthViT(_vit(global_pool="avg"))
+        MultiExitViT(_vit(global_pool="avg"))
 
 
 @pytest.mark.parametrize("kind", ["plain", "registers", "no_embed_class", "distilled"])
 def test_timm_intermediates_give_exactly_the_block_loops_tokens(x, kind):
     """forward_all / forward_until read the blocks through timm's forward_intermediates: bit for bit
     the tokens of running the stem and the blocks by hand, with register and distillation tokens."""
-    from skindistil.models.depth import vit_logits_and_hidden, vit_stem
     from skindistil.models.distilled import add_distillation_token
+    from skindistil.models.multi_exit import vit_logits_and_hidden, vit_stem
 
     overrides = {"registers": {"reg_tokens": 2}, "no_embed_class": {"no_embed_class": True, "reg_tokens": 1}}
     vit = _vit(**overrides.get(kind, {}))
     if kind == "distilled":
         vit = add_distillation_token(vit).eval()
-    model = DepthViT(vit).eval()
+    model = MultiExitViT(vit).eval()
     with torch.no_grad():
         tokens, by_hand = vit_stem(vit, x), []
         for index, block in enumerate(vit.blocks):
