@@ -111,6 +111,36 @@ def test_roc_curve_by_hand_one_point_per_distinct_score():
     np.testing.assert_array_equal(thresholds, [np.inf, 0.9, 0.5, 0.2, 0.1])
     np.testing.assert_allclose(tpr, [0, 1 / 3, 2 / 3, 2 / 3, 1])
     np.testing.assert_allclose(fpr, [0, 0, 0.5, 1, 1])
+    # collinear points are kept (scikit-learn's default would drop the middle one): one point per score
+    fpr, tpr, thresholds = m.roc_curve([1, 1, 1, 0], [0.9, 0.8, 0.7, 0.1])
+    np.testing.assert_array_equal(thresholds, [np.inf, 0.9, 0.8, 0.7, 0.1])
+
+
+def test_malformed_inputs_are_refused_by_name():
+    with pytest.raises(ValueError, match="2-D array"):
+        m.classification_metrics(np.array([0.2, 0.8]), np.array([0, 1]), ["a", "b"])
+    with pytest.raises(ValueError, match="2-D array"):
+        m.decide(np.zeros((3, 0)))
+    assert m.decide(np.array([[1.0], [0.5]])).tolist() == [0, 0]  # one column is a valid (trivial) input
+    with pytest.raises(ValueError, match=r"classes in \[0, 3\) or UNDECIDED"):
+        m.confusion_matrix(np.array([0, 1]), np.array([0, 3]), 3)  # a class index one past the end
+    with pytest.raises(ValueError, match=r"classes in \[0, 3\)"):
+        m.confusion_matrix(np.array([0, 1]), np.array([0, -2]), 3)
+    with pytest.raises(ValueError, match=r"classes in \[0, 3\)"):
+        m.confusion_matrix(np.array([0, 1]), np.array([[0, 1]]), 3)
+    with pytest.raises(ValueError, match="2 labels for 3 predictions"):
+        m.accuracy(np.array([0, 1]), np.array([0, 1, 1]))
+    with pytest.raises(ValueError, match="1-D integer array"):
+        m.confusion_matrix(np.array([0.5, 1.0]), np.array([0, 1]), 3)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        m.roc_auc([0, 1], [0.1, np.inf])
+    with pytest.raises(ValueError, match="no samples"):
+        m.roc_auc([], [])
+    assert np.isnan(m.roc_auc([1], [0.3]))  # one sample: one class only, undefined
+    with pytest.raises(ValueError, match=r"min_tpr must be in \[0, 1\)"):
+        m.partial_auc_above_tpr([0, 1], [0.1, 0.9], 1.0)
+    assert m.partial_auc_above_tpr([0, 1, 0, 1], [0.1, 0.9, 0.4, 0.3], 0.0) == pytest.approx(m.roc_auc(
+        [0, 1, 0, 1], [0.1, 0.9, 0.4, 0.3]))  # above a TPR of 0: the whole area
 
 
 def test_auc_above_sensitivity_by_hand():
