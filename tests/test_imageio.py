@@ -410,3 +410,48 @@ def test_an_rgb_png_with_a_transparent_colour_is_composited_on_black(original):
     decoded = np.asarray(read_image(_file(Image.fromarray(rgb), "PNG", transparency=key)))
     assert keyed.any() and (decoded[keyed] == 0).all()
     np.testing.assert_array_equal(decoded[~keyed], rgb[~keyed])
+
+
+def test_avif_is_decoded_and_refused_by_name_without_pillow_support(original, tmp_path, monkeypatch):
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF codec")
+    _, rgb = original
+    path = tmp_path / "lesion.avif"
+    Image.fromarray(rgb).save(path, quality=100)
+    assert _mad(read_image(path), rgb) < 4.0
+    monkeypatch.setattr(features, "check", lambda name: name != "avif")  # as if Pillow were built without it
+    with pytest.raises(ImageError, match=r"lesion\.avif: AVIF image, and this Pillow was built without AVIF support"):
+        read_image(path)
+
+
+def test_pillows_decompression_bomb_guard_becomes_an_error_naming_the_file(original, monkeypatch):
+    """skindistil switches Pillow's guard off for its own `max_pixels`; if another module turns it back on,
+    Pillow's warning still becomes an ImageError naming the file, not a bare warning or exception."""
+    path, rgb = original
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", rgb.shape[0] * rgb.shape[1] - 1)  # warns, does not raise
+    with pytest.raises(ImageError, match=rf"{path.name}: corrupt image: .*decompression bomb"):
+        read_image(path)
+
+
+def test_a_mode_this_code_does_not_know_is_refused_by_name(original):
+    image = Image.fromarray(original[1])
+    image._mode = "RGB;future"  # what a later Pillow might hand over
+    with pytest.raises(ImageError, match=r"^lesion\.png: unsupported image mode 'RGB;future'; convert it to 8-bit RGB"):
+        to_rgb(image, "lesion.png")
+    with pytest.raises(ImageError, match=r"^image: unsupported image mode"):
+        to_rgb(image)
+    with pytest.raises(ImageError, match=r"^image: unsupported image mode"):
+        as_rgb_array(image)
+
+
+def test_border_crop_treats_the_threshold_level_as_border_and_keeps_dark_images_whole(original):
+    from skindistil.data.imageio import border_crop_box
+
+    _, rgb = original
+    framed = np.full((rgb.shape[0] + 40, rgb.shape[1] + 40, 3), 20, dtype=np.uint8)  # grey 20: the threshold
+    framed[20:-20, 20:-20] = np.maximum(rgb, 21)  # the image, every pixel above the threshold
+    assert border_crop_box(framed, threshold=20) == (20, 20, rgb.shape[1] + 20, rgb.shape[0] + 20)
+    assert border_crop_box(np.full((50, 60, 3), 20, dtype=np.uint8)) == (0, 0, 60, 50)  # all dark: all kept
+    assert border_crop_box(np.full((50, 60, 3), 21, dtype=np.uint8)) == (0, 0, 60, 50)  # no border

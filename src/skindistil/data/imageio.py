@@ -81,7 +81,8 @@ def read_image(src: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise
     except UnidentifiedImageError:
         raise ImageError(where, "not an image (format not recognised)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # the warning is an error here (above); Pillow's guard is off unless another module turned it on
         reason = str(exc) or type(exc).__name__
         if "truncated" in reason.lower() or "premature" in reason.lower():
             reason = f"truncated image data ({reason})"
