@@ -98,3 +98,24 @@ def test_overrides_by_either_name_replace_the_recipe_value():
     assert RunConfig.from_dict(data).distill.keep_blocks == 2
     # without the config class the keys stay as given
     assert apply_overrides({}, ["distill.keep=2"]) == {"distill": {"keep": 2}}
+
+
+def test_one_override_list_giving_a_key_under_both_names_is_refused_naming_both():
+    """`distill.keep=2 distill.keep_blocks=3` on one command line: which one is meant cannot be told (it
+    was: the last one, silently), as for a recipe giving both; the same name twice is an ordinary repeat."""
+    recipe = {"distill": {"keep_blocks": 6}}
+    for overrides, first, second, key in [
+        (["distill.keep=2", "distill.keep_blocks=3"], "distill.keep", "distill.keep_blocks", "distill.keep_blocks"),
+        (["distill.block_selection=uniform", "distill.trainer.max_epochs=1", "distill.strategy=first"],
+         "distill.block_selection", "distill.strategy", "distill.block_selection"),
+    ]:
+        with pytest.warns(DeprecatedKeyWarning), pytest.raises(ConfigError) as caught:
+            apply_overrides(recipe, overrides, RunConfig)
+        assert str(caught.value) == (f"overrides {first}=... and {second}=... both set {key}: one is the old name "
+                                     f"of the other; give {key} once")
+    with pytest.warns(DeprecatedKeyWarning), pytest.raises(ConfigError, match=r"^overrides keep=\.\.\. and "
+                                                                             r"keep_blocks=\.\.\. both set keep_blocks"):
+        apply_overrides({}, ["keep=2", "keep_blocks=3"], DistillConfig)
+    # one name twice: the last value, as any repeated option
+    assert apply_overrides(recipe, ["distill.keep_blocks=2", "distill.keep_blocks=4"], RunConfig) == {
+        "distill": {"keep_blocks": 4}}

@@ -47,6 +47,24 @@ def test_pipes_are_escaped_in_names_and_cells():
     assert _cells(lines[2]) == ["NV\\|benign", "1"]
 
 
+def _shown(line: str) -> list[str]:
+    """The text GitHub shows in each cell of a table line (GFM, cmark-gfm): cells split on the pipes
+    without a backslash just before them, `\\|` taken as `|` in each cell, then each backslash-escaped
+    ASCII punctuation character (`\\\\`, `\\*`, ...) as itself."""
+    cells = [cell.replace("\\|", "|") for cell in _cells(line)]
+    return [re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", cell) for cell in cells]
+
+
+def test_names_with_backslashes_are_shown_as_written():
+    """A backslash before a pipe or other punctuation would escape it: `a\\|b` written as `a\\\\|b` shows
+    `a|b`. Such backslashes are doubled; one before a space or a letter is written as it is."""
+    names = ["a\\|b", "a\\\\|b", "\\|", "a\\*b", "ends\\", "true \\ predicted", "C:\\data", "x|y"]
+    text = markdown_table(["class", "n"], [[name, "1"] for name in names])
+    rows = text.splitlines()[2:]
+    assert [_shown(line) for line in rows] == [[name, "1"] for name in names]
+    assert rows[0] == "| a\\\\\\|b | 1 |" and rows[5] == "| true \\ predicted | 1 |"
+
+
 def test_ragged_rows_and_bad_cells_are_refused_by_row_and_column():
     with pytest.raises(DataError, match=r"Markdown table \(model, BMA\), row 2: 3 cells for 2 columns"):
         markdown_table(["model", "BMA"], [["a", "1"], ["b", "2", "3"]])

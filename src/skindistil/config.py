@@ -205,16 +205,23 @@ def dump_yaml(data: dict[str, Any], path: str | Path) -> None:
 def apply_overrides(data: dict[str, Any], overrides: list[str], config_cls=None) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, returning a new dict.
     With `config_cls` (the dataclass the dict is for), deprecated key names are read as the current
-    ones (`upgrade_key`), so an override by either name replaces the value."""
+    ones (`upgrade_key`), so an override by either name replaces the value. ConfigError naming both
+    when one list overrides a key under its old and its current name (`distill.keep=2
+    distill.keep_blocks=3`): which value is meant cannot be told, as for a recipe giving both."""
     import copy
 
     out = copy.deepcopy(data)
+    given: dict[str, str] = {}  # current key -> the spelling this list first overrode it by
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. optim.lr=1e-4)")
         key, raw = item.split("=", 1)
         if config_cls is not None:
-            key = upgrade_key(config_cls, key)
+            spelled, key = key, upgrade_key(config_cls, key)
+            first = given.setdefault(key, spelled)
+            if first != spelled:
+                raise ConfigError(f"overrides {first}=... and {spelled}=... both set {key}: one is the old name of "
+                                  f"the other; give {key} once")
         value = yaml.safe_load(raw)
         node = out
         parts = key.split(".")

@@ -2,17 +2,21 @@
 
 GitHub-flavoured Markdown (GFM) pipe tables: a header row, a delimiter row (`---`, or `:---`,
 `---:`, `:---:` for left, right and centred columns), one line per row. A `|` inside a cell would end
-the cell early, so it is escaped as `\\|` (GFM renders it as `|`). Cells are text: callers format their
-numbers (digits, intervals, "n/a") themselves.
+the cell early, so it is escaped as `\\|` (GFM renders it as `|`); a backslash before a pipe or other
+ASCII punctuation would escape that character and vanish from the page (`a\\|b` would show `a|b`), so it
+is doubled. Cells are text: callers format their numbers (digits, intervals, "n/a") themselves.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 from skindistil.errors import DataError
 
 ALIGNMENTS = {None: "---", "left": ":---", "right": "---:", "center": ":---:"}
+# backslashes that Markdown would read as escaping the next character: those before ASCII punctuation
+_ESCAPING_BACKSLASHES = re.compile(r"\\+(?=[!-/:-@\[-`{-~])")
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]],
@@ -25,7 +29,8 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]],
 
     header: the column names (str); rows: one sequence of str cells per row, as many as the header;
     align: per column None (GFM's default, `---`), "left", "right" or "center"; None for all default.
-    `|` in a name or cell is written `\\|`. Empty cells stay empty (`|  |`).
+    `|` in a name or cell is written `\\|`, and a backslash before punctuation `\\\\`, so the page shows the
+    text as given. Empty cells stay empty (`|  |`).
 
     Raises DataError naming the table (by its header), the row (1-based) and the column for a row
     with more or fewer cells than the header, a cell holding a line break (it would end the table),
@@ -60,7 +65,7 @@ def _cell(value: str, where: str, column: str) -> str:
                         "(format numbers before rendering)")
     if "\n" in value or "\r" in value:
         raise DataError(f"{where}, column {column!r}", f"cell {value!r} holds a line break")
-    return value.replace("|", "\\|")
+    return _ESCAPING_BACKSLASHES.sub(lambda run: run.group() * 2, value).replace("|", "\\|")
 
 
 def _line(cells: list[str]) -> str:
