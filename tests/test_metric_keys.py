@@ -122,3 +122,25 @@ def test_resuming_a_checkpoint_that_monitored_val_bma_keeps_the_best_score(tmp_p
     clash = {"callbacks": {"ModelCheckpoint{'monitor': 'val/bma'}": {}, "ModelCheckpoint{'monitor': 'val/balanced_accuracy'}": {}}}
     with pytest.raises(ModelError, match="old.ckpt: callback states saved under both"):
         upgrade_callback_states(clash, "old.ckpt")
+
+
+def test_a_run_directory_moved_before_its_resume_keeps_its_best_score(tmp_path):
+    """Checkpoints record their folder as an absolute path; a run resumed after it was moved (another disk,
+    another machine) keeps its best score and best.ckpt instead of replacing them with a worse epoch."""
+    import shutil
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    cfg = TrainerConfig(max_epochs=2, accelerator="cpu", devices=1, progress=False, early_stopping_patience=5)
+    first = build_trainer(cfg, tmp_path / "run")
+    first.fit(_Scored(MONITOR, [0.9, 0.5]), DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    cfg.max_epochs = 4
+    resumed = build_trainer(cfg, tmp_path / "moved")
+    resumed.fit(_Scored(MONITOR, [0.9, 0.5, 0.3, 0.2]), DataLoader(data, batch_size=4),
+                DataLoader(data, batch_size=4), ckpt_path=tmp_path / "moved" / "checkpoints" / "last.ckpt",
+                weights_only=True)
+    best = resumed.checkpoint_callback
+    assert float(best.best_model_score) == pytest.approx(0.9)
+    assert best.best_model_path == str((tmp_path / "moved" / "checkpoints" / "best.ckpt").resolve())
+    assert torch.load(best.best_model_path, weights_only=True)["epoch"] == 0

@@ -43,7 +43,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def load_checkpoint(self, path, *args, **kwargs) -> dict:
-        return upgrade_callback_states(super().load_checkpoint(path, *args, **kwargs), str(path))
+        checkpoint = upgrade_callback_states(super().load_checkpoint(path, *args, **kwargs), str(path))
+        return relocate_checkpoint_states(checkpoint, Path(path).parent)
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
@@ -75,6 +76,42 @@ def upgrade_callback_states(checkpoint: dict, where: str) -> dict:
             raise ModelError(f"{where}: callback states saved under both the old and the new name of a metric "
                              f"({', '.join(map(str, states))}); resume from another checkpoint")
         checkpoint["callbacks"] = renamed
+    return checkpoint
+
+
+def relocate_checkpoint_states(checkpoint: dict, folder: Path) -> dict:
+    """`checkpoint`, read from `folder`, with its ModelCheckpoint states placed in `folder`.
+
+    A ModelCheckpoint state records its folder as an absolute path, and Lightning restores the best score
+    only when that path is the resumed trainer's folder. A run directory that was copied or moved
+    (another disk, another machine) would therefore resume without its best score, and the first
+    validation after the resume would replace best.ckpt and the artifact, however much worse it scored.
+    The states are set to the folder the checkpoint was actually read from, with the checkpoint paths
+    that lay directly in the recorded folder moved with it; a checkpoint of another run's folder still
+    restores no best score into this run (its folder is not this run's).
+    """
+    states = checkpoint.get("callbacks")
+    if not isinstance(states, dict):
+        return checkpoint
+    here = os.path.realpath(folder)
+    for key, state in states.items():
+        if not (isinstance(key, str) and key.startswith("ModelCheckpoint") and isinstance(state, dict)):
+            continue
+        recorded = state.get("dirpath")
+        if not isinstance(recorded, str) or recorded == here:
+            continue
+
+        def moved(path, recorded=recorded):
+            if isinstance(path, str) and path and os.path.dirname(path) == recorded:
+                return os.path.join(here, os.path.basename(path))
+            return path
+
+        state["dirpath"] = here
+        for name in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if name in state:
+                state[name] = moved(state[name])
+        if isinstance(state.get("best_k_models"), dict):
+            state["best_k_models"] = {moved(path): score for path, score in state["best_k_models"].items()}
     return checkpoint
 
 
