@@ -277,3 +277,15 @@ def test_jsonable_gives_strict_json_of_numpy_torch_and_paths():
     ready = files.jsonable(value)
     assert ready == {"1": [0.5, 3], "t": [1.5, None], "p": "a/b", "a": [[None, 2.0]], "s": "text", "n": None, "b": True}
     assert json.loads(json.dumps(ready, allow_nan=False)) == ready
+
+
+def test_every_json_file_is_strict_json(tmp_path):
+    """Undefined numbers (a throughput of too few batches, an AUC without both classes) are written as null:
+    Python's bare NaN is not JSON, and browsers, jq and other languages refuse the whole file."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    path = files.write_json(tmp_path / "result.json", {"images_per_s": float("nan"), "auc": [0.5, float("inf")],
+                                                        "scores": np.array([0.25, np.nan])})
+    assert json.loads(path.read_text(), parse_constant=refuse) == {
+        "images_per_s": None, "auc": [0.5, None], "scores": [0.25, None]}

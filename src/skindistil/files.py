@@ -159,8 +159,10 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, data: Any, *, indent: int | None = 2, **dumps_kwargs) -> Path:
-    """`json.dumps(data, indent=indent, **dumps_kwargs)` plus a final newline."""
-    return write_text(path, json.dumps(data, indent=indent, **dumps_kwargs) + "\n")
+    """`data` as strict JSON (through `jsonable`: NaN and infinities are written as null, which every JSON
+    reader accepts, not as the bare NaN Python's json writes by default), indented, plus a final newline."""
+    dumps_kwargs.setdefault("allow_nan", False)
+    return write_text(path, json.dumps(jsonable(data), indent=indent, **dumps_kwargs) + "\n")
 
 
 def write_csv(path: str | Path, frame, **to_csv_kwargs) -> Path:
