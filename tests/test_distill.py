@@ -415,6 +415,29 @@ def test_family_report_tables_and_plot(distilled, teacher, ham_small, tmp_path):
     assert (fcvit.run_dir / "eval" / "test" / "family.png").is_file()
 
 
+def test_a_family_whose_teacher_is_not_found_says_so(distilled, tmp_path):
+    """A student's provenance names its teacher as given at distillation (often a relative path): when it
+    cannot be found, the family is scored without it, with a warning and a line in family.md naming it."""
+    from skindistil.evaluation.family import family_markdown, find_family
+
+    fcvit, _, _ = distilled("fcvit")
+    moved = tmp_path / "fcvit"
+    shutil.copytree(fcvit.run_dir / "model", moved / "model")
+    config = json.loads((moved / "model" / "config.json").read_text())
+    config["provenance"]["teacher"] = "elsewhere/teacher/model"
+    (moved / "model" / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"its teacher elsewhere/teacher/model \(provenance\) is not found"):
+        family = find_family(moved)
+    assert family.teacher is None and family.teacher_missing == "elsewhere/teacher/model"
+    assert [m.role for m in family.members] == ["member"] * 4
+    row = {"depth": 4, "role": "member", "balanced_accuracy": 0.5, "accuracy": 0.5, "macro_f1": 0.5, "ece": 0.1,
+           "params": 10}
+    md = family_markdown([{"label": "fcvit", "run": str(moved), "rows": [row], "teacher_missing": family.teacher_missing}],
+                         {}, "test")
+    assert "Teacher `elsewhere/teacher/model` (from the provenance) not found: no comparison to it." in md
+    assert find_family(fcvit.run_dir).teacher_missing is None  # found: nothing said
+
+
 def test_ablation_variants():
     variants = ablation_variants(LossConfig())
     assert list(variants) == ["full", "no-task", "no-kd", "no-mse", "no-cos"]

@@ -57,6 +57,7 @@ class Family:
     run: Path
     members: list[FamilyMember]
     teacher: Path | None
+    teacher_missing: str | None = None  # the teacher its provenance names, when it is not found
 
 
 def find_family(run: str | Path) -> Family:
@@ -64,31 +65,36 @@ def find_family(run: str | Path) -> Family:
     run = Path(run)
     cascade = sorted(p.parent for p in run.glob(f"cascade/depth-*/model/{CONFIG_FILE}"))
     if cascade:
-        teacher = _teacher_of(cascade[0])
+        teacher, missing = _teacher_of(cascade[0])
         members = [FamilyMember(p, "member") for p in cascade]
         if teacher is not None:
             members.append(FamilyMember(teacher, "teacher"))
-        return Family("cascade", run, members, teacher)
+        return Family("cascade", run, members, teacher, missing)
     model_dir = resolve_model_dir(run)
     loaded = load_model(model_dir)
     provenance = loaded.config.get("provenance", {})
     method = str(provenance.get("method") or provenance.get("role") or loaded.config["kind"])
-    teacher = _teacher_of(model_dir)
+    teacher, missing = _teacher_of(model_dir)
     if isinstance(loaded.model, MultiExitViT):
-        return Family(method, run, [FamilyMember(model_dir, "member", d) for d in loaded.model.exits], teacher)
-    return Family(method, run, [FamilyMember(model_dir, "member")], teacher)
+        return Family(method, run, [FamilyMember(model_dir, "member", d) for d in loaded.model.exits], teacher,
+                      missing)
+    return Family(method, run, [FamilyMember(model_dir, "member")], teacher, missing)
 
 
-def _teacher_of(model_dir: Path) -> Path | None:
-    """The teacher artifact recorded in a student's provenance, when it is still there."""
+def _teacher_of(model_dir: Path) -> tuple[Path | None, str | None]:
+    """(the teacher artifact recorded in a student's provenance, None) when it is still there; (None, the
+    recorded path) with a warning naming it when it was moved or deleted since, or is a path relative to
+    another folder: the family is then scored without its teacher, and its report says so."""
     config = json.loads((model_dir / CONFIG_FILE).read_text())
     path = config.get("provenance", {}).get("teacher")
     if not path:
-        return None
+        return None, None
     try:
-        return resolve_model_dir(path)
-    except ModelError:  # moved or deleted since: the family is still scored, without its teacher
-        return None
+        return resolve_model_dir(path), None
+    except ModelError:
+        warnings.warn(f"{model_dir}: its teacher {path} (provenance) is not found from {Path.cwd()}; the family "
+                      "is scored without the teacher and without the comparison to it", stacklevel=3)
+        return None, str(path)
 
 
 def scores(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
@@ -219,12 +225,13 @@ def family_markdown(families: list[dict], teacher_lines: dict[str, float], split
     for label, bma in teacher_lines.items():
         lines.append(f"\n{label}: BMA {bma:.4f}")
     for fam in families:
-        lines += ["", f"## {fam['label']}", "", f"Run: `{fam['run']}`", "",
-                  markdown_table(["depth", "model", "BMA", "accuracy", "macro F1", "ECE", "BMA - teacher (CI)",
-                                  "top-1 agreement", "params"],
-                                 [[str(r["depth"]), r["role"], f"{r['balanced_accuracy']:.4f}", f"{r['accuracy']:.4f}",
-                                   f"{r['macro_f1']:.4f}", f"{r['ece']:.4f}", _difference(r), _agreement(r),
-                                   f"{r['params']:,}"] for r in fam["rows"]])]
+        lines += ["", f"## {fam['label']}", "", f"Run: `{fam['run']}`", ""]
+        if fam.get("teacher_missing"):
+            lines += [f"Teacher `{fam['teacher_missing']}` (from the provenance) not found: no comparison to it.", ""]
+        lines.append(markdown_table(
+            ["depth", "model", "BMA", "accuracy", "macro F1", "ECE", "BMA - teacher (CI)", "top-1 agreement", "params"],
+            [[str(r["depth"]), r["role"], f"{r['balanced_accuracy']:.4f}", f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}",
+              f"{r['ece']:.4f}", _difference(r), _agreement(r), f"{r['params']:,}"] for r in fam["rows"]]))
     return "\n".join(lines) + "\n"
 
 
