@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -237,3 +238,18 @@ def test_the_stored_temperature_sets_predicts_probabilities(artifact, images, tm
     views = [batch.flip(dims) if dims else batch for dims in TTA_FLIPS]
     tta_expected = np.mean([(loaded.logits(v).float() / 2.5).softmax(dim=-1).numpy() for v in views], axis=0)
     np.testing.assert_allclose(Predictor(calibrated, tta=True).predict(images), tta_expected, atol=1e-6)
+
+
+def test_an_id_given_twice_is_warned_about_naming_it(artifact, images, tmp_path, capsys):
+    """x.jpg and x.png in one folder predict one id twice: the CSV keeps both rows, and the warning names the id
+    and both ways it can happen (one stem in several folders, or with several extensions)."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(images[0], folder / images[0].name)
+    Image.open(images[0]).save(folder / f"{images[0].stem}.png")
+    shutil.copy(images[1], folder / images[1].name)
+    assert _predict("--model", artifact, folder, "--out", tmp_path / "preds.csv") == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"warning: 1 image id(s) occur more than once (one stem in several folders, or with several "
+            f"extensions): {images[0].stem}") in err
+    assert sorted(pd.read_csv(tmp_path / "preds.csv")["image"]) == sorted([images[0].stem] * 2 + [images[1].stem])

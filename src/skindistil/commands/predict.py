@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     duplicates = sorted(i for i, n in Counter(result.ids).items() if n > 1)
     if duplicates:
         err.print(
-            f"warning: {len(duplicates)} image id(s) occur more than once (same file name in different folders): "
+            f"warning: {len(duplicates)} image id(s) occur more than once (one stem in several folders, or with several extensions): "
             f"{', '.join(duplicates[:5])}",
             markup=False,
         )
