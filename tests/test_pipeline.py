@@ -70,6 +70,20 @@ def test_rerun_skips_finished_stages(quick_run, capsys):
     assert weights.stat().st_mtime_ns == before
 
 
+def test_a_copied_run_reports_the_speed_of_its_models(quick_run, tmp_path):
+    """bench.json names models by the path they had; in a copy of the run, the report still finds their speed."""
+    import shutil
+
+    run_dir, args = quick_run
+    copy = tmp_path / "elsewhere" / "quickstart"
+    shutil.copytree(run_dir, copy)
+    moved_args = [a if a != str(run_dir.parent) else str(copy.parent) for a in args]
+    assert main(moved_args) == 0
+    table = (copy / "report.md").read_text().split("## Teacher vs students")[1].split("##")[0]
+    rows = [line for line in table.splitlines() if line.startswith(("| teacher", "| distilvit"))]
+    assert len(rows) == 2 and all("n/a" not in row for row in rows), rows
+
+
 def test_report_has_intervals_paired_comparisons_and_calibration(quick_run):
     run_dir, _ = quick_run
     report = (run_dir / "report.md").read_text()

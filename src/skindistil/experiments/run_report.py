@@ -89,7 +89,7 @@ def build_report(cfg: RunConfig, run_dir: Path, data_dir: Path, models, bench: d
         row = [entry.label, depth, f"{config['num_parameters']:,}",
                f"{size_mb:.2f}", _fmt(headline["balanced_accuracy"]), _fmt(headline["accuracy"]),
                _fmt(headline["macro_f1"]), f"{retention:.1f}"]
-        row += [_fmt(speed.get((str(entry.model_dir.resolve()), d, b)), 3) for d, b in speed_cols]
+        row += [_fmt(_speed_of(speed, entry.model_dir, run_dir, d, b), 3) for d, b in speed_cols]
         rows.append(row)
     section.table(header, rows)
     _noise_sentences(section, models, comparisons or {}, manifest, split)
@@ -288,6 +288,21 @@ def _calibration_section(doc, cfg, run_dir, models, assets) -> None:
         if entry.role in ("teacher", "student") and src.is_file():
             shutil.copyfile(src, assets / f"reliability_{entry.label}.png")
             section.figure(f"report_assets/reliability_{entry.label}.png", f"{entry.label}: reliability")
+
+
+def _speed_of(speed: dict, model_dir: Path, run_dir: Path, device: str, batch: int) -> float | None:
+    """The ms per image of `model_dir` in `speed` (`_speed_table`). bench.json names models by the path they
+    had when it was written: after the run directory was copied or moved (or the report is made from another
+    folder, for relative paths), the one model whose path ends with the same path inside the run is it."""
+    exact = speed.get((str(model_dir.resolve()), device, batch))
+    if exact is not None:
+        return exact
+    try:
+        inside = model_dir.resolve().relative_to(run_dir.resolve()).parts
+    except ValueError:
+        return None
+    same = [ref for (ref, d, b) in speed if d == device and b == batch and Path(ref).parts[-len(inside):] == inside]
+    return speed[(same[0], device, batch)] if len(same) == 1 else None
 
 
 def _speed_table(bench: dict) -> dict[tuple[str, str, int], float]:
