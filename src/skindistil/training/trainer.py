@@ -94,8 +94,9 @@ def relocate_checkpoint_states(checkpoint: dict, folder: Path) -> dict:
     if not isinstance(states, dict):
         return checkpoint
     here = os.path.realpath(folder)
-    for key, state in states.items():
-        if not (isinstance(key, str) and key.startswith("ModelCheckpoint") and isinstance(state, dict)):
+    for state in states.values():
+        # every ModelCheckpoint, whatever its class is called (LastCheckpoint's key starts with its own name)
+        if not (isinstance(state, dict) and "dirpath" in state and "best_model_path" in state):
             continue
         recorded = state.get("dirpath")
         if not isinstance(recorded, str) or recorded == here:
