@@ -18,7 +18,7 @@ from skindistil.evaluation import plots
 from skindistil.evaluation.bootstrap import BootstrapSettings, metric_intervals
 from skindistil.evaluation.metrics import UNKNOWN_CLASS, classification_metrics
 from skindistil.evaluation.subgroups import DEFAULT_MIN_SIZE, subgroup_metrics
-from skindistil.files import jsonable, write_csv, write_json, write_text
+from skindistil.files import write_csv, write_json, write_text
 from skindistil.markdown import markdown_table
 
 IMAGE_COLUMN = "image"
@@ -190,7 +190,7 @@ def write_predictions_csv(
 
 def write_metrics_json(path: str | Path, metrics: dict) -> Path:
     """Write `metrics` as strict JSON (NaN and infinities become null)."""
-    return write_json(path, jsonable(metrics))
+    return write_json(path, metrics)
 
 
 PER_CLASS_COLUMNS = (

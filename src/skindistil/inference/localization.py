@@ -15,8 +15,6 @@ image: Pearson correlation over pixels, and the student's mass in lesion against
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,7 @@ from skindistil.evaluation.localization import (
     render_localization_md,
     summarize_localization,
 )
-from skindistil.files import jsonable
+from skindistil.files import write_csv, write_json, write_text
 from skindistil.inference.explain import check_method, explanation_map, methods_for
 from skindistil.models.artifact import LoadedModel
 from skindistil.models.multi_exit import MultiExitViT
@@ -242,9 +240,9 @@ def write_localization(frame: pd.DataFrame, summary: dict, out_dir: str | Path) 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"csv": out_dir / PER_IMAGE_CSV, "json": out_dir / SUMMARY_JSON, "md": out_dir / SUMMARY_MD}
-    _write_atomic(files["csv"], frame.to_csv(index=False))
-    _write_atomic(files["json"], json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
-    _write_atomic(files["md"], render_localization_md(summary))
+    write_csv(files["csv"], frame)
+    write_json(files["json"], summary)
+    write_text(files["md"], render_localization_md(summary))
     return files
 
 
@@ -273,12 +271,6 @@ def localize_and_write(
     files = write_localization(frame, summary, out_dir)
     summary["files"] = {k: str(v) for k, v in files.items()}
     return summary
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def evaluate_localization(

@@ -111,7 +111,7 @@ def save_artifact(
     # config.json last: it marks a complete artifact (runs skip stages whose model/config.json exists),
     # so a write that fails midway never leaves an artifact that looks finished
     _save_weights(model, out_dir)
-    _write_json(out_dir / METRICS_FILE, jsonable(metrics or {}))
+    _write_json(out_dir / METRICS_FILE, metrics or {})
     write_text(out_dir / CARD_FILE, model_card(config, metrics or {}))
     _write_json(out_dir / CONFIG_FILE, config)
     return out_dir
@@ -298,7 +298,7 @@ def _write_safetensors(state: dict, path: Path) -> None:
 
 def _write_json(path: Path, data: dict) -> None:
     # default=str: an exotic provenance value must not lose a finished training run's artifact
-    write_json(path, data, allow_nan=False, default=str)
+    write_json(path, data, default=str)
 
 
 # --------------------------------------------------------------------------------------------- card
