@@ -40,7 +40,7 @@ from skindistil.devices import parse_device
 from skindistil.errors import ConfigError
 from skindistil.inference.backends import BACKENDS, BackendUnavailable, build_backend, check_backends
 from skindistil.measure import PeakMemory, summarize_times, time_interleaved
-from skindistil.models.artifact import METRICS_FILE, count_parameters
+from skindistil.models.artifact import count_parameters
 
 RESULT_FORMAT = 1
 MEMORY_PARTS = (
@@ -171,8 +171,7 @@ def _choose_pairs_by_name(refs: list[ModelRef], pair: Sequence[str]) -> list[tup
 
 def _summarize_model(bench_model: BenchModel) -> dict:
     depth, width = vit_shape(bench_model.model)
-    where = str(bench_model.ref.path / METRICS_FILE) if bench_model.ref.path is not None else bench_model.ref.ref
-    bma, bma_split = find_bma(bench_model.metrics, where)
+    bma, bma_split = find_bma(bench_model.metrics)
     ref = bench_model.ref
     return {
         "label": ref.label,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from skindistil.metric_keys import BALANCED_ACCURACY, with_current_keys
+from skindistil.metric_keys import BALANCED_ACCURACY
 
 
 def tensor_bytes(model: nn.Module) -> int:
@@ -75,14 +75,13 @@ def vit_shape(model: nn.Module) -> tuple[int | None, int | None]:
     return None, None
 
 
-def find_bma(metrics: dict, where: str = "metrics.json") -> tuple[float | None, str | None]:
-    """(BMA, split) from an artifact's metrics.json (`where`: its path, for errors): the test split
-    preferred, else val; (None, None) when neither records a finite balanced accuracy.
+def find_bma(metrics: dict) -> tuple[float | None, str | None]:
+    """(BMA, split) from an artifact's metrics as `load_model` reads them (earlier versions' keys already
+    today's, `metric_keys`): the test split preferred, else val; (None, None) when neither records a
+    finite balanced accuracy.
 
-    Layouts per split: {"balanced_accuracy": x} or {"headline": {"balanced_accuracy": x}}; files of
-    earlier versions ({"bma": x}) are read through `metric_keys.with_current_keys`.
+    Layouts per split: {"balanced_accuracy": x} or {"headline": {"balanced_accuracy": x}}.
     """
-    metrics = with_current_keys(metrics, where)
     for split in ("test", "val"):
         section = metrics.get(split)
         if not isinstance(section, dict):
