@@ -415,10 +415,10 @@ def test_family_report_tables_and_plot(distilled, teacher, ham_small, tmp_path):
     assert (fcvit.run_dir / "eval" / "test" / "family.png").is_file()
 
 
-def test_a_family_whose_teacher_is_not_found_says_so(distilled, tmp_path):
+def test_a_family_whose_teacher_is_not_found_says_so(distilled, ham_small, tmp_path):
     """A student's provenance names its teacher as given at distillation (often a relative path): when it
-    cannot be found, the family is scored without it, with a warning and a line in family.md naming it."""
-    from skindistil.evaluation.family import family_markdown, find_family
+    cannot be found, the family is scored without it, with a warning, and family.json and family.md name it."""
+    from skindistil.evaluation.family import find_family
 
     fcvit, _, _ = distilled("fcvit")
     moved = tmp_path / "fcvit"
@@ -426,15 +426,15 @@ def test_a_family_whose_teacher_is_not_found_says_so(distilled, tmp_path):
     config = json.loads((moved / "model" / "config.json").read_text())
     config["provenance"]["teacher"] = "elsewhere/teacher/model"
     (moved / "model" / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "family"
     with pytest.warns(UserWarning, match=r"its teacher elsewhere/teacher/model \(provenance\) is not found"):
-        family = find_family(moved)
-    assert family.teacher is None and family.teacher_missing == "elsewhere/teacher/model"
-    assert [m.role for m in family.members] == ["member"] * 4
-    row = {"depth": 4, "role": "member", "balanced_accuracy": 0.5, "accuracy": 0.5, "macro_f1": 0.5, "ece": 0.1,
-           "params": 10}
-    md = family_markdown([{"label": "fcvit", "run": str(moved), "rows": [row], "teacher_missing": family.teacher_missing}],
-                         {}, "test")
-    assert "Teacher `elsewhere/teacher/model` (from the provenance) not found: no comparison to it." in md
+        assert main(["evaluate", "--family", str(moved), "--data", str(ham_small), "--workers", "0",
+                     "--out", str(out)]) == 0
+    (family,) = json.loads((out / "family.json").read_text())["families"]
+    assert family["teacher_missing"] == "elsewhere/teacher/model" and family["teacher"] is None
+    assert [r["role"] for r in family["rows"]] == ["member"] * 4 and all("comparison" not in r for r in family["rows"])
+    assert "Teacher `elsewhere/teacher/model` (from the provenance) not found: no comparison to it." in (
+        out / "family.md").read_text()
     assert find_family(fcvit.run_dir).teacher_missing is None  # found: nothing said
 
 

@@ -163,7 +163,10 @@ def score_family(family: Family, data_dir: str | Path, split: str = "test", *, b
                                                bootstrap or BootstrapSettings(), meta.unit_counts)
         rows.append(row)
     rows.sort(key=lambda r: r["depth"])
-    return {"method": family.method, "run": str(family.run), "split": split, "rows": rows, "teacher": teacher}
+    result = {"method": family.method, "run": str(family.run), "split": split, "rows": rows, "teacher": teacher}
+    if family.teacher_missing is not None:
+        result["teacher_missing"] = family.teacher_missing
+    return result
 
 
 def _depth(loaded: LoadedModel) -> int | None:
