@@ -353,6 +353,7 @@ def _family_sections(doc, cfg, run_dir, data_dir, models, assets) -> None:
 
 
 def _attention_section(doc, cfg, data_dir, manifest, models, assets) -> None:
+    from skindistil.data.datamodule import load_cached_image
     from skindistil.data.names import safe_file_stem
     from skindistil.inference.explain import explain_png
     from skindistil.models import load_model
@@ -360,13 +361,15 @@ def _attention_section(doc, cfg, data_dir, manifest, models, assets) -> None:
     if cfg.explain_images <= 0:
         return
     test = manifest[manifest["split"] == cfg.split].head(cfg.explain_images)
+    # the same images for every model: read once, through the one cache reader (named errors)
+    images = [Image.fromarray(load_cached_image(Path(data_dir) / row["cache_file"], (int(row["height"]), int(row["width"]))))
+              for _, row in test.iterrows()]
     section = doc.section("Attention maps (attention rollout)")
     for entry in models:
         if entry.role not in ("teacher", "student"):
             continue
         loaded = load_model(entry.model_dir)
-        for _, row in test.iterrows():
-            image = Image.fromarray(np.load(Path(data_dir) / row["cache_file"]))
+        for (_, row), image in zip(test.iterrows(), images, strict=True):
             png, top, prob = explain_png(loaded, image, "rollout")
             name = f"attention_{safe_file_stem(entry.label)}_{safe_file_stem(row['image_id'])}.png"
             write_bytes(assets / name, png)
