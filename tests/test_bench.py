@@ -387,3 +387,13 @@ def test_benchmark_cli_bad_inputs_fail_clearly(tmp_path, capsys):
         assert main(["benchmark", *args, "--out", str(tmp_path / "out")]) == 1
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cpu_needs_no_sync_and_keeps_its_cpu_time_rate():
+    """device_sync is None on the CPU, so a rate measured with it still reports the per-CPU-second rate
+    (a no-op function in its place read as "device work" and dropped it)."""
+    from skindistil.measure import device_sync
+
+    assert device_sync("cpu") is None
+    rate = measure_rate(lambda: sum(range(2000)) and 1, 0.05, device_sync("cpu"))
+    assert rate.wall > 0 and rate.cpu is not None and rate.cpu > 0

@@ -95,13 +95,14 @@ def _proc_status_kb(field: str) -> int:
     raise OSError(f"/proc/self/status has no {field}")
 
 
-def device_sync(device: str | torch.device) -> Callable[[], None]:
-    """A function that waits for the device's queued work: torch.cuda.synchronize on CUDA, a no-op
-    on the CPU (whose PyTorch calls return when their work is done)."""
+def device_sync(device: str | torch.device) -> Callable[[], None] | None:
+    """A function that waits for the device's queued work (torch.cuda.synchronize on CUDA), or None on the
+    CPU, whose PyTorch calls return when their work is done: the `sync` argument of every timer here, where
+    None also means "the work runs in this process" (`measure_rate` then reports the CPU-time rate)."""
     device = torch.device(device)
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+    return None
 
 
 @dataclass

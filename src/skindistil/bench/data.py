@@ -72,7 +72,7 @@ def measure_loader(loader: DataLoader, seconds: float, warmup_batches: int) -> R
 
 def measure_batch_augment(augment: BatchAugment, images: torch.Tensor, seconds: float) -> Rate:
     """Images per second of `augment` on the uint8 batch `images` (on its device, synchronised)."""
-    sync = device_sync(images.device) if images.is_cuda else None
+    sync = device_sync(images.device)
     augment(images)
     return measure_rate(lambda: len(augment(images)), seconds, sync)
 

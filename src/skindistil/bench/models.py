@@ -39,7 +39,7 @@ from skindistil.bench.summary import count_flops, find_bma, machine_info, vit_sh
 from skindistil.devices import parse_device
 from skindistil.errors import ConfigError
 from skindistil.inference.backends import BACKENDS, BackendUnavailable, build_backend, check_backends
-from skindistil.measure import PeakMemory, summarize_times, time_interleaved
+from skindistil.measure import PeakMemory, device_sync, summarize_times, time_interleaved
 from skindistil.models.artifact import count_parameters
 
 RESULT_FORMAT = 1
@@ -195,7 +195,7 @@ def _measure_cells(
 ) -> dict[str, dict]:
     """One cell per model at this backend and batch size: warm-up (the last warm-up call measures peak
     memory), then round-robin timing of all models."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    sync = device_sync(device)
     inputs, memory = {}, {}
     # dynamo's per-function recompile limit (8) would otherwise send the ninth model to eager unannounced
     with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(runners))):

@@ -144,7 +144,8 @@ def raw_train_step_throughput(
     try:
         for _ in range(warmup):
             step()
-        sync()
+        if sync:
+            sync()
         seconds = time_calls(window, None, warmup=0, repeats=windows, min_repeats=windows, max_seconds=math.inf, sync=sync)
     finally:
         model.train(was_training)

@@ -150,7 +150,8 @@ def measure_throughput(
         if not kept:
             raise ConfigError("early exit throughput: no images to time")
         model(kept[0])
-        sync()
+        if sync:
+            sync()
         rounds = max(1, repeats)
         early_s, full_s = (
             np.array(t)
