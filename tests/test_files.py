@@ -289,3 +289,11 @@ def test_every_json_file_is_strict_json(tmp_path):
                                                         "scores": np.array([0.25, np.nan])})
     assert json.loads(path.read_text(), parse_constant=refuse) == {
         "images_per_s": None, "auc": [0.5, None], "scores": [0.25, None]}
+
+
+def test_jsonable_refuses_keys_json_cannot_hold_apart():
+    with pytest.raises(ValueError, match="keys '1' and '1' both become '1'"):
+        files.jsonable({1: "a", "1": "b"})  # json.dumps writes both; every reader keeps one
+    with pytest.raises(TypeError, match=r"a tuple key \(\('a', 1\)\) has no JSON form"):
+        files.write_json("never-written.json", {("a", 1): 2})
+    assert files.jsonable({np.int64(2): 0.5, 3.5: 1}) == {"2": 0.5, "3.5": 1}

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import json
 import math
+import numbers
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -29,11 +30,21 @@ TMP_SUFFIX = ".tmp"
 
 def jsonable(value: Any) -> Any:
     """Plain JSON types, for strict JSON that browsers read: tuples -> lists, numpy and torch scalars and
-    arrays -> numbers and lists, Paths -> strings, dict keys -> strings, NaN and infinities -> null."""
+    arrays -> numbers and lists, Paths -> strings, dict keys -> strings, NaN and infinities -> null.
+    TypeError for a key JSON has no form for (a tuple, an object); ValueError when two keys become one
+    string (1 and "1"), which json.dumps would write twice and a reader would read as one."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, (str, numbers.Real)) and key is not None:  # numbers: numpy's too
+                raise TypeError(f"a {type(key).__name__} key ({key!r}) has no JSON form")
+            name = str(key)
+            if name in out:
+                raise ValueError(f"keys {name!r} and {key!r} both become {name!r} in JSON")
+            out[name] = jsonable(item)
+        return out
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if callable(getattr(value, "tolist", None)) and not isinstance(value, (str, bytes)):  # numpy, torch
