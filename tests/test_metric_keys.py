@@ -15,7 +15,7 @@ from skindistil.bench.summary import find_bma
 from skindistil.config import PreprocessConfig, TrainerConfig
 from skindistil.errors import DataError, ModelError
 from skindistil.experiments.run_report import epoch_history
-from skindistil.metric_keys import current_key, with_current_keys
+from skindistil.metric_keys import current_key, current_state_key, with_current_keys
 from skindistil.models import create_teacher, load_model, save_artifact, update_metrics
 from skindistil.training.trainer import MONITOR, build_trainer, upgrade_callback_states
 
@@ -23,16 +23,19 @@ from skindistil.training.trainer import MONITOR, build_trainer, upgrade_callback
 OLD_MODEL_METRICS = {"val": {"bma": 0.6125}, "training": {"images_per_second": 12.5, "epochs": 3, "monitor": "val/bma"}}
 
 
-def test_current_key_renames_the_word_bma_only():
+def test_current_key_renames_the_keys_earlier_versions_wrote_only():
     assert current_key("bma") == "balanced_accuracy"
     assert current_key("val/bma") == "val/balanced_accuracy"
     assert current_key("per_exit_bma") == "per_exit_balanced_accuracy"
     assert current_key("bma_interval") == "balanced_accuracy_interval"
     assert current_key("delta_test_bma") == "delta_test_balanced_accuracy"
-    for key in ("balanced_accuracy", "val/balanced_accuracy", "accuracy", "bmax", "abma", "bma2", "macro_f1"):
+    # keys that are data (a run label, a class or subgroup name) keep their names
+    for key in ("balanced_accuracy", "val/balanced_accuracy", "accuracy", "bmax", "abma", "bma2", "macro_f1",
+                "bma-student", "runs/bma", "BMA"):
         assert current_key(key) == key
+    assert with_current_keys({"runs": {"bma-student": 3}}, "x.json") == {"runs": {"bma-student": 3}}
     old_state = ModelCheckpoint(monitor="val/bma", mode="max").state_key
-    assert current_key(old_state) == ModelCheckpoint(monitor=MONITOR, mode="max").state_key
+    assert current_state_key(old_state) == ModelCheckpoint(monitor=MONITOR, mode="max").state_key
 
 
 def test_with_current_keys_renames_keys_at_every_depth_and_refuses_a_clash():

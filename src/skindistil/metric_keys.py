@@ -14,26 +14,42 @@ reader of a file an earlier version may have written passes its keys through it.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from skindistil.errors import DataError
 
 BALANCED_ACCURACY = "balanced_accuracy"
 
-# `bma` as a whole word of a key: not inside a longer name (`val/bma`, `per_exit_bma`, `bma_interval`,
-# "ModelCheckpoint{'monitor': 'val/bma', ...}")
-_LEGACY_WORD = re.compile(r"(?<![A-Za-z0-9])bma(?![A-Za-z0-9])")
+# Every key earlier versions wrote balanced accuracy under, and its name today. An exact table, not a
+# pattern: keys that are data (class names, run labels, subgroup values) are never renamed.
+LEGACY_KEYS = {
+    "bma": BALANCED_ACCURACY,
+    "val/bma": f"val/{BALANCED_ACCURACY}",
+    "val_bma": f"val_{BALANCED_ACCURACY}",
+    "test_bma": f"test_{BALANCED_ACCURACY}",
+    "delta_test_bma": f"delta_test_{BALANCED_ACCURACY}",
+    "bma_interval": f"{BALANCED_ACCURACY}_interval",
+    "bma_split": f"{BALANCED_ACCURACY}_split",
+    "per_exit_bma": f"per_exit_{BALANCED_ACCURACY}",
+}
 
 
 def current_key(key: str) -> str:
-    """`key` as today's files write it: the word `bma` (the name of balanced accuracy in files of
-    earlier versions of skindistil) becomes `balanced_accuracy`; any other key is returned unchanged.
+    """`key` as today's files write it: a key of `LEGACY_KEYS` (how earlier versions of skindistil named
+    balanced accuracy) becomes today's name; any other key is returned unchanged.
 
     "val/bma" -> "val/balanced_accuracy", "per_exit_bma" -> "per_exit_balanced_accuracy",
-    "bma_interval" -> "balanced_accuracy_interval", "accuracy" -> "accuracy".
+    "bma_interval" -> "balanced_accuracy_interval", "accuracy" -> "accuracy", "bma-student" -> itself.
     """
-    return _LEGACY_WORD.sub(BALANCED_ACCURACY, key)
+    return LEGACY_KEYS.get(key, key)
+
+
+def current_state_key(key: str) -> str:
+    """A Lightning callback state key ("ModelCheckpoint{'monitor': 'val/bma', 'mode': 'max', ...}") with the
+    monitored metric's old name replaced by today's (`LEGACY_KEYS`)."""
+    for old, new in LEGACY_KEYS.items():
+        key = key.replace(f"'{old}'", f"'{new}'")
+    return key
 
 
 def with_current_keys(data: Any, where: str) -> Any:

@@ -22,7 +22,7 @@ from skindistil.config import TrainerConfig
 from skindistil.data.datamodule import SkinDataModule
 from skindistil.errors import ConfigError, ModelError
 from skindistil.files import save_torch
-from skindistil.metric_keys import current_key
+from skindistil.metric_keys import current_state_key
 from skindistil.quiet import silence_third_party_noise
 from skindistil.training.callbacks import EpochMeanLoss, RNGStateCallback, TrainThroughput
 from skindistil.training.logs import HistoryCSVLogger
@@ -65,13 +65,13 @@ def upgrade_callback_states(checkpoint: dict, where: str) -> dict:
     patience count) from the entry keyed by the callback's `state_key`, which holds the monitored
     metric: "ModelCheckpoint{'monitor': 'val/bma', ...}" in checkpoints of earlier versions. Under a new
     monitor name that entry would be skipped, and the first validation after the resume would replace
-    best.ckpt whatever its score; the keys go through `metric_keys.current_key` instead (only the keys:
+    best.ckpt whatever its score; the keys go through `metric_keys.current_state_key` instead (only the keys:
     the states hold checkpoint paths, which are not metric names). ModelError naming the file when two
     states would share a key.
     """
     states = checkpoint.get("callbacks")
     if isinstance(states, dict):
-        renamed = {current_key(key) if isinstance(key, str) else key: state for key, state in states.items()}
+        renamed = {current_state_key(key) if isinstance(key, str) else key: state for key, state in states.items()}
         if len(renamed) != len(states):
             raise ModelError(f"{where}: callback states saved under both the old and the new name of a metric "
                              f"({', '.join(map(str, states))}); resume from another checkpoint")
