@@ -38,9 +38,9 @@ def read_history(path: Path, before_step: int | None) -> tuple[list[str], list[d
         text = text[: text.rfind("\n") + 1]
     reader = csv.DictReader(io.StringIO(text))
     columns = list(with_current_keys(dict.fromkeys(reader.fieldnames or []), str(path)))
+    reader.fieldnames = columns  # every row keyed by today's names, translated once
     rows = []
     for line, row in enumerate(reader, start=2):
-        row = with_current_keys(row, f"{path}:{line}")
         try:
             step = int(float(row["step"]))
         except (KeyError, TypeError, ValueError):
