@@ -397,3 +397,27 @@ def test_the_cpu_needs_no_sync_and_keeps_its_cpu_time_rate():
     assert device_sync("cpu") is None
     rate = measure_rate(lambda: sum(range(2000)) and 1, 0.05, device_sync("cpu"))
     assert rate.wall > 0 and rate.cpu is not None and rate.cpu > 0
+
+
+def test_artifact_labels_and_pairs_are_never_empty_or_self(tmp_path, monkeypatch):
+    """A model given as `model` or `.` from inside its run is still named after the run, and --pair refuses a
+    model paired with itself or a name that fits several models (a 0% smaller, 0% faster 'result')."""
+    from skindistil.bench.models import _choose_pairs_by_name
+    from skindistil.bench.specs import ModelRef
+    from skindistil.config import PreprocessConfig
+    from skindistil.models import create_teacher, save_artifact
+
+    model = create_teacher("vit_base_patch16_224", num_classes=2, embed_dim=16, depth=1, num_heads=2, img_size=32,
+                           patch_size=16)
+    save_artifact(model, tmp_path / "lesions" / "model", classes=["a", "b"], preprocess=PreprocessConfig(image_size=32))
+    monkeypatch.chdir(tmp_path / "lesions")
+    assert parse_model_ref("model").label == "lesions"
+    monkeypatch.chdir(tmp_path / "lesions" / "model")
+    assert parse_model_ref(".").label == "lesions"
+    refs = [ModelRef("runs/a/model", "a"), ModelRef("runs/b/model", "b"), ModelRef("x", "shared"),
+            ModelRef("y", "shared")]
+    assert _choose_pairs_by_name(refs, ["a", "runs/b/model"]) == [("a", "b")]
+    with pytest.raises(ConfigError, match=r"teacher and student are the same model \(a\)"):
+        _choose_pairs_by_name(refs, ["a", "runs/a/model"])
+    with pytest.raises(ConfigError, match=r"'shared': names 2 benchmarked models"):
+        _choose_pairs_by_name(refs, ["a", "shared"])

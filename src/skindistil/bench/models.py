@@ -165,7 +165,12 @@ def _choose_pairs_by_name(refs: list[ModelRef], pair: Sequence[str]) -> list[tup
         match = [r.label for r in refs if name in (r.ref, r.label)]
         if not match:
             raise ConfigError(f"--pair {name!r}: not one of the benchmarked models ({', '.join(r.label for r in refs)})")
+        if len(match) > 1:
+            raise ConfigError(f"--pair {name!r}: names {len(match)} benchmarked models ({', '.join(match)}); "
+                              "give their labels")
         labels.append(match[0])
+    if labels[0] == labels[1]:
+        raise ConfigError(f"--pair: teacher and student are the same model ({labels[0]})")
     return [(labels[0], labels[1])]
 
 

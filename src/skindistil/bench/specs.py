@@ -22,7 +22,7 @@ from torch import nn
 from skindistil.bench.summary import tensor_bytes
 from skindistil.errors import ConfigError
 from skindistil.inference.backends import model_input_size
-from skindistil.models.artifact import load_model, resolve_model_dir, weight_files
+from skindistil.models.artifact import artifact_name, load_model, resolve_model_dir, weight_files
 from skindistil.models.teacher import create_teacher
 
 DEFAULT_NUM_CLASSES = 8
@@ -96,8 +96,7 @@ def parse_model_ref(ref: str) -> ModelRef:
     ref = str(ref)
     if Path(ref).expanduser().exists() or any(c in ref for c in "/\\") or ref.startswith((".", "~")):
         model_dir = resolve_model_dir(Path(ref).expanduser())
-        label = model_dir.parent.name if model_dir.name == "model" else model_dir.name
-        return ModelRef(ref, label, path=model_dir)
+        return ModelRef(ref, artifact_name(model_dir), path=model_dir)
     spec = parse_arch_spec(ref)
     if not timm.is_model(spec.name):
         raise ConfigError(

@@ -270,6 +270,13 @@ def weights_sha256(model_dir: str | Path) -> str:
     return file_sha256(resolve_model_dir(model_dir) / WEIGHTS_FILE)
 
 
+def artifact_name(model_dir: str | Path) -> str:
+    """What a model directory is called in tables and answers: runs/<name>/model is <name>, any other
+    folder its own name (resolved first, so `.` or `model` given from inside a run still has one)."""
+    path = Path(model_dir).resolve()
+    return path.parent.name if path.name == "model" and path.parent.name else path.name
+
+
 def weight_files(model_dir: str | Path) -> list[Path]:
     """The artifact's weight files present (model.safetensors, and exits.safetensors for a MultiExitViT)."""
     model_dir = Path(model_dir)

@@ -36,7 +36,7 @@ from skindistil.files import file_sha256, jsonable
 from skindistil.inference.backends import warmup_batch_sizes
 from skindistil.inference.explain import check_method, explain_png, explainable, methods_for
 from skindistil.inference.predictor import Predictor, select_operating_points
-from skindistil.models.artifact import CARD_FILE, WEIGHTS_FILE, LoadedModel, model_card
+from skindistil.models.artifact import CARD_FILE, WEIGHTS_FILE, LoadedModel, artifact_name, model_card
 from skindistil.serve.batching import MicroBatcher, NotRunning, Overloaded
 from skindistil.serve.errors import ApiError
 from skindistil.serve.guard import GuardStats, MemoryBudget, ServerLimits
@@ -64,10 +64,7 @@ def weights_version(model_dir: Path | None) -> str:
 def model_ref(loaded: LoadedModel) -> dict:
     """{"name", "version", "role"}: runs/<name>/model is called <name>; other folders by their own name."""
     path = loaded.path
-    if path is None:
-        name = loaded.architecture["name"]
-    else:
-        name = path.parent.name if path.name == "model" and path.parent.name else path.name
+    name = loaded.architecture["name"] if path is None else artifact_name(path)
     return {"name": name, "version": weights_version(path), "role": loaded.config.get("provenance", {}).get("role")}
 
 
