@@ -14,6 +14,8 @@ reader of a file an earlier version may have written passes its keys through it.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from skindistil.errors import DataError
@@ -50,6 +52,12 @@ def current_state_key(key: str) -> str:
     for old, new in LEGACY_KEYS.items():
         key = key.replace(f"'{old}'", f"'{new}'")
     return key
+
+
+def read_results(path: str | Path) -> Any:
+    """A JSON file of results an earlier version may have written (metrics.json, family.json, bench.json...),
+    its keys as today's (`with_current_keys`). Bare NaN, which earlier versions wrote, is read as NaN."""
+    return with_current_keys(json.loads(Path(path).read_text()), str(path))
 
 
 def with_current_keys(data: Any, where: str) -> Any:

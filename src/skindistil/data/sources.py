@@ -248,7 +248,7 @@ def read_csv_table(path: Path, required: Sequence[str], what: str) -> pd.DataFra
     return table[(table != "").any(axis=1)]
 
 
-def index_images(folders: Iterable[Path], suffixes: frozenset[str] = IMAGE_SUFFIXES) -> dict[str, Path]:
+def index_images(folders: Iterable[Path]) -> dict[str, Path]:
     """Map file stem -> path for the image files directly inside `folders` (earlier folders win).
 
     Raises DataError naming both files when one folder holds two images of one stem (`x.jpg` and `x.png`):
@@ -261,7 +261,7 @@ def index_images(folders: Iterable[Path], suffixes: frozenset[str] = IMAGE_SUFFI
         here: dict[str, Path] = {}
         for name, path in files:
             stem, suffix = os.path.splitext(name)
-            if suffix.lower() not in suffixes:
+            if suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             if stem in here:
                 raise DataError(Path(path), f"two images named {stem!r} in {folder}: {here[stem].name} and {name}; "

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from skindistil.config import RunConfig, dump_yaml
 from skindistil.errors import ConfigError
-from skindistil.metric_keys import with_current_keys
+from skindistil.metric_keys import read_results
 from skindistil.models.artifact import architecture_of
 
 console = Console()
@@ -210,7 +210,7 @@ class Pipeline:
             metrics_file = entry.run_dir / "eval" / split / "metrics.json"
             if not metrics_file.is_file():
                 self.evaluate_model(evaluate_model, entry, data_dir, split)
-            entry.metrics = with_current_keys(json.loads(metrics_file.read_text()), str(metrics_file))
+            entry.metrics = read_results(metrics_file)
         self.compare(data_dir, models)
         self.evaluate_families(data_dir, models)
 
@@ -290,7 +290,7 @@ class Pipeline:
         out = self.run_dir / "benchmark"
         if (out / "bench.json").is_file():
             console.print(f"benchmark found: {out} (skipped)")
-            return with_current_keys(json.loads((out / "bench.json").read_text()), str(out / "bench.json"))
+            return read_results(out / "bench.json")
         bench = self.cfg.benchmark
         devices = ["cuda", "cpu"] if bench.device == "auto" and torch.cuda.is_available() else [
             "cpu" if bench.device == "auto" else bench.device]

@@ -24,7 +24,7 @@ from skindistil.evaluation.report import (
     subgroup_rows,
 )
 from skindistil.files import write_bytes
-from skindistil.metric_keys import BALANCED_ACCURACY, with_current_keys
+from skindistil.metric_keys import BALANCED_ACCURACY, read_results
 from skindistil.models.artifact import architecture_of, weight_files
 
 DISCLAIMER = ("Research software: these models are not medical devices and their outputs are not diagnoses. "
@@ -39,12 +39,6 @@ def _fmt(value, digits: int = 4) -> str:
 
 def _config(model_dir: Path) -> dict:
     return json.loads((model_dir / "config.json").read_text())
-
-
-def _read_results(path: Path) -> dict:
-    """A JSON file of results (family.json, early_exit.json, metrics.json) that an earlier version may
-    have written, its keys as today's (`with_current_keys`)."""
-    return with_current_keys(json.loads(path.read_text()), str(path))
 
 
 def build_report(cfg: RunConfig, run_dir: Path, data_dir: Path, models, bench: dict, timings: dict,
@@ -179,7 +173,7 @@ def _noise_sentences(section, models, comparisons: dict, manifest, split: str) -
     teacher = models[0]
     # optional: a teacher trained elsewhere (timm, the teacher store) has no validation entry
     trained = teacher.model_dir / "metrics.json"
-    val_bma = (_read_results(trained).get("val") or {}).get(BALANCED_ACCURACY) if trained.is_file() else None
+    val_bma = (read_results(trained).get("val") or {}).get(BALANCED_ACCURACY) if trained.is_file() else None
     bounds = interval(teacher.metrics, "balanced_accuracy")
     if val_bma is not None and bounds:
         n_val = int((manifest["split"] == "val").sum())
@@ -271,12 +265,12 @@ def _calibration_section(doc, cfg, run_dir, models, assets) -> None:
     rows = [[e.label, "", _fmt(e.metrics["headline"].get("ece"))] for e in models]
     family = run_dir / "family" / "family.json"
     if family.is_file():
-        for fam in _read_results(family)["families"]:
+        for fam in read_results(family)["families"]:
             rows += [[fam["label"], f"depth {r['depth']}", _fmt(r.get("ece"))] for r in fam["rows"]]
     for entry in models:
         path = entry.run_dir / "eval" / cfg.split / "early_exit.json"
         if path.is_file():
-            result = _read_results(path)
+            result = read_results(path)
             rows += [[entry.label, f"exit {d} alone", _fmt(ece)] for d, ece in result.get("per_exit_ece", {}).items()]
             rows += [[entry.label, f"early exit at {p['threshold']}", _fmt(p.get("ece"))] for p in result["points"]]
     section = doc.section(f"Calibration ({cfg.split})")
@@ -320,7 +314,7 @@ def _family_sections(doc, cfg, run_dir, data_dir, models, assets) -> None:
     """Per-depth BMA (cascade members, FCViT exits) and the early-exit curves, when the run has them."""
     family = run_dir / "family" / "family.json"
     if family.is_file():
-        result = _read_results(family)
+        result = read_results(family)
         depths = sorted({r["depth"] for f in result["families"] for r in f["rows"]})
         section = doc.section(f"Per-depth BMA ({cfg.split})")
         section.text("One model per depth: cascade members (each distilled from the one a block deeper) and "
@@ -342,7 +336,7 @@ def _family_sections(doc, cfg, run_dir, data_dir, models, assets) -> None:
         section.text("A sample stops at the first block whose top softmax probability reaches the threshold; "
                      "'full' runs every block.")
         for entry, path in curves:
-            result = _read_results(path)
+            result = read_results(path)
             section.table(["threshold", "BMA", "accuracy", "mean depth"],
                           [[p["threshold"] if isinstance(p["threshold"], str) else f"{p['threshold']:.2f}",
                             _fmt(p["balanced_accuracy"]), _fmt(p["accuracy"]), f"{p['mean_depth']:.2f}"]
